@@ -1,0 +1,74 @@
+"""``llm-blueprint`` console script: convert GGUF files, prepare the default model, serve."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import LLMBlueprintError
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out_dir, quantization=args.quantization, force=args.force)
+    print(out)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .engine.default_model import prepare_default_model
+
+    print(prepare_default_model(args.cache_dir))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Prepare the model once, then exec gunicorn with the gevent worker."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.environ.get("LLM_MODEL_PATH"):
+        from .engine.default_model import prepare_default_model
+
+        os.environ["LLM_MODEL_PATH"] = prepare_default_model()
+    config = os.path.join(here, "gunicorn.conf.py")
+    argv = [sys.executable, "-m", "gunicorn", "--bind", args.bind, "--workers", str(args.workers)]
+    if os.path.isfile(config):
+        argv += ["--config", config]
+    argv += ["--chdir", here, args.app]
+    os.execvp(argv[0], argv)
+    return 0  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-blueprint", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a GGUF file into a CTranslate2 model directory")
+    p.add_argument("gguf", help="path of the .gguf file")
+    p.add_argument("out_dir", help="directory to create")
+    p.add_argument("--quantization", default="int8",
+                   choices=["int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32"])
+    p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("prepare", help="convert the embedded default model into the cache and print its path")
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("serve", help="serve wsgi:app with gunicorn -k gevent (default model unless LLM_MODEL_PATH)")
+    p.add_argument("--bind", default=os.environ.get("LLM_BIND", "127.0.0.1:8000"))
+    p.add_argument("--workers", type=int, default=int(os.environ.get("LLM_WORKERS", "1")))
+    p.add_argument("--app", default="wsgi:app")
+    p.set_defaults(func=_serve)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LLMBlueprintError as exc:
+        print(f"llm-blueprint: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

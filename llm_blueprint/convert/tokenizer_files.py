@@ -1,0 +1,171 @@
+"""Rebuild the model's own tokenizer from the GGUF vocabulary.
+
+- ``tokenizer.ggml.model = gpt2``: byte-level BPE written as a Hugging Face
+  ``tokenizer.json`` (vocabulary, merges, the pre-tokenizer split rules named
+  by ``tokenizer.ggml.pre``, control tokens as special added tokens).
+- ``tokenizer.ggml.model = llama``: a real SentencePiece ``tokenizer.model``
+  (BPE type) rebuilt from the pieces, scores and token types.
+
+Both also get a ``tokenizer_config.json`` carrying the chat template and the
+special tokens, the way Hugging Face ships them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ..errors import ConversionError
+from .gguf_file import GGUFFile
+
+# GGUF token types (llama.cpp's llama_token_type), identical to SentencePiece's.
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre values -> (split digits one by one first, split regex)
+BPE_PRE_TOKENIZERS = {
+    "default": (False, GPT2_SPLIT),
+    "gpt-2": (False, GPT2_SPLIT),
+    "smollm": (True, GPT2_SPLIT),
+    "starcoder": (True, GPT2_SPLIT),
+    "refact": (True, GPT2_SPLIT),
+    "llama-bpe": (False, LLAMA3_SPLIT),
+    "llama3": (False, LLAMA3_SPLIT),
+}
+
+
+def _token_text(tokens: list[str], token_id: Any) -> str | None:
+    if token_id is None:
+        return None
+    token_id = int(token_id)
+    return tokens[token_id] if 0 <= token_id < len(tokens) else None
+
+
+def special_tokens(gguf: GGUFFile, tokens: list[str]) -> dict[str, str | None]:
+    return {
+        name: _token_text(tokens, gguf.field(f"tokenizer.ggml.{name}_token_id"))
+        for name in ("bos", "eos", "unk", "padding")
+    }
+
+
+def _write_bpe_tokenizer_json(gguf: GGUFFile, tokens: list[str], types, out_dir: str, add_bos: bool, bos: str | None) -> None:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pre = gguf.field("tokenizer.ggml.pre", "default")
+    if pre not in BPE_PRE_TOKENIZERS:
+        raise ConversionError(
+            f"{gguf.path}: BPE pre-tokenizer {pre!r} is not supported; "
+            f"supported: {', '.join(sorted(BPE_PRE_TOKENIZERS))}"
+        )
+    split_digits, split_regex = BPE_PRE_TOKENIZERS[pre]
+    merges = [tuple(m.split(" ", 1)) for m in gguf.string_array("tokenizer.ggml.merges")]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+    steps += [
+        pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ]
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = [
+        AddedToken(tok, special=True, normalized=False)
+        for tok, kind in zip(tokens, types)
+        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
+    ]
+    tokenizer.add_special_tokens(specials)
+    if add_bos and bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+
+
+def _write_sentencepiece_model(gguf: GGUFFile, tokens: list[str], types, out_dir: str, ids: dict) -> None:
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    scores = gguf.number_array("tokenizer.ggml.scores")
+    if scores is None:
+        raise ConversionError(f"{gguf.path}: SentencePiece vocabulary has no scores")
+    model = sp_pb2.ModelProto()
+    trainer = model.trainer_spec
+    trainer.model_type = sp_pb2.TrainerSpec.BPE
+    trainer.vocab_size = len(tokens)
+    trainer.byte_fallback = bool((types == TOKEN_BYTE).any())
+    trainer.unk_id = int(ids.get("unk", 0) if ids.get("unk") is not None else 0)
+    trainer.bos_id = int(ids["bos"]) if ids.get("bos") is not None else -1
+    trainer.eos_id = int(ids["eos"]) if ids.get("eos") is not None else -1
+    trainer.pad_id = int(ids["padding"]) if ids.get("padding") is not None else -1
+    trainer.treat_whitespace_as_suffix = False
+    trainer.allow_whitespace_only_pieces = True
+    normalizer = model.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = bool(gguf.field("tokenizer.ggml.add_space_prefix", True))
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    existing = set(tokens)
+    for piece_text, score, kind in zip(tokens, scores, types):
+        piece = model.pieces.add()
+        if kind == TOKEN_USER_DEFINED and " " in piece_text:
+            # llama.cpp's converter stores Hugging Face's added-token text here
+            # (literal spaces); SentencePiece matches pieces after escaping
+            # spaces to U+2581, so the piece must be stored escaped to be reachable.
+            escaped = piece_text.replace(" ", "\u2581")
+            piece_text = escaped if escaped not in existing else piece_text
+        piece.piece = piece_text
+        piece.score = float(score)
+        piece.type = int(kind) if int(kind) in (1, 2, 3, 4, 5, 6) else TOKEN_NORMAL
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+        f.write(model.SerializeToString())
+
+
+def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int) -> dict[str, Any]:
+    """Write tokenizer files plus ``tokenizer_config.json`` and ``generation_config.json``.
+
+    Returns the special token texts (for the CTranslate2 config).
+    """
+    tokens = gguf.string_array("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ConversionError(f"{gguf.path}: the GGUF file carries no tokenizer vocabulary")
+    types = gguf.number_array("tokenizer.ggml.token_type")
+    if types is None:
+        import numpy as np
+
+        types = np.full(len(tokens), TOKEN_NORMAL)
+    kind = gguf.field("tokenizer.ggml.model")
+    specials = special_tokens(gguf, tokens)
+    ids = {name: gguf.field(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos", "unk", "padding")}
+    add_bos = bool(gguf.field("tokenizer.ggml.add_bos_token", kind == "llama"))
+    if kind == "gpt2":
+        _write_bpe_tokenizer_json(gguf, tokens, types, out_dir, add_bos, specials["bos"])
+    elif kind == "llama":
+        _write_sentencepiece_model(gguf, tokens, types, out_dir, ids)
+    else:
+        raise ConversionError(f"{gguf.path}: tokenizer model {kind!r} is not supported (gpt2, llama)")
+
+    config: dict[str, Any] = {
+        "add_bos_token": add_bos,
+        "add_eos_token": bool(gguf.field("tokenizer.ggml.add_eos_token", False)),
+        "bos_token": specials["bos"],
+        "eos_token": specials["eos"],
+        "unk_token": specials["unk"],
+        "pad_token": specials["padding"],
+        "model_max_length": context_length,
+        "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast" if kind == "gpt2" else "LlamaTokenizer",
+    }
+    template = gguf.field("tokenizer.chat_template")
+    if template:
+        config["chat_template"] = template
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=2)
+
+    generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"]}
+    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({k: (int(v) if v is not None else None) for k, v in generation.items()}, f, indent=2)
+    return {"tokens": tokens, **specials}

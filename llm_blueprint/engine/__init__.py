@@ -1,0 +1,5 @@
+"""The model side: loading, tokenizers, chat templates, generation. Knows nothing of HTTP."""
+
+from .model import EngineOptions, Model
+
+__all__ = ["EngineOptions", "Model"]

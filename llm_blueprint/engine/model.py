@@ -1,0 +1,190 @@
+"""Loading a CTranslate2 model directory: generator, tokenizer, chat template, end tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ChatTemplateError, ModelLoadError
+from .chat_template import ChatTemplate
+from .tokenizer import Tokenizer, load_tokenizer, load_vocabulary
+
+log = logging.getLogger(__name__)
+
+# Turn terminators of common chat formats. Any of them present in the
+# vocabulary ends a generation: none of them is ever meant to appear in text.
+KNOWN_TERMINATORS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|eom_id|>")
+DEFAULT_COMPUTE_TYPES = {"cpu": "int8", "cuda": "int8_float16"}
+FALLBACK_CONTEXT_LENGTH = 2048
+MODEL_FILES = ("model.bin", "config.json")
+
+
+@dataclass
+class EngineOptions:
+    """How to load a model. ``None`` means "decide from the model and the machine"."""
+
+    device: str = "auto"
+    compute_type: str | None = None
+    inter_threads: int = 1
+    intra_threads: int = 0
+    context_length: int | None = None
+    chat_template: str | None = None  # template text or a path to a .jinja file
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    """Special tokens in tokenizer_config.json are strings or AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def resolve_device(device: str) -> str:
+    import ctranslate2
+
+    if device == "auto":
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return device
+
+
+class Model:
+    """A loaded model directory. Thread-safe for concurrent generation calls."""
+
+    def __init__(self, path: str, options: EngineOptions | None = None):
+        import ctranslate2
+
+        options = options or EngineOptions()
+        self.path = os.path.abspath(path)
+        if not os.path.isdir(self.path):
+            raise ModelLoadError(f"model directory not found: {self.path}")
+        missing = [name for name in MODEL_FILES if not os.path.isfile(os.path.join(self.path, name))]
+        if missing:
+            raise ModelLoadError(f"{self.path}: not a CTranslate2 model directory (missing {', '.join(missing)})")
+
+        self.ct2_config = _read_json(os.path.join(self.path, "config.json"))
+        self.tokenizer_config = _read_json(os.path.join(self.path, "tokenizer_config.json"))
+        self.generation_config = _read_json(os.path.join(self.path, "generation_config.json"))
+        self.metadata = _read_json(os.path.join(self.path, "llm_blueprint.json"))
+        self.vocabulary = load_vocabulary(self.path)
+
+        specials = self._special_tokens()
+        self.bos_token = specials["bos_token"]
+        self.eos_token = specials["eos_token"]
+        add_bos = self.tokenizer_config.get("add_bos_token", False)
+        self.tokenizer: Tokenizer = load_tokenizer(self.path, self.vocabulary, self.bos_token, bool(add_bos))
+        self.chat_template = self._load_chat_template(options.chat_template, specials)
+        self.end_tokens = self._end_tokens()
+        self.end_token_ids = {self.tokenizer.token_to_id(t) for t in self.end_tokens}
+        self.context_length = self._context_length(options.context_length)
+
+        self.device = resolve_device(options.device)
+        self.compute_type = options.compute_type or DEFAULT_COMPUTE_TYPES[self.device]
+        try:
+            self.generator = ctranslate2.Generator(
+                self.path,
+                device=self.device,
+                compute_type=self.compute_type,
+                inter_threads=options.inter_threads,
+                intra_threads=options.intra_threads,
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"CTranslate2 cannot load {self.path} on {self.device}/{self.compute_type}: {exc}") from exc
+        log.info(
+            "loaded model %s on %s (%s), context %d, end tokens %s",
+            self.path, self.device, self.compute_type, self.context_length, self.end_tokens,
+        )
+
+    # Loading helpers ---------------------------------------------------------
+    def _special_tokens(self) -> dict[str, str | None]:
+        tokens = {name: _token_text(self.tokenizer_config.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        tokens["bos_token"] = tokens["bos_token"] or self.ct2_config.get("bos_token")
+        tokens["eos_token"] = tokens["eos_token"] or self.ct2_config.get("eos_token")
+        return tokens
+
+    def _load_chat_template(self, override: str | None, specials: dict[str, str | None]) -> ChatTemplate | None:
+        source = None
+        if override:
+            if os.path.isfile(override):
+                with open(override, encoding="utf-8") as f:
+                    source = f.read()
+            else:
+                source = override
+        elif os.path.isfile(os.path.join(self.path, "chat_template.jinja")):
+            with open(os.path.join(self.path, "chat_template.jinja"), encoding="utf-8") as f:
+                source = f.read()
+        else:
+            template = self.tokenizer_config.get("chat_template")
+            if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+                template = named.get("default") or next(iter(named.values()), None)
+            source = template if isinstance(template, str) and template.strip() else None
+        return ChatTemplate(source, specials) if source else None
+
+    def _end_tokens(self) -> list[str]:
+        ends: list[str] = []
+        if self.eos_token:
+            ends.append(self.eos_token)
+        eos_ids = self.generation_config.get("eos_token_id")
+        for token_id in eos_ids if isinstance(eos_ids, list) else [eos_ids]:
+            if isinstance(token_id, int) and 0 <= token_id < len(self.vocabulary):
+                ends.append(self.vocabulary[token_id])
+        ends.extend(t for t in KNOWN_TERMINATORS if self.tokenizer.token_to_id(t) is not None)
+        return list(dict.fromkeys(ends))
+
+    def _context_length(self, override: int | None) -> int:
+        if override:
+            return int(override)
+        for value in (
+            self.metadata.get("context_length"),
+            self.generation_config.get("max_length") if "max_length" in self.generation_config else None,
+            self.tokenizer_config.get("model_max_length"),
+        ):
+            if isinstance(value, (int, float)) and 0 < value < 10_000_000:
+                return int(value)
+        log.warning("%s: context length unknown, assuming %d (set LLM_CONTEXT_LENGTH)", self.path, FALLBACK_CONTEXT_LENGTH)
+        return FALLBACK_CONTEXT_LENGTH
+
+    # Prompts -----------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path.rstrip(os.sep))
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, **extra: Any) -> str:
+        """The chat rendered as prompt text by the model's template."""
+        if self.chat_template is None:
+            raise ChatTemplateError(
+                f"model {self.name!r} has no chat template, so it serves raw completions only; "
+                "use /v1/completions or configure LLM_CHAT_TEMPLATE",
+                param="messages",
+            )
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra)
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **extra: Any) -> list[int]:
+        """Token ids of the rendered chat (the template writes its own BOS)."""
+        return self.tokenizer.encode(self.render_chat(messages, tools=tools, **extra), add_special_tokens=False)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a raw completion prompt (BOS added when the model wants one)."""
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def close(self) -> None:
+        """Release the generator (its native threads and memory)."""
+        generator = self.__dict__.pop("generator", None)
+        if generator is not None:
+            del generator

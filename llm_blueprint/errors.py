@@ -1,0 +1,64 @@
+"""Error types raised where a problem is found and rendered once per protocol.
+
+The engine and converter raise these; the HTTP layer maps each type to the
+envelope and status of the protocol that is answering.
+"""
+
+from __future__ import annotations
+
+
+class LLMBlueprintError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ModelLoadError(LLMBlueprintError):
+    """A model directory is missing something or cannot be loaded."""
+
+
+class ConversionError(LLMBlueprintError):
+    """A GGUF file cannot be converted (unsupported, truncated, unreadable)."""
+
+
+class InvalidRequest(LLMBlueprintError):
+    """A client sent something the server cannot serve.
+
+    ``param`` names the offending field (OpenAI's ``param``), when known.
+    """
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class ContextTooLong(InvalidRequest):
+    """Prompt plus requested completion do not fit in the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int, param: str = "messages"):
+        message = (
+            f"This model's maximum context length is {context_length} tokens. However, you "
+            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
+            f"{max_tokens} for the completion). Please reduce the prompt or the completion length."
+        )
+        super().__init__(message, param=param, code="context_length_exceeded")
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+
+
+class ChatTemplateError(InvalidRequest):
+    """The chat template refused the conversation (``raise_exception``) or is missing."""
+
+
+class Overloaded(LLMBlueprintError):
+    """The server's queue is full; the client should retry later."""
+
+    def __init__(self, message: str = "The server is overloaded; retry later.", retry_after: int = 1):
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class EngineShutDown(LLMBlueprintError):
+    """The engine is stopping or stopped and takes no new work."""
