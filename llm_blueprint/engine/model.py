@@ -94,6 +94,8 @@ class Model:
 
         self.device = resolve_device(options.device)
         self.compute_type = options.compute_type or DEFAULT_COMPUTE_TYPES[self.device]
+        self.inter_threads = options.inter_threads
+        self.intra_threads = options.intra_threads
         try:
             self.generator = ctranslate2.Generator(
                 self.path,

@@ -1,0 +1,118 @@
+"""The one place where native threads meet greenlets.
+
+CTranslate2 must run on real OS threads. Under gevent's monkey patching,
+``threading.Thread`` (and even ``monkey.get_original("threading", "Thread")``)
+starts a greenlet, and a blocking call there freezes the whole hub. So:
+
+- engine threads are started with the *original* ``_thread.start_new_thread``
+  and only ever block on C-level primitives (``_queue.SimpleQueue``, raw locks);
+- results go back to the consumer through :class:`Channel`: under gevent the
+  producer thread schedules ``queue.put_nowait`` on the consumer's hub with
+  ``loop.run_callback_threadsafe``; without gevent it is a plain thread-safe queue.
+
+The same code therefore serves greenlets (gunicorn ``-k gevent``), threads
+(``gthread``/``sync`` workers) and the Flask dev server.
+"""
+
+from __future__ import annotations
+
+import _queue
+import _thread
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+class Empty(Exception):
+    """Nothing arrived within the timeout."""
+
+
+def gevent_patched() -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return bool(monkey and monkey.is_module_patched("threading"))
+
+
+def _original(module: str, name: str):
+    if gevent_patched():
+        from gevent import monkey
+
+        return monkey.get_original(module, name)
+    return getattr(sys.modules[module] if module in sys.modules else __import__(module), name)
+
+
+def allocate_native_lock():
+    """A lock that blocks the OS thread, never a greenlet lock."""
+    return _original("_thread", "allocate_lock")()
+
+
+class NativeThread:
+    """A real OS thread, whatever monkey patching is in force. ``join`` blocks the OS thread."""
+
+    def __init__(self, target: Callable[[], Any], name: str):
+        self.name = name
+        self._target = target
+        self._done = allocate_native_lock()
+        self._done.acquire()
+        self.alive = False
+
+    def start(self) -> None:
+        self.alive = True
+        _original("_thread", "start_new_thread")(self._run, ())
+
+    def _run(self) -> None:
+        try:
+            self._target()
+        finally:
+            self.alive = False
+            self._done.release()
+
+    def join(self, timeout: float = -1) -> bool:
+        if self._done.acquire(True, timeout):
+            self._done.release()
+            return True
+        return False
+
+
+class WorkQueue:
+    """Jobs for native threads: a C-level queue whose ``get`` blocks only the calling OS thread."""
+
+    def __init__(self) -> None:
+        self._queue = _queue.SimpleQueue()
+
+    def put(self, item: Any) -> None:
+        self._queue.put(item)
+
+    def get(self) -> Any:
+        return self._queue.get()
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+
+class Channel:
+    """Single-consumer channel: ``put`` from any thread, ``get`` from the consumer.
+
+    Create it in the consumer (greenlet or thread) that will read it.
+    """
+
+    def __init__(self) -> None:
+        if gevent_patched():
+            import gevent
+            from gevent.queue import Empty as _GeventEmpty
+            from gevent.queue import Queue
+
+            hub = gevent.get_hub()
+            self._queue = Queue()
+            self._empty = _GeventEmpty
+            loop, put_nowait = hub.loop, self._queue.put_nowait
+            self.put = lambda item: loop.run_callback_threadsafe(put_nowait, item)
+        else:
+            self._queue = _queue.SimpleQueue()
+            self._empty = _queue.Empty
+            self.put = self._queue.put
+
+    def get(self, timeout: float | None = None) -> Any:
+        try:
+            return self._queue.get(timeout=timeout)
+        except self._empty:
+            raise Empty from None
