@@ -30,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not os.environ.get("LLM_MODEL_PATH"):
         from .engine.default_model import prepare_default_model
 
-        os.environ["LLM_MODEL_PATH"] = prepare_default_model()
+        prepare_default_model()  # once, before the workers start; they find it in the cache
     config = os.path.join(here, "gunicorn.conf.py")
     argv = [sys.executable, "-m", "gunicorn", "--bind", args.bind, "--workers", str(args.workers)]
     if os.path.isfile(config):

@@ -32,6 +32,16 @@ class InvalidRequest(LLMBlueprintError):
         self.code = code
 
 
+class ModelNotFound(InvalidRequest):
+    """The request names a model this server does not serve."""
+
+    def __init__(self, model: str, served: str):
+        super().__init__(
+            f"The model '{model}' does not exist or you do not have access to it. This server serves '{served}'.",
+            param="model", code="model_not_found",
+        )
+
+
 class ContextTooLong(InvalidRequest):
     """Prompt plus requested completion do not fit in the model's context."""
 

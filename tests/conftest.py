@@ -76,3 +76,22 @@ def gemma3_f32(gemma3_f32_dir) -> Model:
 def passage() -> str:
     with open(os.path.join(HERE, "data", "passage.txt"), encoding="utf-8") as f:
         return f.read()
+
+
+@pytest.fixture(scope="session")
+def api_server(default_model_dir, tmp_path_factory):
+    """``wsgi:app`` under ``gunicorn -k gevent``, serving the default model at the root."""
+    from servers import gunicorn
+
+    log = str(tmp_path_factory.mktemp("logs") / "wsgi.log")
+    env = {"LLM_MODEL_PATH": default_model_dir, "LLM_MODEL_ID": "smollm2", "LLM_EAGER_LOAD": "1",
+           "LLM_KEEPALIVE_SECONDS": "0.5"}
+    with gunicorn("wsgi:app", env, log, "/v1/models") as server:
+        yield server
+
+
+@pytest.fixture()
+def openai_client(api_server):
+    import openai
+
+    return openai.OpenAI(base_url=api_server.base + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -51,7 +51,7 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    token: str
+    token_id: int
     logprob: float
 
 
@@ -103,7 +103,6 @@ class _Completion:
         self.tokens = 0
         self.finished = False
         self.pending_logprobs: list[TokenLogprob] = []
-        self.vocabulary = model.vocabulary
         self.want_logprobs = request.logprobs
 
 
@@ -144,7 +143,7 @@ class _Job:
             return True
         completion.tokens += 1
         if completion.want_logprobs:
-            completion.pending_logprobs.append(TokenLogprob(completion.vocabulary[token_id], float(step.log_prob or 0.0)))
+            completion.pending_logprobs.append(TokenLogprob(token_id, float(step.log_prob or 0.0)))
         text = completion.decoder.push(token_id)
         if step.is_last:
             text += completion.decoder.flush()

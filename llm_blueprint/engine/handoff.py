@@ -112,6 +112,15 @@ class Channel:
             self.put = self._queue.put
 
     def get(self, timeout: float | None = None) -> Any:
+        if timeout is None:
+            # Wait in bounded slices: a pending timer keeps gevent's loop alive
+            # (a cross-thread callback alone does not, and the hub would
+            # declare "this operation would block forever" at boot).
+            while True:
+                try:
+                    return self._queue.get(timeout=1.0)
+                except self._empty:
+                    continue
         try:
             return self._queue.get(timeout=timeout)
         except self._empty:

@@ -1,0 +1,10 @@
+"""The HTTP side: one blueprint, one module of routes per protocol."""
+
+from flask import Blueprint
+
+from . import openai
+
+bp = Blueprint("llm", __name__)
+openai.register(bp)
+
+__all__ = ["bp"]

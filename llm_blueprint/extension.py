@@ -1,0 +1,46 @@
+"""The Flask extension: ``LLM(app)`` or ``LLM().init_app(app)``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask
+
+from .runtime import Runtime
+from .settings import resolve
+
+log = logging.getLogger("llm_blueprint")
+
+
+class LLM:
+    """Mounts the OpenAI/Anthropic-compatible API blueprint on a Flask app.
+
+    Settings come from ``LLM_*`` keys in ``app.config`` (see
+    :mod:`llm_blueprint.settings`); keyword arguments here win over them,
+    e.g. ``LLM(app, LLM_URL_PREFIX="/llm")``. Per-app state lives in
+    ``app.extensions["llm"]``; nothing is installed app-wide.
+    """
+
+    def __init__(self, app: Flask | None = None, **overrides: Any):
+        self._overrides = overrides
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> Runtime:
+        from .api import bp
+
+        settings = resolve(app.config, self._overrides)
+        for key, value in settings.items():
+            app.config.setdefault(key, value)
+        runtime = Runtime(settings)
+        app.extensions["llm"] = runtime
+        app.register_blueprint(bp, url_prefix=settings["LLM_URL_PREFIX"] or None)
+        if settings["LLM_EAGER_LOAD"]:
+            runtime.engine  # noqa: B018 - loads the model now
+        return runtime
+
+    @staticmethod
+    def runtime(app: Flask) -> Runtime:
+        """The app's :class:`Runtime` (model, engine, settings)."""
+        return app.extensions["llm"]

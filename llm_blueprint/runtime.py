@@ -1,0 +1,106 @@
+"""The per-process model and engine, loaded once and shared by every request.
+
+Loading (and, for the default model, the one-time conversion) runs on a
+native thread so that a gevent worker's hub keeps serving the host app's
+other requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from .engine import EngineOptions, Model
+from .engine.generation import Engine
+from .engine.handoff import Channel, NativeThread
+from .errors import LLMBlueprintError, ModelLoadError
+
+log = logging.getLogger("llm_blueprint")
+
+
+class Runtime:
+    """Holds the settings, and lazily the :class:`Model` and :class:`Engine`."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+        self.started = int(time.time())
+        self._lock = threading.Lock()  # a greenlet lock under gevent, a thread lock otherwise
+        self._engine: Engine | None = None
+        self._error: Exception | None = None
+        atexit.register(self.shutdown)
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, loading the model on first use."""
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    self._engine = self._load_off_the_hub()
+        return self._engine
+
+    @property
+    def model(self) -> Model:
+        return self.engine.model
+
+    @property
+    def model_id(self) -> str:
+        configured = self.settings["LLM_MODEL_ID"]
+        if configured:
+            return configured
+        path = self.settings["LLM_MODEL_PATH"]
+        if path:
+            return os.path.basename(os.path.normpath(path))
+        from .engine.default_model import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+
+    def _load_off_the_hub(self) -> Engine:
+        channel = Channel()
+
+        def load() -> None:
+            try:
+                channel.put(self._load())
+            except BaseException as exc:  # handed to the waiting request
+                channel.put(exc)
+
+        NativeThread(load, "llm-model-loader").start()
+        result = channel.get()
+        if isinstance(result, BaseException):
+            raise result if isinstance(result, LLMBlueprintError) else ModelLoadError(str(result))
+        return result
+
+    def _load(self) -> Engine:
+        settings = self.settings
+        path = settings["LLM_MODEL_PATH"]
+        if not path:
+            from .engine.default_model import prepare_default_model
+
+            path = prepare_default_model(settings["LLM_CACHE_DIR"])
+        model = Model(
+            path,
+            EngineOptions(
+                device=settings["LLM_DEVICE"],
+                compute_type=settings["LLM_COMPUTE_TYPE"],
+                inter_threads=settings["LLM_INTER_THREADS"],
+                intra_threads=settings["LLM_INTRA_THREADS"],
+                context_length=settings["LLM_CONTEXT_LENGTH"],
+                chat_template=settings["LLM_CHAT_TEMPLATE"],
+            ),
+        )
+        log.info("model %s ready as %r (pid %d)", model.path, self.model_id, os.getpid())
+        return Engine(model, heartbeat_interval=settings["LLM_KEEPALIVE_SECONDS"])
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine threads and release the model (safe to call twice)."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown(timeout)
+            engine.model.close()

@@ -1,0 +1,73 @@
+"""Every ``LLM_*`` setting, named once, with its default and meaning.
+
+Constructor arguments of :class:`llm_blueprint.LLM` beat ``app.config``;
+``wsgi.py`` fills ``app.config`` from environment variables of the same names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: Any
+    parse: Callable[[Any], Any]
+    doc: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("LLM_MODEL_PATH", None, _optional_str,
+            "CTranslate2 model directory; unset = the embedded SmolLM2-135M-Instruct, prepared into LLM_CACHE_DIR"),
+    Setting("LLM_MODEL_ID", None, _optional_str, "model id served on /v1/models; default: the model directory's name"),
+    Setting("LLM_ACCEPT_ANY_MODEL", False, _bool, "serve requests whatever model name they give (else 404 model_not_found)"),
+    Setting("LLM_URL_PREFIX", "", str, "URL prefix of the blueprint, e.g. /llm (routes are then /llm/v1/...)"),
+    Setting("LLM_CACHE_DIR", None, _optional_str, "where the default model is converted to; default: the user's cache dir"),
+    Setting("LLM_DEVICE", "auto", str, "cpu, cuda or auto"),
+    Setting("LLM_COMPUTE_TYPE", None, _optional_str, "CTranslate2 compute type; default int8 on CPU, int8_float16 on CUDA"),
+    Setting("LLM_INTER_THREADS", 2, int, "engine replicas = generations running at once (weights shared)"),
+    Setting("LLM_INTRA_THREADS", 0, int, "OpenMP threads per replica; 0 = cores / LLM_INTER_THREADS"),
+    Setting("LLM_CONTEXT_LENGTH", None, _optional_int, "override the model's context length"),
+    Setting("LLM_CHAT_TEMPLATE", None, _optional_str, "override chat template: Jinja2 text or a path to a .jinja file"),
+    Setting("LLM_EAGER_LOAD", False, _bool, "load the model when the app starts instead of on the first request"),
+    Setting("LLM_KEEPALIVE_SECONDS", 2.0, float, "SSE keep-alive interval while the model works"),
+    Setting("LLM_DEFAULT_MAX_TOKENS", 1024, int, "completion budget when a chat request gives no max_tokens"),
+    Setting("LLM_MAX_N", 8, int, "largest n (completions per request) accepted"),
+)
+
+SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+def resolve(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Final values: constructor overrides, else app.config, else defaults; parsed."""
+    values = {}
+    for setting in SETTINGS:
+        raw = overrides.get(setting.key, config.get(setting.key, setting.default))
+        values[setting.key] = setting.parse(raw) if raw is not None else None
+    if not values["LLM_INTRA_THREADS"]:
+        values["LLM_INTRA_THREADS"] = max(1, (os.cpu_count() or 1) // max(1, values["LLM_INTER_THREADS"]))
+    return values
+
+
+def from_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The LLM_* environment variables that are set (for wsgi.py)."""
+    environ = os.environ if environ is None else environ
+    return {key: environ[key] for key in SETTINGS_BY_KEY if key in environ}

@@ -1,0 +1,67 @@
+"""Start gunicorn the way users do, on a free loopback port, and stop it gracefully."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, process: subprocess.Popen, port: int, log_path: str):
+        self.process = process
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+@contextmanager
+def gunicorn(app: str, env: dict[str, str], log_path: str, ready_path: str, worker_class: str = "gevent", timeout: float = 120):
+    port = free_port()
+    environ = {**os.environ, **env, "LLM_BIND": f"127.0.0.1:{port}", "LLM_WORKER_CLASS": worker_class, "PYTHONUNBUFFERED": "1"}
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"), "--chdir", ROOT, app],
+        env=environ, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    server = LiveServer(process, port, log_path)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log()}")
+            try:
+                if requests.get(server.base + ready_path, timeout=2).status_code < 500:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not become ready:\n{server.log()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
