@@ -95,3 +95,10 @@ def openai_client(api_server):
     import openai
 
     return openai.OpenAI(base_url=api_server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture()
+def anthropic_client(api_server):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=api_server.base, api_key="sk-ant-test", max_retries=0, timeout=120)

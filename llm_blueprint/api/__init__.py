@@ -2,9 +2,10 @@
 
 from flask import Blueprint
 
-from . import openai
+from . import anthropic, openai
 
 bp = Blueprint("llm", __name__)
 openai.register(bp)
+anthropic.register(bp)
 
 __all__ = ["bp"]

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import current_app, request
 
-from ..errors import InvalidRequest, ModelNotFound
+from ..errors import InvalidRequest, LLMBlueprintError, ModelNotFound
 from ..runtime import Runtime
 
 
@@ -33,3 +33,19 @@ def check_model(name: str, strict: bool = False) -> None:
     rt = runtime()
     if name != rt.model_id and (strict or not rt.settings["LLM_ACCEPT_ANY_MODEL"]):
         raise ModelNotFound(name, rt.model_id)
+
+
+def closing(events, body):
+    """Yield ``body``; close the engine stream(s) whatever ends the HTTP stream (client gone included)."""
+    try:
+        yield from body
+    finally:
+        for stream in events if isinstance(events, list) else [events]:
+            stream.close()
+
+
+def raise_if_failed(finishes) -> None:
+    """A non-streaming response whose generation failed is a server error."""
+    for finish in finishes:
+        if finish.reason == "error":
+            raise LLMBlueprintError(f"generation failed: {finish.error}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from collections.abc import Callable
 
 from flask import Response
@@ -35,7 +36,35 @@ def openai_error(exc: Exception) -> Response:
     return json_response(body, status=status, headers=headers)
 
 
-RENDERERS: dict[str, Callable[[Exception], Response]] = {"openai": openai_error}
+def anthropic_error(exc: Exception) -> Response:
+    """``{"type": "error", "error": {"type", "message"}, "request_id"}`` with the Anthropic status."""
+    headers = {}
+    if isinstance(exc, ModelNotFound):
+        status, kind = 404, "not_found_error"
+    elif isinstance(exc, InvalidRequest):
+        status, kind = 400, "invalid_request_error"
+    elif isinstance(exc, Overloaded):
+        status, kind, headers = 529, "overloaded_error", {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, (EngineShutDown, ModelLoadError)):
+        status, kind = 529, "overloaded_error"
+    else:
+        status, kind = 500, "api_error"
+    if isinstance(exc, InvalidRequest):
+        message = f"{exc.param}: {exc.message}" if exc.param and not exc.message.startswith("Invalid value") else exc.message
+    elif isinstance(exc, Overloaded):
+        message = exc.message
+    else:
+        message = str(exc)
+    if status == 500:
+        log.exception("internal error", exc_info=exc)
+        message = "Internal server error"
+    request_id = f"req_{uuid.uuid4().hex}"
+    headers["request-id"] = request_id
+    body = {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}
+    return json_response(body, status=status, headers=headers)
+
+
+RENDERERS: dict[str, Callable[[Exception], Response]] = {"openai": openai_error, "anthropic": anthropic_error}
 
 
 def speaks(protocol: str):

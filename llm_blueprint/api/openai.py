@@ -13,11 +13,11 @@ from typing import Any
 from flask import Blueprint
 
 from ..engine.generation import Done, Event, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob, collect
-from ..errors import InvalidRequest, LLMBlueprintError
+from ..errors import InvalidRequest
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_model, json_body, runtime
+from .common import check_model, closing, json_body, raise_if_failed, runtime
 from .errors import speaks
 
 CHAT_SCHEMA = ChatCompletionRequestSchema()
@@ -64,20 +64,6 @@ def _error_payload(finish: Finish) -> dict[str, Any]:
     return {"error": {"message": f"generation failed: {finish.error}", "type": "server_error", "param": None, "code": None}}
 
 
-def _raise_if_failed(finishes: list[Finish]) -> None:
-    for finish in finishes:
-        if finish.reason == "error":
-            raise LLMBlueprintError(f"generation failed: {finish.error}")
-
-
-def _stream_lifecycle(events: Iterator[Event], body: Iterator[str]) -> Iterator[str]:
-    """Close the engine stream whatever ends the HTTP stream (client gone included)."""
-    try:
-        yield from body
-    finally:
-        events.close()
-
-
 # ----------------------------------------------------------------------------- chat completions
 def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rendered = []
@@ -105,10 +91,10 @@ def chat_completions():
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return event_stream(_stream_lifecycle(events, _chat_chunks(events, meta, gen, include_usage)))
+        return event_stream(closing(events, _chat_chunks(events, meta, gen, include_usage)))
 
     texts, finishes, done, logprobs = collect(events, gen.n)
-    _raise_if_failed(finishes)
+    raise_if_failed(finishes)
     choices = [
         {
             "index": i,
@@ -185,12 +171,12 @@ def completions():
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         body = _completion_chunks(streams, [text for _, text in prompts], meta, n, echo, want_logprobs, include_usage)
-        return event_stream(_close_all(streams, body))
+        return event_stream(closing(streams, body))
 
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for p, events in enumerate(streams):
         texts, finishes, done, logprobs = collect(events, n)
-        _raise_if_failed(finishes)
+        raise_if_failed(finishes)
         prompt_tokens += done.prompt_tokens
         completion_tokens += done.completion_tokens
         prefix = prompts[p][1] if echo else ""
@@ -203,14 +189,6 @@ def completions():
             })
     usage = _usage(Done(prompt_tokens, completion_tokens))
     return json_response({**meta, "object": "text_completion", "choices": choices, "usage": usage, "system_fingerprint": None})
-
-
-def _close_all(streams: list[Iterator[Event]], body: Iterator[str]) -> Iterator[str]:
-    try:
-        yield from body
-    finally:
-        for events in streams:
-            events.close()
 
 
 def _completion_chunks(streams, prompt_texts, meta, n, echo, want_logprobs, include_usage) -> Iterator[str]:
