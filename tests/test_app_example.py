@@ -69,7 +69,7 @@ def test_host_route_stays_fast_while_a_long_answer_streams(legacy_server):
     done = threading.Event()
 
     def stream():
-        for chunk in client.chat.completions.create(model="smollm2", stream=True, temperature=0, max_tokens=300,
+        for _chunk in client.chat.completions.create(model="smollm2", stream=True, temperature=0, max_tokens=300,
                                                     messages=[{"role": "user", "content": "Write a long story."}], stop=["@@@"]):
             streaming.set()
         done.set()

@@ -101,7 +101,10 @@ def test_raise_exception_becomes_a_client_error():
 
 
 def test_templates_get_hugging_face_helpers():
-    template = ChatTemplate("{{ bos_token }}{{ tools | tojson }}{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}", {"bos_token": "<s>"})
+    template = ChatTemplate(
+        "{{ bos_token }}{{ tools | tojson }}{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}",
+        {"bos_token": "<s>"},
+    )
     assert template.render([{"content": "a"}, {"content": "b"}], tools=[{"name": "é"}]) == '<s>[{"name": "é"}]a'
 
 

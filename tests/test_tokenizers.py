@@ -48,7 +48,7 @@ def test_gemma3_every_piece_encodes_to_its_own_id(gemma3_f32, gemma3_gguf):
     tokenizer = gemma3_f32.tokenizer
     checked = 0
     mismatches = []
-    for token_id, (piece, kind) in enumerate(zip(tokens, types)):
+    for token_id, (piece, kind) in enumerate(zip(tokens, types, strict=False)):
         if kind not in (1, 4):  # normal and user-defined pieces are reachable from text
             continue
         text = piece.replace("\u2581", " ")
@@ -72,7 +72,7 @@ def test_gemma3_adds_bos_for_raw_prompts(gemma3_f32):
 
 def test_smollm2_special_tokens_have_the_gguf_ids(smollm2_f32, smollm2_gguf):
     tokens, types = _gguf_tokens(smollm2_gguf)
-    specials = [(i, t) for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3]
+    specials = [(i, t) for i, (t, kind) in enumerate(zip(tokens, types, strict=False)) if kind == 3]
     assert len(specials) == 17
     for token_id, text in specials:
         assert smollm2_f32.tokenizer.encode(text) == [token_id]

@@ -15,49 +15,40 @@ from ..sse import json_response
 log = logging.getLogger("llm_blueprint")
 
 
-def openai_error(exc: Exception) -> Response:
-    """``{"error": {"message", "type", "param", "code"}}`` with the OpenAI status."""
-    headers = None
-    if isinstance(exc, ModelNotFound):
-        status, kind = 404, "invalid_request_error"
-    elif isinstance(exc, InvalidRequest):
-        status, kind = 400, "invalid_request_error"
-    elif isinstance(exc, Overloaded):
-        status, kind, headers = 429, "rate_limit_error", {"Retry-After": str(exc.retry_after)}
-    elif isinstance(exc, (EngineShutDown, ModelLoadError)):
-        status, kind = 503, "service_unavailable"
-    else:
-        status, kind = 500, "server_error"
+# Exception type → (status, error type) per protocol; the first matching row wins.
+STATUS_TABLE: list[tuple[type[Exception] | tuple[type[Exception], ...], dict[str, tuple[int, str]]]] = [
+    (ModelNotFound, {"openai": (404, "invalid_request_error"), "anthropic": (404, "not_found_error")}),
+    (InvalidRequest, {"openai": (400, "invalid_request_error"), "anthropic": (400, "invalid_request_error")}),
+    (Overloaded, {"openai": (429, "rate_limit_error"), "anthropic": (529, "overloaded_error")}),
+    ((EngineShutDown, ModelLoadError), {"openai": (503, "service_unavailable"), "anthropic": (529, "overloaded_error")}),
+]
+INTERNAL = {"openai": (500, "server_error"), "anthropic": (500, "api_error")}
+
+
+def _classify(exc: Exception, protocol: str) -> tuple[int, str, str, dict[str, str]]:
+    """Status, error type, client-facing message and extra headers for ``exc``."""
+    status, kind = next((row[protocol] for types, row in STATUS_TABLE if isinstance(exc, types)), INTERNAL[protocol])
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else {}
     message = exc.message if isinstance(exc, (InvalidRequest, Overloaded)) else str(exc)
     if status == 500:
-        log.exception("internal error", exc_info=exc)
+        log.error("internal error", exc_info=exc)
         message = "The server had an error while processing your request."
+    return status, kind, message, headers
+
+
+def openai_error(exc: Exception) -> Response:
+    """``{"error": {"message", "type", "param", "code"}}`` with the OpenAI status."""
+    status, kind, message, headers = _classify(exc, "openai")
     body = {"error": {"message": message, "type": kind, "param": getattr(exc, "param", None), "code": getattr(exc, "code", None)}}
     return json_response(body, status=status, headers=headers)
 
 
 def anthropic_error(exc: Exception) -> Response:
     """``{"type": "error", "error": {"type", "message"}, "request_id"}`` with the Anthropic status."""
-    headers = {}
-    if isinstance(exc, ModelNotFound):
-        status, kind = 404, "not_found_error"
-    elif isinstance(exc, InvalidRequest):
-        status, kind = 400, "invalid_request_error"
-    elif isinstance(exc, Overloaded):
-        status, kind, headers = 529, "overloaded_error", {"Retry-After": str(exc.retry_after)}
-    elif isinstance(exc, (EngineShutDown, ModelLoadError)):
-        status, kind = 529, "overloaded_error"
-    else:
-        status, kind = 500, "api_error"
-    if isinstance(exc, InvalidRequest):
-        message = f"{exc.param}: {exc.message}" if exc.param and not exc.message.startswith("Invalid value") else exc.message
-    elif isinstance(exc, Overloaded):
-        message = exc.message
-    else:
-        message = str(exc)
-    if status == 500:
-        log.exception("internal error", exc_info=exc)
-        message = "Internal server error"
+    status, kind, message, headers = _classify(exc, "anthropic")
+    param = getattr(exc, "param", None)
+    if param and isinstance(exc, InvalidRequest) and not message.startswith("Invalid value"):
+        message = f"{param}: {message}"
     request_id = f"req_{uuid.uuid4().hex}"
     headers["request-id"] = request_id
     body = {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}

@@ -38,9 +38,14 @@ def _fused_qkv(gguf: GGUFFile, prefix: str) -> np.ndarray:
     )
 
 
-def _output_projection(gguf: GGUFFile, embeddings: np.ndarray) -> np.ndarray:
+def _set_embeddings_and_head(decoder, gguf: GGUFFile, bar: tqdm) -> None:
+    """Input embeddings, final norm and output projection (tied when the GGUF has no ``output.weight``)."""
+    embeddings = gguf.tensor("token_embd.weight")
+    decoder.embeddings.weight = embeddings
+    decoder.layer_norm.gamma = gguf.tensor("output_norm.weight")
     # Tied embeddings: the same array object lets CTranslate2 alias the variable.
-    return gguf.tensor("output.weight") if gguf.has_tensor("output.weight") else embeddings
+    decoder.projection.weight = gguf.tensor("output.weight") if gguf.has_tensor("output.weight") else embeddings
+    bar.update(2)
 
 
 def build_llama_spec(gguf: GGUFFile, show_progress: bool = True) -> transformer_spec.TransformerDecoderModelSpec:
@@ -66,11 +71,7 @@ def build_llama_spec(gguf: GGUFFile, show_progress: bool = True) -> transformer_
     decoder = spec.decoder
     decoder.scale_embeddings = False
     with _progress(2 + num_layers * 9, "tensors", show_progress) as bar:
-        embeddings = gguf.tensor("token_embd.weight")
-        decoder.embeddings.weight = embeddings
-        decoder.layer_norm.gamma = gguf.tensor("output_norm.weight")
-        decoder.projection.weight = _output_projection(gguf, embeddings)
-        bar.update(2)
+        _set_embeddings_and_head(decoder, gguf, bar)
         for i, layer in enumerate(decoder.layer):
             p = f"blk.{i}"
             layer.self_attention.layer_norm.gamma = gguf.tensor(f"{p}.attn_norm.weight")
@@ -113,11 +114,7 @@ def build_gemma3_spec(gguf: GGUFFile, show_progress: bool = True) -> transformer
     decoder.scale_embeddings = True
     decoder.start_from_zero_embedding = False
     with _progress(2 + num_layers * 13, "tensors", show_progress) as bar:
-        embeddings = gguf.tensor("token_embd.weight")
-        decoder.embeddings.weight = embeddings
-        decoder.layer_norm.gamma = gguf.tensor("output_norm.weight")
-        decoder.projection.weight = _output_projection(gguf, embeddings)
-        bar.update(2)
+        _set_embeddings_and_head(decoder, gguf, bar)
         for i, layer in enumerate(decoder.layer):
             p = f"blk.{i}"
             attention = layer.self_attention

@@ -75,7 +75,7 @@ def _write_bpe_tokenizer_json(gguf: GGUFFile, tokens: list[str], types, out_dir:
     tokenizer.decoder = decoders.ByteLevel()
     specials = [
         AddedToken(tok, special=True, normalized=False)
-        for tok, kind in zip(tokens, types)
+        for tok, kind in zip(tokens, types, strict=False)
         if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
     ]
     tokenizer.add_special_tokens(specials)
@@ -109,7 +109,7 @@ def _write_sentencepiece_model(gguf: GGUFFile, tokens: list[str], types, out_dir
     normalizer.remove_extra_whitespaces = False
     normalizer.escape_whitespaces = True
     existing = set(tokens)
-    for piece_text, score, kind in zip(tokens, scores, types):
+    for piece_text, score, kind in zip(tokens, scores, types, strict=False):
         piece = model.pieces.add()
         if kind == TOKEN_USER_DEFINED and " " in piece_text:
             # llama.cpp's converter stores Hugging Face's added-token text here

@@ -17,7 +17,6 @@ The same code therefore serves greenlets (gunicorn ``-k gevent``), threads
 from __future__ import annotations
 
 import _queue
-import _thread
 import sys
 from collections.abc import Callable
 from typing import Any
