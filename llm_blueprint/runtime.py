@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from .engine import EngineOptions, Model
-from .engine.generation import Engine
+from .engine.generation import BatchingOptions, Engine
 from .engine.handoff import Channel, NativeThread
 from .errors import LLMBlueprintError, ModelLoadError
 
@@ -96,7 +96,13 @@ class Runtime:
             ),
         )
         log.info("model %s ready as %r (pid %d)", model.path, self.model_id, os.getpid())
-        return Engine(model, heartbeat_interval=settings["LLM_KEEPALIVE_SECONDS"])
+        batching = BatchingOptions(
+            max_batch_size=settings["LLM_MAX_BATCH_SIZE"],
+            gather_seconds=settings["LLM_BATCH_GATHER_MS"] / 1000,
+            length_tolerance=settings["LLM_BATCH_LENGTH_TOLERANCE"],
+            max_queue=settings["LLM_MAX_QUEUE"],
+        )
+        return Engine(model, heartbeat_interval=settings["LLM_KEEPALIVE_SECONDS"], batching=batching)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine threads and release the model (safe to call twice)."""

@@ -43,8 +43,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_CACHE_DIR", None, _optional_str, "where the default model is converted to; default: the user's cache dir"),
     Setting("LLM_DEVICE", "auto", str, "cpu, cuda or auto"),
     Setting("LLM_COMPUTE_TYPE", None, _optional_str, "CTranslate2 compute type; default int8 on CPU, int8_float16 on CUDA"),
-    Setting("LLM_INTER_THREADS", 2, int, "engine replicas = generations running at once (weights shared)"),
-    Setting("LLM_INTRA_THREADS", 0, int, "OpenMP threads per replica; 0 = cores / LLM_INTER_THREADS"),
+    Setting("LLM_INTER_THREADS", 2, int, "engine replicas = batches running at once (weights shared)"),
+    Setting("LLM_INTRA_THREADS", 0, int, "OpenMP threads per replica; 0 = all cores"),
+    Setting("LLM_MAX_BATCH_SIZE", 8, int, "most completions generated together in one engine batch"),
+    Setting("LLM_BATCH_GATHER_MS", 5.0, float, "how long a batch waits for companions after the first arrival"),
+    Setting("LLM_BATCH_LENGTH_TOLERANCE", 0.25, float, "largest relative prompt-length difference inside one batch"),
+    Setting("LLM_MAX_QUEUE", 64, int, "completions waiting for a batch beyond which requests get 429/529"),
     Setting("LLM_CONTEXT_LENGTH", None, _optional_int, "override the model's context length"),
     Setting("LLM_CHAT_TEMPLATE", None, _optional_str, "override chat template: Jinja2 text or a path to a .jinja file"),
     Setting("LLM_EAGER_LOAD", False, _bool, "load the model when the app starts instead of on the first request"),
@@ -63,7 +67,7 @@ def resolve(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
         raw = overrides.get(setting.key, config.get(setting.key, setting.default))
         values[setting.key] = setting.parse(raw) if raw is not None else None
     if not values["LLM_INTRA_THREADS"]:
-        values["LLM_INTRA_THREADS"] = max(1, (os.cpu_count() or 1) // max(1, values["LLM_INTER_THREADS"]))
+        values["LLM_INTRA_THREADS"] = os.cpu_count() or 1
     return values
 
 

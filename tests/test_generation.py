@@ -149,10 +149,11 @@ def test_n_completions_stop_independently(engine, default_model):
 
 def test_context_overflow_raises_before_any_work(engine, default_model):
     ids = default_model.encode_chat(FRANCE)
+    batches = len(engine.batch_sizes)
     with pytest.raises(ContextTooLong) as info:
         engine.generate(GenerationRequest(ids, default_model.context_length, temperature=0))
     assert info.value.code == "context_length_exceeded"
-    assert engine.queued == 0 and engine.running == 0
+    assert engine.queued == 0 and len(engine.batch_sizes) == batches
 
 
 def test_closing_a_stream_cancels_only_that_generation(default_model):

@@ -40,6 +40,7 @@ def _sampling(data: dict[str, Any]) -> dict[str, Any]:
         stop=data.get("stop") or [],
         n=n,
         seed=data.get("seed"),
+        min_tokens=data.get("min_tokens") or 0,
     )
 
 

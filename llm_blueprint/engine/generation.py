@@ -17,8 +17,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..errors import ContextTooLong, EngineShutDown, InvalidRequest
-from .handoff import Channel, Empty, NativeThread, WorkQueue, allocate_native_lock
+from ..errors import ContextTooLong, EngineShutDown, InvalidRequest, Overloaded
+from .handoff import Channel, Empty, NativeThread, WorkQueue, allocate_native_lock, native_sleep
 from .model import Model
 from .text_stream import IncrementalDecoder, StopMatcher
 
@@ -43,6 +43,7 @@ class GenerationRequest:
     n: int = 1
     seed: int | None = None
     logprobs: bool = False
+    min_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -92,108 +93,138 @@ Event = TextDelta | Finish | Done | Heartbeat
 
 
 # ----------------------------------------------------------------------------- one running request
-class _Completion:
-    """Per-completion state, touched only on the engine thread."""
+class _Entry:
+    """One completion of a request: one batch entry. Touched only on engine threads."""
 
-    def __init__(self, index: int, model: Model, request: GenerationRequest, end_ids: set[int]):
+    def __init__(self, job: _Job, index: int, model: Model):
+        request = job.request
+        self.job = job
         self.index = index
         self.decoder = IncrementalDecoder(model.tokenizer, request.prompt_ids)
         self.stops = StopMatcher(request.stop)
-        self.end_ids = end_ids
         self.tokens = 0
         self.finished = False
         self.pending_logprobs: list[TokenLogprob] = []
-        self.want_logprobs = request.logprobs
+
+    # Runs on the engine thread, once per generated token of this entry.
+    def on_step(self, step) -> bool:
+        job = self.job
+        if self.finished:
+            return True
+        if job.cancelled:
+            self.finish("cancelled")
+            return True
+        try:
+            return self._accept(step)
+        except Exception as exc:  # never let an exception escape into C++
+            log.exception("token processing failed")
+            self.finish("error", error=str(exc))
+            return True
+
+    def _accept(self, step) -> bool:
+        token_id = step.token_id
+        request = self.job.request
+        if step.is_last and token_id in self.job.end_ids:
+            self.finish("stop")
+            return True
+        self.tokens += 1
+        if request.logprobs:
+            self.pending_logprobs.append(TokenLogprob(token_id, float(step.log_prob or 0.0)))
+        text = self.decoder.push(token_id)
+        if text:
+            visible, matched = self.stops.feed(text)
+            self._emit(visible)
+            if matched is not None:
+                self.finish("stop_sequence", stop_sequence=matched)
+                return True
+        if step.is_last or self.tokens >= request.max_tokens:
+            self.finish("length")
+            return True
+        return False
+
+    def _emit(self, text: str) -> None:
+        if text:
+            logprobs, self.pending_logprobs = tuple(self.pending_logprobs), []
+            self.job.channel.put(TextDelta(self.index, text, logprobs))
+
+    def finish(self, reason: str, stop_sequence: str | None = None, error: str | None = None) -> None:
+        if self.finished:
+            return
+        if reason in ("stop", "length"):  # held text is released; a stop match never is
+            self._emit(self.decoder.flush())
+            self._emit(self.stops.flush())
+        self.finished = True
+        self.job.channel.put(Finish(self.index, reason, self.tokens, stop_sequence, error))
+        self.job.entry_finished()
 
 
 class _Job:
+    """One request: its entries, its consumer's channel, its cancellation flag."""
+
     def __init__(self, engine: Engine, request: GenerationRequest, channel: Channel):
         self.request = request
         self.channel = channel
         self.cancelled = False
-        end_ids = set(engine.model.end_token_ids) | set(request.end_token_ids)
-        self.completions = [_Completion(i, engine.model, request, end_ids) for i in range(request.n)]
-        self.first_token_seen = False
-        self.on_first_token = None
+        self.end_ids = set(engine.model.end_token_ids) | set(request.end_token_ids)
+        self.entries = [_Entry(self, i, engine.model) for i in range(request.n)]
+        self._unfinished = request.n
+        self.enqueued_at = time.monotonic()
 
-    # Runs on the engine thread, once per generated token of each batch entry.
-    def on_step(self, step) -> bool:
-        if self.on_first_token is not None:
-            callback, self.on_first_token = self.on_first_token, None
-            callback()
-        completion = self.completions[step.batch_id]
-        if completion.finished:
-            return True
-        if self.cancelled:
-            self._finish(completion, "cancelled")
-            return True
-        try:
-            return self._accept(completion, step)
-        except Exception as exc:  # never let an exception escape into C++
-            log.exception("token processing failed")
-            self._finish(completion, "error", error=str(exc))
-            return True
+    @property
+    def sampling_key(self) -> tuple:
+        """Requests with equal keys may share a batch (CTranslate2's options are per call)."""
+        r = self.request
+        sampling = ("greedy",) if r.greedy else (r.temperature, r.top_p, r.top_k)
+        return (*sampling, r.repetition_penalty, r.min_tokens, tuple(sorted(self.end_ids)))
 
-    def _accept(self, completion: _Completion, step) -> bool:
-        token_id = step.token_id
-        if step.is_last and token_id in completion.end_ids:
-            self._emit(completion, completion.decoder.flush())
-            self._emit(completion, completion.stops.flush())
-            self._finish(completion, "stop")
-            return True
-        completion.tokens += 1
-        if completion.want_logprobs:
-            completion.pending_logprobs.append(TokenLogprob(token_id, float(step.log_prob or 0.0)))
-        text = completion.decoder.push(token_id)
-        if step.is_last:
-            text += completion.decoder.flush()
-        if text:
-            visible, matched = completion.stops.feed(text)
-            self._emit(completion, visible)
-            if matched is not None:
-                self._finish(completion, "stop_sequence", stop_sequence=matched)
-                return True
-        if step.is_last or completion.tokens >= self.request.max_tokens:
-            self._emit(completion, completion.stops.flush())
-            self._finish(completion, "length")
-            return True
-        return False
-
-    def _emit(self, completion: _Completion, text: str) -> None:
-        if text:
-            logprobs, completion.pending_logprobs = tuple(completion.pending_logprobs), []
-            self.channel.put(TextDelta(completion.index, text, logprobs))
-
-    def _finish(self, completion: _Completion, reason: str, stop_sequence: str | None = None, error: str | None = None) -> None:
-        if not completion.finished:
-            completion.finished = True
-            self.channel.put(Finish(completion.index, reason, completion.tokens, stop_sequence, error))
+    def entry_finished(self) -> None:
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            self.channel.put(Done(len(self.request.prompt_ids), sum(e.tokens for e in self.entries)))
 
     def finish_all(self, reason: str, error: str | None = None) -> None:
-        for completion in self.completions:
-            if not completion.finished:
-                if reason in ("stop", "length"):
-                    self._emit(completion, completion.decoder.flush())
-                    self._emit(completion, completion.stops.flush())
-                self._finish(completion, reason, error=error)
-        self.channel.put(Done(len(self.request.prompt_ids), sum(c.tokens for c in self.completions)))
+        for entry in self.entries:
+            entry.finish(reason, error=error)
 
 
 # ----------------------------------------------------------------------------- the engine
-class Engine:
-    """Runs generations on native threads and streams their events to any consumer.
+@dataclass
+class BatchingOptions:
+    """How the scheduler groups requests into engine batches."""
 
-    One native thread per CTranslate2 replica (the model's ``inter_threads``)
-    runs one request at a time: all of its ``n`` completions as one batch,
-    each entry stopping on its own.
+    max_batch_size: int = 8
+    gather_seconds: float = 0.005  # wait this long after the first arrival for companions
+    length_tolerance: float = 0.25  # max relative prompt-length difference inside a batch
+    max_queue: int = 64  # queued (not yet running) entries beyond which requests are refused
+
+
+class Engine:
+    """Batches concurrent requests onto CTranslate2 and streams their events to any consumer.
+
+    CTranslate2 cannot add entries to a batch that is already running, so a
+    batch that started without a request can never take it in. The scheduler
+    therefore runs one native worker per engine replica (the model's
+    ``inter_threads``): each worker takes the pending entries, waits a few
+    milliseconds for companions, and runs them as one ``generate_batch`` call.
+    A new request starts as soon as any worker is idle, never behind a whole
+    running batch while another replica is free; with every replica busy it
+    waits for the first batch to end. Entries of a batch stop individually
+    (end token, stop string, ``max_tokens``, client gone) through the per-entry
+    callback. Batches group equal sampling settings and similar prompt lengths
+    (the engine prefills only up to the shortest prompt and feeds the rest one
+    token per step, which is slower and changes greedy outputs slightly).
     """
 
-    def __init__(self, model: Model, heartbeat_interval: float = 2.0):
+    def __init__(self, model: Model, heartbeat_interval: float = 2.0, batching: BatchingOptions | None = None):
         self.model = model
         self.heartbeat_interval = heartbeat_interval
-        self._queue = WorkQueue()
+        self.batching = batching or BatchingOptions()
+        self._pending: list[_Entry] = []
+        self._pending_lock = allocate_native_lock()
+        self._wakeup = WorkQueue()  # one token per arrival; workers block on it
         self._seed_lock = allocate_native_lock()
         self._running: set[_Job] = set()
+        self.batch_sizes: list[int] = []  # every batch run, for tests and metrics
         self._closed = False
         self._threads = [NativeThread(self._worker, f"llm-engine-{i}") for i in range(max(1, model.inter_threads))]
         for thread in self._threads:
@@ -208,20 +239,27 @@ class Engine:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
         if request.n < 1:
             raise InvalidRequest("n must be at least 1", param="n")
+        if request.min_tokens > request.max_tokens:
+            raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
         if len(request.prompt_ids) + request.max_tokens > self.model.context_length:
             raise ContextTooLong(len(request.prompt_ids), request.max_tokens, self.model.context_length)
 
     def generate(self, request: GenerationRequest) -> Iterator[Event]:
         """Validate, enqueue, and return the event iterator.
 
-        Closing the iterator (client gone → ``GeneratorExit``) cancels the
-        generation within a token; the other requests are untouched.
+        Raises :class:`Overloaded` at once when the queue is full. Closing the
+        iterator (client gone → ``GeneratorExit``) cancels the generation
+        within a token; the other requests are untouched.
         """
         self.validate(request)
         if self._closed:
             raise EngineShutDown("the engine is shutting down")
+        if self.queued + request.n > self.batching.max_queue:
+            raise Overloaded(f"{self.queued} completions are already waiting; retry shortly", retry_after=1)
         job = _Job(self, request, Channel())
-        self._queue.put(job)
+        with self._pending_lock:
+            self._pending.extend(job.entries)
+        self._wakeup.put(True)
         return self._events(job)
 
     @property
@@ -230,24 +268,29 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Entries waiting for a batch."""
+        return len(self._pending)
 
     @property
     def running(self) -> int:
+        """Requests with at least one entry in a running batch."""
         return len(self._running)
 
     def shutdown(self, timeout: float = 10.0) -> bool:
-        """Stop taking work, cancel what runs, join the threads. True when all stopped."""
+        """Stop taking work, cancel what runs or waits, join the threads. True when all stopped."""
         if self._closed:
             return True
         self._closed = True
         for job in list(self._running):
             job.cancelled = True
+        with self._pending_lock:
+            waiting, self._pending = self._pending, []
+        for entry in waiting:
+            entry.finish("cancelled")
         for _ in self._threads:
-            self._queue.put(None)
+            self._wakeup.put(None)
         deadline = time.monotonic() + timeout
-        stopped = all(t.join(max(0.0, deadline - time.monotonic())) for t in self._threads)
-        return stopped
+        return all(t.join(max(0.0, deadline - time.monotonic())) for t in self._threads)
 
     # Consumer side ------------------------------------------------------------
     def _events(self, job: _Job) -> Iterator[Event]:
@@ -267,49 +310,88 @@ class Engine:
     # Engine threads -------------------------------------------------------------
     def _worker(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
+            if self._wakeup.get() is None:
                 return
-            if job.cancelled or self._closed:
-                job.finish_all("cancelled")
+            if self.batching.gather_seconds > 0:
+                native_sleep(self.batching.gather_seconds)
+            batch = self._take_batch()
+            if not batch:
                 continue
-            self._running.add(job)
+            if self._pending:
+                self._wakeup.put(True)  # what did not fit goes to the next idle worker
+            jobs = {entry.job for entry in batch}
+            self._running.update(jobs)
             try:
-                self._run(job)
-                job.finish_all("cancelled" if job.cancelled else "length")
+                self._run(batch)
             except Exception as exc:
                 log.exception("generation failed")
-                job.finish_all("error", error=str(exc))
+                for entry in batch:
+                    entry.finish("error", error=str(exc))
             finally:
-                self._running.discard(job)
+                for entry in batch:  # an entry the engine ended without a final step
+                    entry.finish("cancelled" if entry.job.cancelled else "length")
+                self._running.difference_update(jobs)
+            if self._pending:
+                self._wakeup.put(True)  # leftovers that did not fit this batch
 
-    def _run(self, job: _Job) -> None:
-        request = job.request
-        model = self.model
-        tokens = model.tokenizer.ids_to_tokens(request.prompt_ids)
+    def _take_batch(self) -> list[_Entry]:
+        """The oldest pending entry plus compatible companions of similar prompt length."""
+        with self._pending_lock:
+            abandoned = [e for e in self._pending if e.job.cancelled]
+            self._pending = [e for e in self._pending if not e.job.cancelled and not e.finished]
+            for entry in abandoned:  # clients gone before their turn
+                entry.finish("cancelled")
+            if not self._pending:
+                return []
+            seed = self._pending[0]
+            if seed.job.request.seed is not None and not seed.job.request.greedy:
+                # a seeded sampled request runs alone, on its own fresh generator
+                batch = [e for e in self._pending if e.job is seed.job]
+                self._pending = [e for e in self._pending if e.job is not seed.job]
+                return batch
+            key, length = seed.job.sampling_key, len(seed.job.request.prompt_ids)
+            tolerance = max(1, int(length * self.batching.length_tolerance))
+            candidates = [
+                e for e in self._pending
+                if e.job.sampling_key == key and e.job.request.seed is None
+                and abs(len(e.job.request.prompt_ids) - length) <= tolerance
+            ]
+            candidates.sort(key=lambda e: (abs(len(e.job.request.prompt_ids) - length), e.job.enqueued_at))
+            batch = candidates[: self.batching.max_batch_size]
+            if seed not in batch:
+                batch[-1:] = [seed]
+            chosen = set(map(id, batch))
+            self._pending = [e for e in self._pending if id(e) not in chosen]
+        return batch
+
+    def _run(self, batch: list[_Entry]) -> None:
+        first = batch[0].job.request
+        tokenizer = self.model.tokenizer
         options = dict(
-            max_length=request.max_tokens,
+            max_length=max(e.job.request.max_tokens for e in batch),
+            min_length=first.min_tokens,
             include_prompt_in_result=False,
-            end_token=model.tokenizer.ids_to_tokens(sorted(job.completions[0].end_ids)),
-            repetition_penalty=request.repetition_penalty,
-            return_scores=request.logprobs,
-            callback=job.on_step,
+            end_token=tokenizer.ids_to_tokens(sorted(batch[0].job.end_ids)),
+            repetition_penalty=first.repetition_penalty,
+            return_scores=any(e.job.request.logprobs for e in batch),
+            callback=lambda step: batch[step.batch_id].on_step(step),
         )
-        if request.greedy:
+        if first.greedy:
             options.update(sampling_topk=1)
         else:
             options.update(
-                sampling_topk=request.top_k if request.top_k > 1 else 0,
-                sampling_topp=request.top_p,
-                sampling_temperature=request.temperature,
+                sampling_topk=first.top_k if first.top_k > 1 else 0,
+                sampling_topp=first.top_p,
+                sampling_temperature=first.temperature,
             )
-        batch = [tokens] * request.n
-        if request.seed is None or request.greedy:
-            model.generator.generate_batch(batch, **options)
-            return
-        self._run_seeded(job, batch, options)
+        prompts = [tokenizer.ids_to_tokens(e.job.request.prompt_ids) for e in batch]
+        self.batch_sizes.append(len(batch))
+        if first.seed is None or first.greedy:
+            self.model.generator.generate_batch(prompts, **options)
+        else:
+            self._run_seeded(batch[0].job, prompts, options)
 
-    def _run_seeded(self, job: _Job, batch, options) -> None:
+    def _run_seeded(self, job: _Job, prompts, options) -> None:
         """CTranslate2's RNG is per native thread and seeded once, from a global
         seed, at its first use. A reproducible sampled completion therefore runs
         on a fresh generator (new threads) created after setting the seed; the
@@ -326,14 +408,19 @@ class Engine:
                 ctranslate2.set_random_seed(DEFAULT_SEED)
                 self._seed_lock.release()
 
+        callback = options["callback"]
+
+        def first_then_callback(step):
+            release()
+            return callback(step)
+
         try:
             ctranslate2.set_random_seed(job.request.seed % DEFAULT_SEED)
             generator = ctranslate2.Generator(
                 model.path, device=model.device, compute_type=model.compute_type,
                 inter_threads=1, intra_threads=model.intra_threads,
             )
-            job.on_first_token = release
-            generator.generate_batch(batch, **options)
+            generator.generate_batch(prompts, **{**options, "callback": first_then_callback})
             del generator
         finally:
             release()

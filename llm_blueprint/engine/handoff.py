@@ -39,6 +39,11 @@ def _original(module: str, name: str):
     return getattr(sys.modules[module] if module in sys.modules else __import__(module), name)
 
 
+def native_sleep(seconds: float) -> None:
+    """Sleep the OS thread (``time.sleep`` would be gevent's under monkey patching)."""
+    _original("time", "sleep")(seconds)
+
+
 def allocate_native_lock():
     """A lock that blocks the OS thread, never a greenlet lock."""
     return _original("_thread", "allocate_lock")()

@@ -60,6 +60,7 @@ class SamplingFields(RequestSchema):
     top_p = StrictFloat(load_default=1.0, allow_none=True, validate=validate.Range(0, 1, min_inclusive=False))
     top_k = StrictInt(load_default=0, allow_none=True, validate=validate.Range(0))
     repetition_penalty = StrictFloat(load_default=1.0, allow_none=True, validate=validate.Range(0, min_inclusive=False))
+    min_tokens = StrictInt(load_default=0, allow_none=True, validate=validate.Range(0))
     presence_penalty = StrictFloat(allow_none=True, validate=validate.Range(-2, 2))
     frequency_penalty = StrictFloat(allow_none=True, validate=validate.Range(-2, 2))
     n = StrictInt(load_default=1, allow_none=True, validate=validate.Range(1))

@@ -1,0 +1,154 @@
+"""The scheduler batches concurrent requests, stops entries individually, and bounds its queue."""
+
+from __future__ import annotations
+
+import threading
+
+import anthropic
+import openai
+import pytest
+import requests
+
+from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine.generation import BatchingOptions, Engine, Finish, GenerationRequest, TextDelta, collect
+from llm_blueprint.errors import Overloaded
+
+STORY = "Write a long story about {}."
+
+
+@pytest.fixture(scope="module")
+def model(default_model_dir):
+    return Model(default_model_dir, EngineOptions(device="cpu", inter_threads=1, intra_threads=2))
+
+
+def _prompt(model, topic):
+    return model.encode_chat([{"role": "user", "content": STORY.format(topic)}])
+
+
+def _run_concurrently(engine, requests_):
+    streams = [engine.generate(r) for r in requests_]  # all enqueued before the worker wakes
+    return [collect(s, r.n) for s, r in zip(streams, requests_, strict=True)]
+
+
+def test_concurrent_requests_share_a_batch(model):
+    engine = Engine(model, batching=BatchingOptions(gather_seconds=0.05))
+    try:
+        prompts = [_prompt(model, t) for t in ("a cat", "a dog", "a cow", "a fox")]
+        results = _run_concurrently(engine, [GenerationRequest(p, 16, temperature=0) for p in prompts])
+        assert max(engine.batch_sizes) >= 4
+        assert all(r[2].completion_tokens == 16 for r in results)
+    finally:
+        engine.shutdown()
+
+
+def test_equal_length_batched_greedy_equals_alone_and_mixed_lengths_are_split(model):
+    engine = Engine(model, batching=BatchingOptions(gather_seconds=0.05, length_tolerance=0.0))
+    try:
+        same = [_prompt(model, t) for t in ("a cat", "a dog", "a cow")]
+        assert len({len(p) for p in same}) == 1
+        alone = [collect(engine.generate(GenerationRequest(p, 24, temperature=0)), 1)[0] for p in same]
+        before = len(engine.batch_sizes)
+        together = [r[0] for r in _run_concurrently(engine, [GenerationRequest(p, 24, temperature=0) for p in same])]
+        assert engine.batch_sizes[before:] == [3]
+        assert together == alone  # token-identical: equal lengths prefill together exactly as alone
+
+        longer = model.encode_chat([{"role": "user", "content": STORY.format("a very old lighthouse keeper and his dog")}])
+        before = len(engine.batch_sizes)
+        _run_concurrently(engine, [GenerationRequest(same[0], 4, temperature=0), GenerationRequest(longer, 4, temperature=0)])
+        assert engine.batch_sizes[before:] == [1, 1]  # tolerance 0: different lengths never share a batch
+    finally:
+        engine.shutdown()
+
+
+def test_incompatible_sampling_is_not_batched_together(model):
+    engine = Engine(model, batching=BatchingOptions(gather_seconds=0.05))
+    try:
+        p = _prompt(model, "a cat")
+        before = len(engine.batch_sizes)
+        _run_concurrently(engine, [GenerationRequest(p, 4, temperature=0), GenerationRequest(p, 4, temperature=0.7)])
+        assert sorted(engine.batch_sizes[before:]) == [1, 1]
+    finally:
+        engine.shutdown()
+
+
+def test_n_uses_batch_entries_in_one_call(model):
+    engine = Engine(model)
+    try:
+        texts, finishes, done, _ = collect(engine.generate(GenerationRequest(_prompt(model, "a cat"), 8, temperature=0.8, n=3)), 3)
+        assert engine.batch_sizes[-1] == 3 and len(finishes) == 3 and done.completion_tokens == 24
+    finally:
+        engine.shutdown()
+
+
+def test_a_leaving_client_stops_only_its_entry(model):
+    engine = Engine(model, batching=BatchingOptions(gather_seconds=0.05))
+    try:
+        prompts = [_prompt(model, t) for t in ("a cat", "a dog", "a cow")]
+        streams = [engine.generate(GenerationRequest(p, 60, temperature=0, stop=["@@@"])) for p in prompts]
+        leaver = streams[0]
+        for event in leaver:
+            if isinstance(event, TextDelta):
+                break
+        leaver.close()
+        others = [collect(s, 1) for s in streams[1:]]
+        assert engine.batch_sizes[-1] == 3
+        for texts, finishes, done, _ in others:
+            assert finishes[0].reason in ("length", "stop") and finishes[0].completion_tokens > 5
+    finally:
+        engine.shutdown()
+
+
+def test_full_queue_refuses_at_once(model):
+    engine = Engine(model, batching=BatchingOptions(max_queue=2, max_batch_size=1, gather_seconds=0))
+    try:
+        p = _prompt(model, "a cat")
+        running = engine.generate(GenerationRequest(p, 200, temperature=0, stop=["@@@"]))
+        next(e for e in running if isinstance(e, TextDelta))  # the only replica is now busy
+        waiting = [engine.generate(GenerationRequest(p, 2, temperature=0)) for _ in range(2)]
+        with pytest.raises(Overloaded) as info:
+            engine.generate(GenerationRequest(p, 2, temperature=0))
+        assert info.value.retry_after >= 1
+        running.close()
+        for stream in waiting:  # the queued requests are served once the replica frees up
+            events = list(stream)
+            assert any(isinstance(e, Finish) and e.reason == "length" for e in events)
+        engine.generate(GenerationRequest(p, 1, temperature=0)).close()  # and the queue takes work again
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_queue_server(default_model_dir, tmp_path_factory):
+    from servers import gunicorn
+
+    env = {"LLM_MODEL_PATH": default_model_dir, "LLM_MODEL_ID": "smollm2", "LLM_EAGER_LOAD": "1", "LLM_INTER_THREADS": "1",
+           "LLM_MAX_BATCH_SIZE": "1", "LLM_MAX_QUEUE": "1", "LLM_BATCH_GATHER_MS": "0"}
+    with gunicorn("wsgi:app", env, str(tmp_path_factory.mktemp("q") / "q.log"), "/v1/models") as server:
+        yield server
+
+
+def test_overload_errors_over_http(tiny_queue_server):
+    base = tiny_queue_server.base
+    long = {"model": "smollm2", "messages": [{"role": "user", "content": STORY.format("a ship")}], "max_tokens": 400,
+            "temperature": 0, "stop": ["@@@"], "stream": True}
+    busy = requests.post(base + "/v1/chat/completions", json=long, stream=True, timeout=60)
+    lines = busy.iter_lines()
+    next(line for line in lines if b"content" in line and b'"content":""' not in line)
+    queued = threading.Thread(target=lambda: requests.post(base + "/v1/chat/completions", json={**long, "max_tokens": 2}, timeout=120))
+    queued.start()
+    import time
+
+    time.sleep(0.5)
+    oai = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.RateLimitError) as info:
+        oai.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert info.value.response.headers["Retry-After"] == "1"
+    ant = anthropic.Anthropic(base_url=base, api_key="x", max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as info:
+        ant.messages.create(model="smollm2", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 529 and info.value.body["error"]["type"] == "overloaded_error"
+    assert info.value.response.headers["Retry-After"] == "1"
+    busy.close()
+    queued.join(120)
+    ok = requests.post(base + "/v1/chat/completions", json={**long, "max_tokens": 2, "stream": False}, timeout=60)
+    assert ok.status_code == 200
