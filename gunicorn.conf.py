@@ -15,9 +15,13 @@ Choices:
 """
 
 import os
+import shutil
+import tempfile
 
 # OpenMP threads spin-waiting between batches fight the gevent hub for CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Prometheus metrics from every worker, aggregated on /metrics (prometheus_client multiprocess mode).
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="llm-blueprint-metrics-"))
 
 bind = os.environ.get("LLM_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("LLM_WORKERS", "1"))
@@ -29,6 +33,19 @@ graceful_timeout = 60
 keepalive = 5
 preload_app = False
 accesslog = "-"
+
+
+def on_starting(server):
+    """Start with empty metric files (a previous run's values would be counted again)."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def worker_exit(server, worker):

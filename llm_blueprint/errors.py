@@ -61,6 +61,23 @@ class ChatTemplateError(InvalidRequest):
     """The chat template refused the conversation (``raise_exception``) or is missing."""
 
 
+class Unauthorized(LLMBlueprintError):
+    """Missing or wrong API key (or the host app's auth hook said no)."""
+
+    def __init__(self, message: str = "Invalid API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."):
+        super().__init__(message)
+        self.message = message
+        self.code = "invalid_api_key"
+
+
+class RequestTooLarge(LLMBlueprintError):
+    """The request body is larger than the configured limit."""
+
+    def __init__(self, limit: int):
+        self.message = f"The request body is larger than the limit of {limit} bytes."
+        super().__init__(self.message)
+
+
 class Overloaded(LLMBlueprintError):
     """The server's queue is full; the client should retry later."""
 

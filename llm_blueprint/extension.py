@@ -28,14 +28,20 @@ class LLM:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> Runtime:
-        from .api import bp
+        from .api import create_blueprint
+        from .logs import configure
 
         settings = resolve(app.config, self._overrides)
         for key, value in settings.items():
             app.config.setdefault(key, value)
         runtime = Runtime(settings)
         app.extensions["llm"] = runtime
-        app.register_blueprint(bp, url_prefix=settings["LLM_URL_PREFIX"] or None)
+        app.register_blueprint(create_blueprint(settings), url_prefix=settings["LLM_URL_PREFIX"] or None)
+        logger = configure(settings["LLM_LOG_JSON"])
+        if not settings["LLM_API_KEYS"] and settings["LLM_AUTH_HOOK"] is None:
+            logger.warning(
+                "NO API KEYS CONFIGURED: the LLM API under %r is open to anyone who can reach this server; "
+                "set LLM_API_KEYS, LLM_API_KEYS_FILE or LLM_AUTH_HOOK", settings["LLM_URL_PREFIX"] or "/")
         if settings["LLM_EAGER_LOAD"]:
             runtime.engine  # noqa: B018 - loads the model now
         return runtime

@@ -12,10 +12,12 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
+from . import metrics
 from .engine import EngineOptions, Model
-from .engine.generation import BatchingOptions, Engine
+from .engine.generation import BatchingOptions, Engine, Event, GenerationRequest
 from .engine.handoff import Channel, NativeThread
 from .errors import LLMBlueprintError, ModelLoadError
 
@@ -45,6 +47,16 @@ class Runtime:
                 if self._engine is None:
                     self._engine = self._load_off_the_hub()
         return self._engine
+
+    @property
+    def engine_if_loaded(self) -> Engine | None:
+        """The engine when loaded, without triggering a load (health checks)."""
+        return self._engine
+
+    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+        """Start a generation (typed errors raise here, before any work) with its metrics."""
+        engine = self.engine
+        return metrics.observe_generation(engine, engine.generate(request))
 
     @property
     def model(self) -> Model:

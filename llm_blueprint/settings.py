@@ -26,6 +26,20 @@ def _optional_str(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
 
 
+def _key_list(value: Any) -> list[str] | None:
+    if value in (None, ""):
+        return None
+    if isinstance(value, str):
+        value = value.split(",")
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def _callable_or_none(value: Any):
+    if value is not None and not callable(value):
+        raise TypeError("LLM_AUTH_HOOK must be a callable taking the request")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     key: str
@@ -55,6 +69,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_KEEPALIVE_SECONDS", 2.0, float, "SSE keep-alive interval while the model works"),
     Setting("LLM_DEFAULT_MAX_TOKENS", 1024, int, "completion budget when a chat request gives no max_tokens"),
     Setting("LLM_MAX_N", 8, int, "largest n (completions per request) accepted"),
+    Setting("LLM_API_KEYS", None, _key_list, "accepted API keys (comma-separated or a list); none = open API"),
+    Setting("LLM_API_KEYS_FILE", None, _optional_str, "file with one accepted API key per line (added to LLM_API_KEYS)"),
+    Setting("LLM_AUTH_HOOK", None, _callable_or_none,
+            "callable(request) -> bool used instead of keys, e.g. the host app's own login check"),
+    Setting("LLM_MAX_BODY_BYTES", 4 * 1024 * 1024, int, "largest request body (413 beyond)"),
+    Setting("LLM_MAX_MESSAGES", 1000, int, "most messages in one request"),
+    Setting("LLM_MAX_TOKENS_LIMIT", None, _optional_int, "ceiling on max_tokens; default: the context length"),
+    Setting("LLM_MAX_STOP_SEQUENCES", 16, int, "most stop strings in one request"),
+    Setting("LLM_MAX_STOP_LENGTH", 256, int, "longest stop string, in characters"),
+    Setting("LLM_CORS_ORIGINS", None, _key_list, "origins allowed to call the API from browsers; none = CORS off"),
+    Setting("LLM_METRICS_TOKEN", None, _optional_str, "bearer token required on /metrics; none = open"),
+    Setting("LLM_LOG_JSON", False, _bool, "log one JSON object per line (llm_blueprint logger only)"),
+    Setting("LLM_LOG_PROMPTS", False, _bool, "include prompts and outputs in logs (off: never logged)"),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
@@ -66,6 +93,10 @@ def resolve(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
     for setting in SETTINGS:
         raw = overrides.get(setting.key, config.get(setting.key, setting.default))
         values[setting.key] = setting.parse(raw) if raw is not None else None
+    if values["LLM_API_KEYS_FILE"]:
+        with open(values["LLM_API_KEYS_FILE"], encoding="utf-8") as f:
+            from_file = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        values["LLM_API_KEYS"] = (values["LLM_API_KEYS"] or []) + from_file
     if not values["LLM_INTRA_THREADS"]:
         values["LLM_INTRA_THREADS"] = os.cpu_count() or 1
     return values

@@ -138,9 +138,10 @@ def _post_stream(api_server, body):
 def test_ping_events_while_the_model_is_busy(api_server):
     long_body = {"model": "smollm2", "max_tokens": 200, "stream": True, "temperature": 0, "stop_sequences": ["@@@"],
                  "messages": [{"role": "user", "content": "Write a long story."}]}
-    busy = [_post_stream(api_server, long_body) for _ in range(2)]
-    for _, lines in busy:
-        next(lines)
+    # different sampling settings cannot share a batch: both engine replicas get busy
+    busy = [_post_stream(api_server, {**long_body, "temperature": t}) for t in (0, 0.5)]
+    for _, lines in busy:  # both are generating
+        next(line for line in lines if line == "event: content_block_delta")
     response, lines = _post_stream(api_server, {**long_body, "max_tokens": 3})
     seen = list(lines)
     assert "event: ping" in seen and "event: message_stop" in seen

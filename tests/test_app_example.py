@@ -38,7 +38,11 @@ def test_blueprint_lives_under_the_prefix_with_its_own_errors(default_model_dir)
     assert bad.status_code == 400 and bad.json["error"]["type"] == "invalid_request_error"
     assert app.extensions["llm"].settings["LLM_URL_PREFIX"] == "/llm"
     assert set(app.error_handler_spec[None]) == {404}  # the host's own handler, none of ours
-    assert not app.before_request_funcs.get("llm") and set(app.before_request_funcs) <= {None}
+    # our request hooks are scoped to the blueprint: the app-wide ones are the host's own
+    assert [f.__name__ for f in app.before_request_funcs[None]] == ["start_timer"]
+    assert [f.__name__ for f in app.after_request_funcs[None]] == ["stamp"]
+    assert "X-Request-Id" not in client.get("/api/items").headers
+    assert "X-Request-Id" in client.get("/llm/healthz").headers
 
 
 def test_init_app_pattern_and_constructor_overrides(default_model_dir):

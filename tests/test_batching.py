@@ -92,7 +92,7 @@ def test_a_leaving_client_stops_only_its_entry(model):
         leaver.close()
         others = [collect(s, 1) for s in streams[1:]]
         assert engine.batch_sizes[-1] == 3
-        for texts, finishes, done, _ in others:
+        for _texts, finishes, _done, _ in others:
             assert finishes[0].reason in ("length", "stop") and finishes[0].completion_tokens > 5
     finally:
         engine.shutdown()

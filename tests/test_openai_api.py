@@ -190,9 +190,10 @@ def test_keepalive_comments_while_waiting(api_server):
     """Two long streams keep both engine replicas busy; a third waits and gets keep-alives."""
     long_body = {"model": "smollm2", "messages": [{"role": "user", "content": "Write a long story."}], "stream": True,
                  "max_tokens": 200, "temperature": 0, "stop": ["@@@"]}
-    busy = [_raw_stream(api_server, long_body) for _ in range(2)]
-    for _, lines in busy:
-        next(lines)
+    # different sampling settings cannot share a batch: both engine replicas get busy
+    busy = [_raw_stream(api_server, {**long_body, "temperature": t}) for t in (0, 0.5)]
+    for _, lines in busy:  # both are generating
+        next(line for line in lines if '"content":"' in line and '"content":""' not in line)
     response, lines = _raw_stream(api_server, {**long_body, "max_tokens": 3})
     seen = []
     for line in lines:

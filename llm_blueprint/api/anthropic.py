@@ -15,7 +15,7 @@ from ..engine.generation import Done, Event, Finish, GenerationRequest, Heartbea
 from ..schemas.anthropic import CountTokensSchema, MessagesRequestSchema
 from ..schemas.common import load
 from ..sse import event_stream, json_response, sse
-from .common import check_model, closing, json_body, raise_if_failed, runtime
+from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime
 from .errors import speaks
 
 MESSAGES_SCHEMA = MessagesRequestSchema()
@@ -39,6 +39,7 @@ def _message(meta: dict[str, Any], content: list[dict[str, Any]], stop_reason: s
 def messages():
     data = load(MESSAGES_SCHEMA, json_body())
     check_model(data["model"])
+    check_limits(len(data["messages"]), data["max_tokens"], data.get("stop_sequences"), stop_param="stop_sequences")
     rt = runtime()
     prompt_ids = _prompt_ids(data)
     temperature = data.get("temperature")
@@ -49,7 +50,7 @@ def messages():
         top_k=data.get("top_k") or 0,
         stop=data.get("stop_sequences") or [],
     )
-    events = rt.engine.generate(gen)
+    events = rt.generate(gen)
     meta = {"id": f"msg_{uuid.uuid4().hex}", "model": data["model"]}
     if data.get("stream"):
         return event_stream(closing(events, _message_events(events, meta, len(prompt_ids))))
@@ -91,6 +92,7 @@ def _message_events(events: Iterator[Event], meta: dict[str, Any], input_tokens:
 def count_tokens():
     data = load(COUNT_SCHEMA, json_body())
     check_model(data["model"])
+    check_limits(len(data["messages"]))
     return json_response({"input_tokens": len(_prompt_ids(data))})
 
 

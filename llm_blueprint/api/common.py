@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Any
 
-from flask import current_app, request
+from flask import current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from ..errors import InvalidRequest, LLMBlueprintError, ModelNotFound
+from .. import metrics
+from ..errors import InvalidRequest, LLMBlueprintError, ModelNotFound, RequestTooLarge
 from ..runtime import Runtime
+
+log = logging.getLogger("llm_blueprint")
 
 
 def runtime() -> Runtime:
@@ -17,7 +23,10 @@ def runtime() -> Runtime:
 
 def json_body() -> Any:
     """The parsed JSON body, or a clear client error (never Flask's HTML 400/415)."""
-    raw = request.get_data(cache=True)
+    try:
+        raw = request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        raise RequestTooLarge(runtime().settings["LLM_MAX_BODY_BYTES"]) from None
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
@@ -36,12 +45,30 @@ def check_model(name: str, strict: bool = False) -> None:
 
 
 def closing(events, body):
-    """Yield ``body``; close the engine stream(s) whatever ends the HTTP stream (client gone included)."""
+    """Yield ``body``; close the engine stream(s) whatever ends the HTTP stream (client gone included).
+
+    Also records the stream's total duration and its log line, which only
+    its end can know.
+    """
+    # Read the request context now: the stream body runs after the view returned.
+    route = request.url_rule.rule if request.url_rule else request.path
+    return _closing(events, body, route, g.get("llm_started"), g.get("llm_request_id"))
+
+
+def _closing(events, body, route, started, request_id):
+    completed = False
     try:
         yield from body
+        completed = True
     finally:
         for stream in events if isinstance(events, list) else [events]:
             stream.close()
+        if started is not None:
+            elapsed = time.monotonic() - started
+            metrics.DURATION.labels(route).observe(elapsed)
+            log.info("stream %s %s after %.3fs", route, "completed" if completed else "closed by the client",
+                     elapsed, extra={"request_id": request_id, "route": route, "latency_s": round(elapsed, 4),
+                                     "stream": True, "completed": completed})
 
 
 def raise_if_failed(finishes) -> None:
@@ -49,3 +76,19 @@ def raise_if_failed(finishes) -> None:
     for finish in finishes:
         if finish.reason == "error":
             raise LLMBlueprintError(f"generation failed: {finish.error}")
+
+
+def check_limits(messages: int | None = None, max_tokens: int | None = None, stop: list[str] | None = None,
+                 stop_param: str = "stop") -> None:
+    """The configured per-request limits, shared by every protocol."""
+    settings = runtime().settings
+    if messages is not None and messages > settings["LLM_MAX_MESSAGES"]:
+        raise InvalidRequest(f"at most {settings['LLM_MAX_MESSAGES']} messages are allowed per request", param="messages")
+    ceiling = settings["LLM_MAX_TOKENS_LIMIT"]
+    if max_tokens is not None and ceiling and max_tokens > ceiling:
+        raise InvalidRequest(f"max_tokens must be at most {ceiling} on this server", param="max_tokens")
+    if stop:
+        if len(stop) > settings["LLM_MAX_STOP_SEQUENCES"]:
+            raise InvalidRequest(f"at most {settings['LLM_MAX_STOP_SEQUENCES']} stop sequences are allowed", param=stop_param)
+        if max(len(s) for s in stop) > settings["LLM_MAX_STOP_LENGTH"]:
+            raise InvalidRequest(f"stop sequences must be at most {settings['LLM_MAX_STOP_LENGTH']} characters", param=stop_param)

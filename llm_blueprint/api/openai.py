@@ -17,7 +17,7 @@ from ..errors import InvalidRequest
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_model, closing, json_body, raise_if_failed, runtime
+from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime
 from .errors import speaks
 
 CHAT_SCHEMA = ChatCompletionRequestSchema()
@@ -81,6 +81,7 @@ def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def chat_completions():
     data = load(CHAT_SCHEMA, json_body())
     check_model(data["model"])
+    check_limits(len(data["messages"]), data.get("max_completion_tokens") or data.get("max_tokens"), data.get("stop"))
     rt = runtime()
     model = rt.model
     prompt_ids = model.encode_chat(_template_messages(data["messages"]))
@@ -88,7 +89,7 @@ def chat_completions():
     if max_tokens is None:
         max_tokens = max(1, min(rt.settings["LLM_DEFAULT_MAX_TOKENS"], model.context_length - len(prompt_ids)))
     gen = GenerationRequest(prompt_ids, max_tokens, logprobs=bool(data.get("logprobs")), **_sampling(data))
-    events = rt.engine.generate(gen)
+    events = rt.generate(gen)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
@@ -158,6 +159,7 @@ def _completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...],
 def completions():
     data = load(COMPLETION_SCHEMA, json_body())
     check_model(data["model"])
+    check_limits(len(data["prompt"]), data.get("max_tokens"), data.get("stop"))
     rt = runtime()
     sampling = _sampling(data)
     want_logprobs = data.get("logprobs") is not None
@@ -165,7 +167,7 @@ def completions():
     requests = [GenerationRequest(ids, data.get("max_tokens") or 16, logprobs=want_logprobs, **sampling) for ids, _ in prompts]
     for gen in requests:
         rt.engine.validate(gen)  # every prompt checked before any starts
-    streams = [rt.engine.generate(gen) for gen in requests]
+    streams = [rt.generate(gen) for gen in requests]
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
     echo = bool(data.get("echo"))
     n = sampling["n"]

@@ -1,0 +1,94 @@
+"""What every API request goes through before and after its route: request id, size limit, auth, metrics, log line.
+
+Registered on the blueprint only (never app-wide), so the host app's own
+routes are untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+
+from flask import Blueprint, Response, current_app, g, request
+
+from .. import metrics
+from ..errors import RequestTooLarge, Unauthorized
+from .errors import RENDERERS, protocol_of
+
+log = logging.getLogger("llm_blueprint")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+OPEN_ENDPOINTS = {"healthz", "readyz", "metrics", "openapi"}  # no API key; /metrics has its own token
+
+
+def _api_key() -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def key_matches(given: str | None, accepted: list[str]) -> bool:
+    """Constant-time comparison against every accepted key (no early exit on a match)."""
+    if not given:
+        return False
+    matched = False
+    for key in accepted:
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    return matched
+
+
+def authorize() -> None:
+    settings = current_app.extensions["llm"].settings
+    hook = settings["LLM_AUTH_HOOK"]
+    keys = settings["LLM_API_KEYS"]
+    if hook is not None and hook(request):
+        return
+    if keys:
+        if key_matches(_api_key(), keys):
+            return
+        raise Unauthorized()
+    if hook is not None:
+        raise Unauthorized("Not authorized by the host application.")
+
+
+def _before() -> Response | None:
+    given = request.headers.get("X-Request-Id", "")
+    g.llm_request_id = given if REQUEST_ID.match(given) else f"req_{uuid.uuid4().hex}"
+    g.llm_started = time.monotonic()
+    endpoint = (request.endpoint or "").split(".")[-1]
+    if request.method == "OPTIONS" or endpoint in OPEN_ENDPOINTS:
+        return None
+    try:
+        limit = current_app.extensions["llm"].settings["LLM_MAX_BODY_BYTES"]
+        request.max_content_length = limit
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestTooLarge(limit)
+        authorize()
+    except (Unauthorized, RequestTooLarge) as exc:
+        return RENDERERS[protocol_of(request.endpoint)](exc)
+    return None
+
+
+def _after(response: Response) -> Response:
+    request_id = getattr(g, "llm_request_id", None)
+    if request_id:
+        response.headers["X-Request-Id"] = request_id
+    endpoint = (request.endpoint or "").split(".")[-1]
+    if endpoint in OPEN_ENDPOINTS:
+        return response
+    route = request.url_rule.rule if request.url_rule else request.path
+    metrics.REQUESTS.labels(route, str(response.status_code)).inc()
+    if not response.is_streamed:
+        elapsed = time.monotonic() - g.get("llm_started", time.monotonic())
+        metrics.DURATION.labels(route).observe(elapsed)
+        log.info("%s %s %d %.3fs", request.method, route, response.status_code, elapsed,
+                 extra={"route": route, "status": response.status_code, "latency_s": round(elapsed, 4)})
+    return response
+
+
+def register(bp: Blueprint) -> None:
+    bp.before_request(_before)
+    bp.after_request(_after)

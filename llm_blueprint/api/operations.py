@@ -1,0 +1,41 @@
+"""Operational routes: liveness, readiness, Prometheus metrics. Cheap, never queued behind generation."""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import Blueprint, Response, request
+
+from .. import metrics
+from ..sse import json_response
+from .common import runtime
+
+
+def healthz():
+    return json_response({"status": "ok"})
+
+
+def readyz():
+    rt = runtime()
+    engine = rt.engine_if_loaded
+    if engine is None or not engine.alive:
+        status = "loading" if engine is None else "engine stopped"
+        return json_response({"status": status, "model": rt.model_id}, status=503)
+    return json_response({"status": "ready", "model": rt.model_id, "queued": engine.queued, "running": engine.running})
+
+
+def metrics_view():
+    token = runtime().settings["LLM_METRICS_TOKEN"]
+    if token:
+        given = request.headers.get("Authorization", "")[7:].strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return Response("metrics token required\n", status=401, mimetype="text/plain",
+                            headers={"WWW-Authenticate": "Bearer"})
+    body, content_type = metrics.render(runtime().engine_if_loaded)
+    return Response(body, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type})
+
+
+def register(bp: Blueprint) -> None:
+    bp.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])
+    bp.add_url_rule("/readyz", "readyz", readyz, methods=["GET"])
+    bp.add_url_rule("/metrics", "metrics", metrics_view, methods=["GET"])

@@ -1,0 +1,83 @@
+"""Prometheus metrics (``prometheus_client``), multiprocess-safe under several gunicorn workers.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (``gunicorn.conf.py`` does it), every
+worker writes its values to files there and ``/metrics`` aggregates them.
+Metrics are only ever touched from request greenlets/threads, never from the
+engine's native threads.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as _multiprocess
+
+from .engine.generation import Done, Engine, Event, TextDelta
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+REQUESTS = Counter("llm_requests_total", "API requests by route and status", ["route", "status"])
+TOKENS = Counter("llm_tokens_total", "Tokens processed, by direction (prompt, completion)", ["direction"])
+TIME_TO_FIRST_TOKEN = Histogram("llm_time_to_first_token_seconds", "From request to first generated text", buckets=LATENCY_BUCKETS)
+DURATION = Histogram("llm_request_duration_seconds", "From request to the end of its response", ["route"], buckets=LATENCY_BUCKETS)
+QUEUE_DEPTH = Gauge("llm_queue_depth", "Completions waiting for an engine batch", multiprocess_mode="livesum")
+IN_FLIGHT = Gauge("llm_in_flight_requests", "Generations queued or running", multiprocess_mode="livesum")
+BATCH_SIZE = Histogram("llm_batch_size", "Completions per engine batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
+REJECTIONS = Counter("llm_rejections_total", "Requests refused before generation, by reason", ["reason"])
+
+
+class _BatchSizeReader:
+    """Moves new entries of ``engine.batch_sizes`` (appended by native threads) into the histogram."""
+
+    def __init__(self) -> None:
+        self._seen = 0
+
+    def drain(self, engine: Engine) -> None:
+        sizes = engine.batch_sizes
+        end = len(sizes)
+        for size in sizes[self._seen:end]:
+            BATCH_SIZE.observe(size)
+        self._seen = end
+
+
+batch_sizes = _BatchSizeReader()
+
+
+def observe_generation(engine: Engine, events: Iterator[Event]) -> Iterator[Event]:
+    """Wrap an engine event stream: in-flight gauge, TTFT, token counters, queue and batch metrics."""
+    started = time.monotonic()
+    IN_FLIGHT.inc()
+    QUEUE_DEPTH.set(engine.queued)
+    first = True
+    try:
+        for event in events:
+            if first and isinstance(event, TextDelta):
+                first = False
+                TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
+                QUEUE_DEPTH.set(engine.queued)
+            elif isinstance(event, Done):
+                TOKENS.labels("prompt").inc(event.prompt_tokens)
+                TOKENS.labels("completion").inc(event.completion_tokens)
+            yield event
+    finally:
+        IN_FLIGHT.dec()
+        QUEUE_DEPTH.set(engine.queued)
+        batch_sizes.drain(engine)
+        events.close()
+
+
+def render(engine: Engine | None) -> tuple[bytes, str]:
+    """The exposition text of every worker's metrics."""
+    if engine is not None:
+        QUEUE_DEPTH.set(engine.queued)
+        batch_sizes.drain(engine)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
