@@ -29,7 +29,7 @@ worker_class = os.environ.get("LLM_WORKER_CLASS", "gevent")
 worker_connections = 1000
 threads = int(os.environ.get("LLM_GTHREADS", "16"))  # used by the gthread worker only
 timeout = 120
-graceful_timeout = 60
+graceful_timeout = int(os.environ.get("LLM_GRACEFUL_TIMEOUT", "60"))
 keepalive = 5
 preload_app = False
 accesslog = "-"
@@ -48,9 +48,31 @@ def child_exit(server, worker):
     multiprocess.mark_process_dead(worker.pid)
 
 
+def _runtime(worker):
+    app = getattr(worker, "wsgi", None)
+    extensions = getattr(app, "extensions", None)
+    return extensions.get("llm") if isinstance(extensions, dict) else None
+
+
+def post_worker_init(worker):
+    """On SIGTERM, refuse new API requests and give running streams until shortly
+    before graceful_timeout to finish; then they end with proper final events."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(sig, frame):
+        runtime = _runtime(worker)
+        if runtime is not None:
+            runtime.start_draining(max(1.0, worker.cfg.graceful_timeout - 5))
+        if callable(previous):
+            previous(sig, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def worker_exit(server, worker):
     """Stop the engine's native threads before the interpreter exits."""
-    app = getattr(getattr(worker, "wsgi", None), "extensions", None)
-    runtime = app.get("llm") if isinstance(app, dict) else None
+    runtime = _runtime(worker)
     if runtime is not None:
         runtime.shutdown()

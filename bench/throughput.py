@@ -54,6 +54,8 @@ def free_port() -> int:
 
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
+    if not values:
+        return float("nan")
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
@@ -87,7 +89,15 @@ def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client:
     lock = threading.Lock()
     all_prompts = prompts()
 
+    errors: list[BaseException] = []
+
     def client(k: int) -> None:
+        try:
+            run_client(k)
+        except Exception as exc:
+            errors.append(exc)
+
+    def run_client(k: int) -> None:
         session = requests.Session()
         for r in range(per_client):
             body = {"model": model_name, "messages": all_prompts[(k * per_client + r) % len(all_prompts)], "stream": True,
@@ -117,6 +127,8 @@ def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client:
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {concurrency} clients failed; first: {errors[0]!r}")
     return {"tokens_per_s": generated[0] / elapsed, "ttft_p50": percentile(ttfts, 0.5), "ttft_p95": percentile(ttfts, 0.95),
             "requests": len(ttfts)}
 
@@ -230,7 +242,12 @@ def main() -> None:
     print("raw engine done", flush=True)
     server, memory = bench_server(model_dir, args.concurrency, tokens, per_client, memory_requests, log_dir)
     print("server done", flush=True)
-    peer = None if args.no_peer else bench_peer(default_gguf_path(), args.concurrency, tokens, per_client, log_dir)
+    peer = None
+    if not args.no_peer:
+        try:
+            peer = bench_peer(default_gguf_path(), args.concurrency, tokens, per_client, log_dir)
+        except Exception as exc:  # a crashing peer is reported, not fatal: our figures still stand
+            print(f"peer failed: {exc.__class__.__name__}: {exc} (see {log_dir}/peer.log)")
 
     print(f"\n{'c':>3} {'raw tok/s':>10} {'server tok/s':>13} {'ttft p50':>9} {'ttft p95':>9} {'peer tok/s':>11} {'peer p95':>9}")
     for c in args.concurrency:

@@ -18,7 +18,7 @@ from typing import Any
 from . import metrics
 from .engine import EngineOptions, Model
 from .engine.generation import BatchingOptions, Engine, Event, GenerationRequest
-from .engine.handoff import Channel, NativeThread
+from .engine.handoff import Channel, NativeThread, native_sleep
 from .errors import LLMBlueprintError, ModelLoadError
 
 log = logging.getLogger("llm_blueprint")
@@ -33,6 +33,7 @@ class Runtime:
         self._lock = threading.Lock()  # a greenlet lock under gevent, a thread lock otherwise
         self._engine: Engine | None = None
         self._error: Exception | None = None
+        self.draining = False
         atexit.register(self.shutdown)
 
     @property
@@ -115,6 +116,22 @@ class Runtime:
             max_queue=settings["LLM_MAX_QUEUE"],
         )
         return Engine(model, heartbeat_interval=settings["LLM_KEEPALIVE_SECONDS"], batching=batching)
+
+    def start_draining(self, deadline: float) -> None:
+        """Graceful stop: refuse new API requests (503/529); generations still running at
+        ``deadline`` seconds are ended with their protocol's final events."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: new requests refused, running generations get %.0fs to finish", deadline)
+        # Called from a signal handler (under gevent: inside the event loop), so
+        # nothing here may block or switch greenlets: a native thread keeps time.
+        NativeThread(lambda: self._end_generations(deadline), "llm-drain-timer").start()
+
+    def _end_generations(self, deadline: float) -> None:
+        native_sleep(deadline)
+        if self._engine is not None:
+            self._engine.cancel_all()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine threads and release the model (safe to call twice)."""

@@ -15,7 +15,7 @@ import uuid
 from flask import Blueprint, Response, current_app, g, request
 
 from .. import metrics
-from ..errors import RequestTooLarge, Unauthorized
+from ..errors import EngineShutDown, RequestTooLarge, Unauthorized
 from .errors import RENDERERS, protocol_of
 
 log = logging.getLogger("llm_blueprint")
@@ -62,12 +62,14 @@ def _before() -> Response | None:
     if request.method == "OPTIONS" or endpoint in OPEN_ENDPOINTS:
         return None
     try:
+        if current_app.extensions["llm"].draining:
+            raise EngineShutDown("the server is shutting down; retry on another replica")
         limit = current_app.extensions["llm"].settings["LLM_MAX_BODY_BYTES"]
         request.max_content_length = limit
         if request.content_length is not None and request.content_length > limit:
             raise RequestTooLarge(limit)
         authorize()
-    except (Unauthorized, RequestTooLarge) as exc:
+    except (Unauthorized, RequestTooLarge, EngineShutDown) as exc:
         return RENDERERS[protocol_of(request.endpoint)](exc)
     return None
 

@@ -18,8 +18,8 @@ def healthz():
 def readyz():
     rt = runtime()
     engine = rt.engine_if_loaded
-    if engine is None or not engine.alive:
-        status = "loading" if engine is None else "engine stopped"
+    if engine is None or not engine.alive or rt.draining:
+        status = "draining" if rt.draining else "loading" if engine is None else "engine stopped"
         return json_response({"status": status, "model": rt.model_id}, status=503)
     return json_response({"status": "ready", "model": rt.model_id, "queued": engine.queued, "running": engine.running})
 

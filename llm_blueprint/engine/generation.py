@@ -276,17 +276,21 @@ class Engine:
         """Requests with at least one entry in a running batch."""
         return len(self._running)
 
-    def shutdown(self, timeout: float = 10.0) -> bool:
-        """Stop taking work, cancel what runs or waits, join the threads. True when all stopped."""
-        if self._closed:
-            return True
-        self._closed = True
+    def cancel_all(self) -> None:
+        """End every waiting and running generation now (each stream gets its final events)."""
         for job in list(self._running):
             job.cancelled = True
         with self._pending_lock:
             waiting, self._pending = self._pending, []
         for entry in waiting:
             entry.finish("cancelled")
+
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Stop taking work, cancel what runs or waits, join the threads. True when all stopped."""
+        if self._closed:
+            return True
+        self._closed = True
+        self.cancel_all()
         for _ in self._threads:
             self._wakeup.put(None)
         deadline = time.monotonic() + timeout
