@@ -46,27 +46,50 @@ class _BatchSizeReader:
 batch_sizes = _BatchSizeReader()
 
 
-def observe_generation(engine: Engine, events: Iterator[Event]) -> Iterator[Event]:
-    """Wrap an engine event stream: in-flight gauge, TTFT, token counters, queue and batch metrics."""
-    started = time.monotonic()
-    IN_FLIGHT.inc()
-    QUEUE_DEPTH.set(engine.queued)
-    first = True
-    try:
-        for event in events:
-            if first and isinstance(event, TextDelta):
-                first = False
-                TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
-                QUEUE_DEPTH.set(engine.queued)
-            elif isinstance(event, Done):
-                TOKENS.labels("prompt").inc(event.prompt_tokens)
-                TOKENS.labels("completion").inc(event.completion_tokens)
-            yield event
-    finally:
-        IN_FLIGHT.dec()
+class ObservedStream:
+    """Wraps an engine event stream: in-flight gauge, TTFT, token counters, queue and batch metrics.
+
+    Counted from creation, so a stream closed before its first event is counted out too.
+    """
+
+    def __init__(self, engine: Engine, events: Iterator[Event]):
+        self._engine = engine
+        self._events = events
+        self._started = time.monotonic()
+        self._first = True
+        self._open = True
+        IN_FLIGHT.inc()
         QUEUE_DEPTH.set(engine.queued)
-        batch_sizes.drain(engine)
-        events.close()
+
+    def __iter__(self) -> ObservedStream:
+        return self
+
+    def __next__(self) -> Event:
+        try:
+            event = next(self._events)
+        except StopIteration:
+            self.close()
+            raise
+        if self._first and isinstance(event, TextDelta):
+            self._first = False
+            TIME_TO_FIRST_TOKEN.observe(time.monotonic() - self._started)
+            QUEUE_DEPTH.set(self._engine.queued)
+        elif isinstance(event, Done):
+            TOKENS.labels("prompt").inc(event.prompt_tokens)
+            TOKENS.labels("completion").inc(event.completion_tokens)
+        return event
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            IN_FLIGHT.dec()
+            QUEUE_DEPTH.set(self._engine.queued)
+            batch_sizes.drain(self._engine)
+        self._events.close()
+
+
+def observe_generation(engine: Engine, events: Iterator[Event]) -> ObservedStream:
+    return ObservedStream(engine, events)
 
 
 def render(engine: Engine | None) -> tuple[bytes, str]:

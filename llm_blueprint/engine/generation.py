@@ -187,6 +187,26 @@ class _Job:
             entry.finish(reason, error=error)
 
 
+class EventStream:
+    """The events of one request. ``close()`` cancels the generation, even when
+    the stream was never iterated (a client gone before its first byte): a
+    generator's own ``finally`` would not run in that case."""
+
+    def __init__(self, job: _Job, events: Iterator[Event]):
+        self._job = job
+        self._events = events
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._job.cancelled = True
+        self._events.close()
+
+
 # ----------------------------------------------------------------------------- the engine
 @dataclass
 class BatchingOptions:
@@ -260,7 +280,7 @@ class Engine:
         with self._pending_lock:
             self._pending.extend(job.entries)
         self._wakeup.put(True)
-        return self._events(job)
+        return EventStream(job, self._events(job))
 
     @property
     def alive(self) -> bool:

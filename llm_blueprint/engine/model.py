@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ChatTemplateError, ModelLoadError
+from ..errors import ChatTemplateError, InvalidRequest, ModelLoadError
 from .chat_template import ChatTemplate
 from .tokenizer import Tokenizer, load_tokenizer, load_vocabulary
 
@@ -91,6 +91,9 @@ class Model:
         self.end_tokens = self._end_tokens()
         self.end_token_ids = {self.tokenizer.token_to_id(t) for t in self.end_tokens}
         self.context_length = self._context_length(options.context_length)
+        # No token covers more characters than its vocabulary string has, so a
+        # text longer than this cannot fit and is refused without tokenizing it.
+        self.max_prompt_chars = self.context_length * max(len(t) for t in self.vocabulary)
 
         self.device = resolve_device(options.device)
         self.compute_type = options.compute_type or DEFAULT_COMPUTE_TYPES[self.device]
@@ -179,11 +182,22 @@ class Model:
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **extra: Any) -> list[int]:
         """Token ids of the rendered chat (the template writes its own BOS)."""
-        return self.tokenizer.encode(self.render_chat(messages, tools=tools, **extra), add_special_tokens=False)
+        text = self.render_chat(messages, tools=tools, **extra)
+        self._check_length(text, "messages")
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt (BOS added when the model wants one)."""
+        self._check_length(text, "prompt")
         return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def _check_length(self, text: str, param: str) -> None:
+        if len(text) > self.max_prompt_chars:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.context_length} tokens, and the prompt's "
+                f"{len(text)} characters cannot fit in it. Please reduce the length of the prompt.",
+                param=param, code="context_length_exceeded",
+            )
 
     def close(self) -> None:
         """Release the generator (its native threads and memory)."""
