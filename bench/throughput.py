@@ -205,7 +205,8 @@ def bench_peer(gguf_path: str, concurrencies, tokens, per_client, log_dir) -> di
     log = open(os.path.join(log_dir, "peer.log"), "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", gguf_path, "--host", "127.0.0.1", "--port", str(port),
-         "--n_threads", str(os.cpu_count() or 1), "--n_ctx", "2048", "--model_alias", "bench"],
+         "--n_threads", str(os.cpu_count() or 1), "--n_ctx", "2048", "--model_alias", "bench",
+         "--interrupt_requests", "False"],  # its default aborts a running request when another arrives
         stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"

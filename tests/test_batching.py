@@ -152,3 +152,40 @@ def test_overload_errors_over_http(tiny_queue_server):
     queued.join(120)
     ok = requests.post(base + "/v1/chat/completions", json={**long, "max_tokens": 2, "stream": False}, timeout=60)
     assert ok.status_code == 200
+
+
+def test_a_late_request_joins_a_young_batch_instead_of_waiting_for_it(model):
+    engine = Engine(model, batching=BatchingOptions(gather_seconds=0, join_tokens=16))
+    try:
+        first = engine.generate(GenerationRequest(_prompt(model, "a cat"), 120, temperature=0, stop=["@@@"]))
+        next(e for e in first if isinstance(e, TextDelta))  # the only replica is busy with a batch of one
+        late = engine.generate(GenerationRequest(_prompt(model, "a dog"), 10, temperature=0))
+        got_first_token_while_running = False
+        for event in late:
+            if isinstance(event, TextDelta):
+                got_first_token_while_running = engine.running == 2
+                break
+        late.close()
+        assert got_first_token_while_running  # it did not wait ~120 tokens for the first batch to end
+        assert engine.batch_sizes[:2] == [1, 2]  # the young batch restarted with the newcomer
+        texts, finishes, done, _ = collect(first, 1)
+        assert done.completion_tokens > 20 and finishes[0].reason in ("length", "stop")  # the restarted entry continued
+    finally:
+        engine.shutdown()
+
+
+def test_an_old_batch_is_not_restarted(model):
+    engine = Engine(model, batching=BatchingOptions(gather_seconds=0, join_tokens=4))
+    try:
+        first = engine.generate(GenerationRequest(_prompt(model, "a cat"), 60, temperature=0, stop=["@@@"]))
+        deltas = 0
+        for event in first:
+            deltas += isinstance(event, TextDelta)
+            if deltas == 8:
+                break
+        late = engine.generate(GenerationRequest(_prompt(model, "a dog"), 4, temperature=0))
+        collect(first, 1)
+        collect(late, 1)
+        assert engine.batch_sizes == [1, 1]
+    finally:
+        engine.shutdown()

@@ -103,8 +103,15 @@ class _Entry:
         self.decoder = IncrementalDecoder(model.tokenizer, request.prompt_ids)
         self.stops = StopMatcher(request.stop)
         self.tokens = 0
+        self.generated: list[int] = []  # to continue after a batch restart
+        self.restarts = 0
         self.finished = False
         self.pending_logprobs: list[TokenLogprob] = []
+
+    @property
+    def length(self) -> int:
+        """Tokens the engine must prefill for this entry: prompt plus what it generated so far."""
+        return len(self.job.request.prompt_ids) + len(self.generated)
 
     # Runs on the engine thread, once per generated token of this entry.
     def on_step(self, step) -> bool:
@@ -128,6 +135,7 @@ class _Entry:
             self.finish("stop")
             return True
         self.tokens += 1
+        self.generated.append(token_id)
         if request.logprobs:
             self.pending_logprobs.append(TokenLogprob(token_id, float(step.log_prob or 0.0)))
         text = self.decoder.push(token_id)
@@ -187,6 +195,12 @@ class _Job:
             entry.finish(reason, error=error)
 
 
+@dataclass
+class _BatchState:
+    restart: bool = False
+    checked_step: int = -1
+
+
 class EventStream:
     """The events of one request. ``close()`` cancels the generation, even when
     the stream was never iterated (a client gone before its first byte): a
@@ -216,6 +230,8 @@ class BatchingOptions:
     gather_seconds: float = 0.005  # wait this long after the first arrival for companions
     length_tolerance: float = 0.25  # max relative prompt-length difference inside a batch
     max_queue: int = 64  # queued (not yet running) entries beyond which requests are refused
+    join_tokens: int = 16  # a batch this young may restart to take in waiting requests (0 = never)
+    max_restarts: int = 2  # per entry, so a stream of arrivals cannot starve a batch
 
 
 class Engine:
@@ -233,6 +249,15 @@ class Engine:
     callback. Batches group equal sampling settings and similar prompt lengths
     (the engine prefills only up to the shortest prompt and feeds the rest one
     token per step, which is slower and changes greedy outputs slightly).
+
+    Joining a young batch: when requests wait, every replica is busy, and a
+    running batch has generated fewer than ``join_tokens`` tokens, that batch
+    stops at the next step and restarts together with the compatible waiting
+    requests; its entries continue from prompt + generated tokens. The cost is
+    one re-prefill of a few tokens per entry; it is bounded by ``join_tokens``
+    and ``max_restarts``. Greedy outputs of restarted entries can differ
+    slightly from an uninterrupted run (the re-prefilled tokens are computed in
+    one pass instead of step by step).
     """
 
     def __init__(self, model: Model, heartbeat_interval: float = 2.0, batching: BatchingOptions | None = None):
@@ -244,6 +269,7 @@ class Engine:
         self._wakeup = WorkQueue()  # one token per arrival; workers block on it
         self._seed_lock = allocate_native_lock()
         self._running: set[_Job] = set()
+        self._idle_workers = 0
         self.batch_sizes: list[int] = []  # every batch run, for tests and metrics
         self._closed = False
         self._threads = [NativeThread(self._worker, f"llm-engine-{i}") for i in range(max(1, model.inter_threads))]
@@ -332,9 +358,16 @@ class Engine:
             job.cancelled = True  # no-op when finished; stops the engine work otherwise
 
     # Engine threads -------------------------------------------------------------
+    def _set_idle(self, delta: int) -> None:
+        with self._pending_lock:
+            self._idle_workers += delta
+
     def _worker(self) -> None:
         while True:
-            if self._wakeup.get() is None:
+            self._set_idle(+1)
+            token = self._wakeup.get()
+            self._set_idle(-1)
+            if token is None:
                 return
             if self.batching.gather_seconds > 0:
                 native_sleep(self.batching.gather_seconds)
@@ -345,15 +378,22 @@ class Engine:
                 self._wakeup.put(True)  # what did not fit goes to the next idle worker
             jobs = {entry.job for entry in batch}
             self._running.update(jobs)
+            state = _BatchState()
             try:
-                self._run(batch)
+                self._run(batch, state)
             except Exception as exc:
                 log.exception("generation failed")
                 for entry in batch:
                     entry.finish("error", error=str(exc))
             finally:
+                survivors = [e for e in batch if not e.finished and not e.job.cancelled] if state.restart else []
+                for entry in survivors:
+                    entry.restarts += 1
+                with self._pending_lock:
+                    self._pending[:0] = survivors  # first in line for the merged batch
                 for entry in batch:  # an entry the engine ended without a final step
-                    entry.finish("cancelled" if entry.job.cancelled else "length")
+                    if entry not in survivors:
+                        entry.finish("cancelled" if entry.job.cancelled else "length")
                 self._running.difference_update(jobs)
             if self._pending:
                 self._wakeup.put(True)  # leftovers that did not fit this batch
@@ -373,14 +413,9 @@ class Engine:
                 batch = [e for e in self._pending if e.job is seed.job]
                 self._pending = [e for e in self._pending if e.job is not seed.job]
                 return batch
-            key, length = seed.job.sampling_key, len(seed.job.request.prompt_ids)
-            tolerance = max(1, int(length * self.batching.length_tolerance))
-            candidates = [
-                e for e in self._pending
-                if e.job.sampling_key == key and e.job.request.seed is None
-                and abs(len(e.job.request.prompt_ids) - length) <= tolerance
-            ]
-            candidates.sort(key=lambda e: (abs(len(e.job.request.prompt_ids) - length), e.job.enqueued_at))
+            key, length = seed.job.sampling_key, seed.length
+            candidates = [e for e in self._pending if self._compatible(e, key, length)]
+            candidates.sort(key=lambda e: (abs(e.length - length), e.job.enqueued_at))
             batch = candidates[: self.batching.max_batch_size]
             if seed not in batch:
                 batch[-1:] = [seed]
@@ -388,17 +423,47 @@ class Engine:
             self._pending = [e for e in self._pending if id(e) not in chosen]
         return batch
 
-    def _run(self, batch: list[_Entry]) -> None:
+    def _compatible(self, entry: _Entry, key: tuple, length: int) -> bool:
+        tolerance = max(1, int(length * self.batching.length_tolerance))
+        return entry.job.sampling_key == key and entry.job.request.seed is None and abs(entry.length - length) <= tolerance
+
+    def _should_restart(self, batch: list[_Entry], state: _BatchState, step) -> bool:
+        """Checked once per decoding step while the batch is young: restart it to take in waiting requests?"""
+        if state.restart:
+            return True
+        if step.step == state.checked_step or step.step >= self.batching.join_tokens or not self._pending:
+            return False
+        state.checked_step = step.step
+        live = [e for e in batch if not e.finished]
+        if not live or any(e.restarts >= self.batching.max_restarts for e in live):
+            return False
+        key, length = live[0].job.sampling_key, live[0].length
+        with self._pending_lock:
+            if self._idle_workers:
+                return False  # an idle replica will take them
+            joiners = sum(1 for e in self._pending if self._compatible(e, key, length))
+        if joiners and len(live) + joiners <= self.batching.max_batch_size:
+            state.restart = True
+        return state.restart
+
+    def _run(self, batch: list[_Entry], state: _BatchState) -> None:
         first = batch[0].job.request
         tokenizer = self.model.tokenizer
+        seeded = first.seed is not None and not first.greedy
+
+        def callback(step) -> bool:
+            if batch[step.batch_id].on_step(step):
+                return True
+            return not seeded and self._should_restart(batch, state, step)
+
         options = dict(
-            max_length=max(e.job.request.max_tokens for e in batch),
-            min_length=first.min_tokens,
+            max_length=max(e.job.request.max_tokens - e.tokens for e in batch),
+            min_length=max(max(0, e.job.request.min_tokens - e.tokens) for e in batch),
             include_prompt_in_result=False,
             end_token=tokenizer.ids_to_tokens(sorted(batch[0].job.end_ids)),
             repetition_penalty=first.repetition_penalty,
             return_scores=any(e.job.request.logprobs for e in batch),
-            callback=lambda step: batch[step.batch_id].on_step(step),
+            callback=callback,
         )
         if first.greedy:
             options.update(sampling_topk=1)
@@ -408,9 +473,9 @@ class Engine:
                 sampling_topp=first.top_p,
                 sampling_temperature=first.temperature,
             )
-        prompts = [tokenizer.ids_to_tokens(e.job.request.prompt_ids) for e in batch]
+        prompts = [tokenizer.ids_to_tokens(e.job.request.prompt_ids + e.generated) for e in batch]
         self.batch_sizes.append(len(batch))
-        if first.seed is None or first.greedy:
+        if not seeded:
             self.model.generator.generate_batch(prompts, **options)
         else:
             self._run_seeded(batch[0].job, prompts, options)
