@@ -105,6 +105,7 @@ def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client:
             started = time.perf_counter()
             first = None
             count = 0
+            chunks = 0
             with session.post(base + "/v1/chat/completions", json=body, stream=True, timeout=600) as response:
                 response.raise_for_status()
                 for line in response.iter_lines():
@@ -114,11 +115,14 @@ def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client:
                     if chunk.get("usage"):
                         count = chunk["usage"]["completion_tokens"]
                     for choice in chunk.get("choices", []):
-                        if choice["delta"].get("content") and first is None:
-                            first = time.perf_counter() - started
+                        if choice["delta"].get("content"):
+                            chunks += 1
+                            if first is None:
+                                first = time.perf_counter() - started
             with lock:
                 ttfts.append(first if first is not None else float("nan"))
-                generated[0] += count
+                # exact usage when the server reports it in streams; else one token per content chunk (llama-cpp-python)
+                generated[0] += count or chunks
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
     started = time.perf_counter()
