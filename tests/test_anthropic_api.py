@@ -142,7 +142,8 @@ def test_ping_events_while_the_model_is_busy(api_server):
     busy = [_post_stream(api_server, {**long_body, "temperature": t}) for t in (0, 0.5)]
     for _, lines in busy:  # both are generating
         next(line for line in lines if line == "event: content_block_delta")
-    response, lines = _post_stream(api_server, {**long_body, "max_tokens": 3})
+    # sampling settings neither busy batch has: it can join neither, so it waits
+    response, lines = _post_stream(api_server, {**long_body, "max_tokens": 3, "temperature": 0.9})
     seen = list(lines)
     assert "event: ping" in seen and "event: message_stop" in seen
     assert seen.index("event: ping") < seen.index("event: message_stop")

@@ -194,7 +194,8 @@ def test_keepalive_comments_while_waiting(api_server):
     busy = [_raw_stream(api_server, {**long_body, "temperature": t}) for t in (0, 0.5)]
     for _, lines in busy:  # both are generating
         next(line for line in lines if '"content":"' in line and '"content":""' not in line)
-    response, lines = _raw_stream(api_server, {**long_body, "max_tokens": 3})
+    # sampling settings neither busy batch has: it can join neither, so it waits
+    response, lines = _raw_stream(api_server, {**long_body, "max_tokens": 3, "temperature": 0.9})
     seen = []
     for line in lines:
         seen.append(line)
