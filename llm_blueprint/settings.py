@@ -78,6 +78,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_MAX_TOKENS_LIMIT", None, _optional_int, "ceiling on max_tokens; default: the context length"),
     Setting("LLM_MAX_STOP_SEQUENCES", 16, int, "most stop strings in one request"),
     Setting("LLM_MAX_STOP_LENGTH", 256, int, "longest stop string, in characters"),
+    Setting("LLM_RATE_LIMIT", None, _optional_str,
+            "per-key request rate limit in `limits` notation, e.g. '60/minute' (per worker process); none = off"),
     Setting("LLM_CORS_ORIGINS", None, _key_list, "origins allowed to call the API from browsers; none = CORS off"),
     Setting("LLM_METRICS_TOKEN", None, _optional_str, "bearer token required on /metrics; none = open"),
     Setting("LLM_LOG_JSON", False, _bool, "log one JSON object per line (llm_blueprint logger only)"),

@@ -186,3 +186,17 @@ def test_sigterm_drains_streams_and_exits_cleanly(default_model_dir, tmp_path):
             assert finishes, name
         assert server.process.wait(30) == 0
     assert "terminate called" not in server.log()
+
+
+def test_per_key_rate_limit_on_both_protocols(default_model_dir):
+    app = Flask("limited")
+    LLM(app, LLM_MODEL_PATH=default_model_dir, LLM_MODEL_ID="m", LLM_API_KEYS="a,b", LLM_RATE_LIMIT="3/minute")
+    client = app.test_client()
+    for _ in range(3):
+        assert client.get("/v1/models", headers={"Authorization": "Bearer a"}).status_code == 200
+    limited = client.get("/v1/models", headers={"Authorization": "Bearer a"})
+    assert limited.status_code == 429 and limited.json["error"]["type"] == "rate_limit_error"
+    assert int(limited.headers["Retry-After"]) >= 1
+    anthropic_limited = client.post("/v1/messages/count_tokens", headers={"x-api-key": "a"}, json={"model": "m", "messages": FRANCE})
+    assert anthropic_limited.status_code == 429 and anthropic_limited.json["error"]["type"] == "rate_limit_error"
+    assert client.get("/v1/models", headers={"x-api-key": "b"}).status_code == 200  # another key has its own budget

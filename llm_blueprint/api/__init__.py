@@ -5,17 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint
+from werkzeug.routing import PathConverter
 
-from . import anthropic, guard, openai, operations
+from . import anthropic, guard, openai, openapi, operations
+
+
+class ModelIdConverter(PathConverter):
+    """Any model id, control characters and slashes included, so that every id reaches
+    the route (and gets our 404 envelope) instead of falling through to the host's 404 page."""
+
+    regex = r"[\s\S]+"
 
 
 def create_blueprint(settings: dict[str, Any]) -> Blueprint:
     """The API blueprint for one app (its CORS policy depends on that app's settings)."""
     bp = Blueprint("llm", __name__)
+    bp.record_once(lambda state: state.app.url_map.converters.setdefault("llm_model_id", ModelIdConverter))
     guard.register(bp)
     openai.register(bp)
     anthropic.register(bp)
     operations.register(bp)
+    openapi.register(bp)
     origins = settings["LLM_CORS_ORIGINS"]
     if origins:
         from flask_cors import CORS

@@ -16,6 +16,7 @@ from ..errors import (
     ModelLoadError,
     ModelNotFound,
     Overloaded,
+    RateLimited,
     RequestTooLarge,
     Unauthorized,
 )
@@ -31,6 +32,7 @@ STATUS_TABLE: list[tuple[type[Exception] | tuple[type[Exception], ...], dict[str
     (ModelNotFound, {"openai": (404, "invalid_request_error"), "anthropic": (404, "not_found_error")}),
     (InvalidRequest, {"openai": (400, "invalid_request_error"), "anthropic": (400, "invalid_request_error")}),
     (Overloaded, {"openai": (429, "rate_limit_error"), "anthropic": (529, "overloaded_error")}),
+    (RateLimited, {"openai": (429, "rate_limit_error"), "anthropic": (429, "rate_limit_error")}),
     ((EngineShutDown, ModelLoadError), {"openai": (503, "service_unavailable"), "anthropic": (529, "overloaded_error")}),
 ]
 INTERNAL = {"openai": (500, "server_error"), "anthropic": (500, "api_error")}
@@ -53,7 +55,7 @@ def protocol_of(endpoint: str | None) -> str:
 def _classify(exc: Exception, protocol: str) -> tuple[int, str, str, dict[str, str]]:
     """Status, error type, client-facing message and extra headers for ``exc``."""
     status, kind = next((row[protocol] for types, row in STATUS_TABLE if isinstance(exc, types)), INTERNAL[protocol])
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else {}
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, (Overloaded, RateLimited)) else {}
     message = getattr(exc, "message", None) or str(exc)
     if status == 500:
         log.error("internal error", exc_info=exc)

@@ -6,6 +6,7 @@ routes are untouched.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -15,7 +16,7 @@ import uuid
 from flask import Blueprint, Response, current_app, g, request
 
 from .. import metrics
-from ..errors import EngineShutDown, RequestTooLarge, Unauthorized
+from ..errors import EngineShutDown, RateLimited, RequestTooLarge, Unauthorized
 from .errors import RENDERERS, protocol_of
 
 log = logging.getLogger("llm_blueprint")
@@ -38,6 +39,24 @@ def key_matches(given: str | None, accepted: list[str]) -> bool:
     for key in accepted:
         matched |= hmac.compare_digest(given.encode(), key.encode())
     return matched
+
+
+def rate_limit() -> None:
+    """Per API key (or client address when the API is open), with the `limits` library."""
+    runtime = current_app.extensions["llm"]
+    limit = runtime.settings["LLM_RATE_LIMIT"]
+    if not limit:
+        return
+    if runtime.rate_limiter is None:
+        from limits import parse, storage, strategies
+
+        runtime.rate_limiter = (strategies.MovingWindowRateLimiter(storage.MemoryStorage()), parse(limit))
+    limiter, item = runtime.rate_limiter
+    key = _api_key() or request.remote_addr or "-"
+    identity = hashlib.sha256(key.encode()).hexdigest()  # keys are never kept in memory as they are
+    if not limiter.hit(item, identity):
+        reset = limiter.get_window_stats(item, identity).reset_time
+        raise RateLimited(limit, max(1, int(reset - time.time()) + 1))
 
 
 def authorize() -> None:
@@ -69,7 +88,8 @@ def _before() -> Response | None:
         if request.content_length is not None and request.content_length > limit:
             raise RequestTooLarge(limit)
         authorize()
-    except (Unauthorized, RequestTooLarge, EngineShutDown) as exc:
+        rate_limit()
+    except (Unauthorized, RequestTooLarge, EngineShutDown, RateLimited) as exc:
         return RENDERERS[protocol_of(request.endpoint)](exc)
     return None
 

@@ -249,5 +249,5 @@ def register(bp: Blueprint) -> None:
     bp.add_url_rule("/v1/chat/completions", "openai_chat_completions", chat_completions, methods=["POST"])
     bp.add_url_rule("/v1/completions", "openai_completions", completions, methods=["POST"])
     bp.add_url_rule("/v1/models", "openai_models", list_models, methods=["GET"])
-    bp.add_url_rule("/v1/models/<path:model_id>", "openai_model", get_model, methods=["GET"])
+    bp.add_url_rule("/v1/models/<llm_model_id:model_id>", "openai_model", get_model, methods=["GET"])
 

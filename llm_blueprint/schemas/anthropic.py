@@ -38,12 +38,20 @@ def _text_blocks(value, what: str) -> str:
     return "\n\n".join(texts) if what == "system" else "".join(texts)
 
 
+_BLOCKS = {"type": "array", "items": {"type": "object", "required": ["type"],
+                                     "properties": {"type": {"type": "string"}, "text": {"type": "string"}}}}
+
+
 class MessageContent(fields.Field):
+    openapi = {"oneOf": [{"type": "string"}, _BLOCKS]}
+
     def _deserialize(self, value, attr, data, **kwargs):
         return _text_blocks(value, "content")
 
 
 class SystemPrompt(fields.Field):
+    openapi = {"nullable": True, "oneOf": [{"type": "string"}, _BLOCKS]}
+
     def _deserialize(self, value, attr, data, **kwargs):
         return _text_blocks(value, "system")
 

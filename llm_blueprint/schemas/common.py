@@ -45,6 +45,8 @@ class StrictStr(fields.String):
 class StringOrList(fields.Field):
     """A string or a list of strings (``stop``), normalized to a list."""
 
+    openapi = {"nullable": True, "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+
     def __init__(self, max_items: int, **kwargs):
         super().__init__(**kwargs)
         self.max_items = max_items

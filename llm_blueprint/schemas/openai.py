@@ -13,6 +13,9 @@ UNSUPPORTED_PART_TYPES = {"image_url": "images", "input_audio": "audio", "file":
 class ChatContent(fields.Field):
     """``content``: a string, null, or a list of text parts, joined into one string."""
 
+    openapi = {"nullable": True, "oneOf": [{"type": "string"}, {"type": "array", "items": {
+        "type": "object", "required": ["type"], "properties": {"type": {"type": "string"}, "text": {"type": "string"}}}}]}
+
     def _deserialize(self, value, attr, data, **kwargs):
         if value is None or isinstance(value, str):
             return value
@@ -81,6 +84,10 @@ class ChatCompletionRequestSchema(SamplingFields):
 
 class PromptField(fields.Field):
     """``prompt``: a string, a list of strings, a list of token ids, or a list of such lists."""
+
+    openapi = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                         {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+                         {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": {"type": "integer"}}}]}
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, str):

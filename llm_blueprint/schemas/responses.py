@@ -1,0 +1,121 @@
+"""Response shapes, as marshmallow schemas, for the OpenAPI document (the routes build plain dicts)."""
+
+from __future__ import annotations
+
+from marshmallow import INCLUDE, Schema, fields
+
+
+class ResponseSchema(Schema):
+    """Responses may carry more fields than documented (as the public APIs' do)."""
+
+    class Meta:
+        unknown = INCLUDE
+
+
+class OpenAIErrorBody(ResponseSchema):
+    message = fields.String(required=True)
+    type = fields.String(required=True)
+    param = fields.String(required=True, allow_none=True)
+    code = fields.String(required=True, allow_none=True)
+
+
+class OpenAIError(ResponseSchema):
+    error = fields.Nested(OpenAIErrorBody, required=True)
+
+
+class Usage(ResponseSchema):
+    prompt_tokens = fields.Integer(required=True)
+    completion_tokens = fields.Integer(required=True)
+    total_tokens = fields.Integer(required=True)
+
+
+class ChatMessageOut(ResponseSchema):
+    role = fields.String(required=True)
+    content = fields.String(required=True, allow_none=True)
+
+
+class ChatChoice(ResponseSchema):
+    index = fields.Integer(required=True)
+    message = fields.Nested(ChatMessageOut, required=True)
+    logprobs = fields.Dict(required=True, allow_none=True)
+    finish_reason = fields.String(required=True)
+
+
+class ChatCompletion(ResponseSchema):
+    id = fields.String(required=True)
+    object = fields.String(required=True)
+    created = fields.Integer(required=True)
+    model = fields.String(required=True)
+    choices = fields.List(fields.Nested(ChatChoice), required=True)
+    usage = fields.Nested(Usage, required=True)
+
+
+class TextChoice(ResponseSchema):
+    index = fields.Integer(required=True)
+    text = fields.String(required=True)
+    logprobs = fields.Dict(required=True, allow_none=True)
+    finish_reason = fields.String(required=True)
+
+
+class TextCompletion(ResponseSchema):
+    id = fields.String(required=True)
+    object = fields.String(required=True)
+    created = fields.Integer(required=True)
+    model = fields.String(required=True)
+    choices = fields.List(fields.Nested(TextChoice), required=True)
+    usage = fields.Nested(Usage, required=True)
+
+
+class ModelObject(ResponseSchema):
+    id = fields.String(required=True)
+    object = fields.String(required=True)
+    created = fields.Integer(required=True)
+    owned_by = fields.String(required=True)
+
+
+class ModelList(ResponseSchema):
+    object = fields.String(required=True)
+    data = fields.List(fields.Nested(ModelObject), required=True)
+
+
+class AnthropicErrorBody(ResponseSchema):
+    type = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+class AnthropicError(ResponseSchema):
+    type = fields.String(required=True)
+    error = fields.Nested(AnthropicErrorBody, required=True)
+    request_id = fields.String(required=True)
+
+
+class TextBlock(ResponseSchema):
+    type = fields.String(required=True)
+    text = fields.String(required=True)
+
+
+class AnthropicUsage(ResponseSchema):
+    input_tokens = fields.Integer(required=True)
+    output_tokens = fields.Integer(required=True)
+
+
+class AnthropicMessage(ResponseSchema):
+    id = fields.String(required=True)
+    type = fields.String(required=True)
+    role = fields.String(required=True)
+    model = fields.String(required=True)
+    content = fields.List(fields.Nested(TextBlock), required=True)
+    stop_reason = fields.String(required=True, allow_none=True)
+    stop_sequence = fields.String(required=True, allow_none=True)
+    usage = fields.Nested(AnthropicUsage, required=True)
+
+
+class TokenCount(ResponseSchema):
+    input_tokens = fields.Integer(required=True)
+
+
+class Status(ResponseSchema):
+    status = fields.String(required=True)
+    model = fields.String()
+    queued = fields.Integer()
+    running = fields.Integer()
