@@ -200,3 +200,13 @@ def test_per_key_rate_limit_on_both_protocols(default_model_dir):
     anthropic_limited = client.post("/v1/messages/count_tokens", headers={"x-api-key": "a"}, json={"model": "m", "messages": FRANCE})
     assert anthropic_limited.status_code == 429 and anthropic_limited.json["error"]["type"] == "rate_limit_error"
     assert client.get("/v1/models", headers={"x-api-key": "b"}).status_code == 200  # another key has its own budget
+
+
+def test_n_ceiling_and_prompt_logging_switch(default_model_dir, caplog):
+    app = Flask("logged")
+    LLM(app, LLM_MODEL_PATH=default_model_dir, LLM_MODEL_ID="m", LLM_MAX_N=2, LLM_LOG_PROMPTS=True)
+    client = app.test_client()
+    with caplog.at_level(logging.INFO, logger="llm_blueprint"):
+        too_many = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "secret-xyz"}], "n": 3})
+    assert too_many.status_code == 400 and too_many.json["error"]["param"] == "n"
+    assert any("secret-xyz" in str(getattr(r, "body", "")) for r in caplog.records)  # logged only because it was enabled

@@ -29,6 +29,8 @@ def json_body() -> Any:
         raise RequestTooLarge(runtime().settings["LLM_MAX_BODY_BYTES"]) from None
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
+    if runtime().settings["LLM_LOG_PROMPTS"]:  # off by default: prompts are private
+        log.info("request body", extra={"body": raw[:20000].decode("utf-8", errors="replace")})
     try:
         return json.loads(raw)
     except UnicodeDecodeError:
