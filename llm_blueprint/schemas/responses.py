@@ -41,13 +41,16 @@ class ChatChoice(ResponseSchema):
     finish_reason = fields.String(required=True)
 
 
-class ChatCompletion(ResponseSchema):
+class _CompletionEnvelope(ResponseSchema):
     id = fields.String(required=True)
     object = fields.String(required=True)
     created = fields.Integer(required=True)
     model = fields.String(required=True)
-    choices = fields.List(fields.Nested(ChatChoice), required=True)
     usage = fields.Nested(Usage, required=True)
+
+
+class ChatCompletion(_CompletionEnvelope):
+    choices = fields.List(fields.Nested(ChatChoice), required=True)
 
 
 class TextChoice(ResponseSchema):
@@ -57,13 +60,8 @@ class TextChoice(ResponseSchema):
     finish_reason = fields.String(required=True)
 
 
-class TextCompletion(ResponseSchema):
-    id = fields.String(required=True)
-    object = fields.String(required=True)
-    created = fields.Integer(required=True)
-    model = fields.String(required=True)
+class TextCompletion(_CompletionEnvelope):
     choices = fields.List(fields.Nested(TextChoice), required=True)
-    usage = fields.Nested(Usage, required=True)
 
 
 class ModelObject(ResponseSchema):
