@@ -176,6 +176,7 @@ class _Job:
         self.end_ids = set(engine.model.end_token_ids) | set(request.end_token_ids)
         self.entries = [_Entry(self, i, engine.model) for i in range(request.n)]
         self._unfinished = request.n
+        self._count_lock = allocate_native_lock()  # entries may finish on different threads (cancel_all, workers)
         self.enqueued_at = time.monotonic()
 
     @property
@@ -186,13 +187,11 @@ class _Job:
         return (*sampling, r.repetition_penalty, r.min_tokens, tuple(sorted(self.end_ids)))
 
     def entry_finished(self) -> None:
-        self._unfinished -= 1
-        if self._unfinished == 0:
+        with self._count_lock:
+            self._unfinished -= 1
+            last = self._unfinished == 0
+        if last:
             self.channel.put(Done(len(self.request.prompt_ids), sum(e.tokens for e in self.entries)))
-
-    def finish_all(self, reason: str, error: str | None = None) -> None:
-        for entry in self.entries:
-            entry.finish(reason, error=error)
 
 
 @dataclass
