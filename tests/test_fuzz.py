@@ -27,7 +27,7 @@ def fuzz_server(default_model_dir, tmp_path_factory):
 def test_api_matches_its_openapi_document(fuzz_server):
     schema = schemathesis.openapi.from_url(fuzz_server.base + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 8
+    assert len(operations) == 9
     for operation in operations:
 
         @given(case=operation.as_strategy())
@@ -44,7 +44,8 @@ def test_api_matches_its_openapi_document(fuzz_server):
 def test_openapi_document_is_served(fuzz_server):
     document = requests.get(fuzz_server.base + "/openapi.json", timeout=10).json()
     assert document["openapi"].startswith("3.")
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens"} <= set(document["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"} <= set(
+        document["paths"])
 
 
 def test_worker_is_healthy_after_fuzzing(fuzz_server):

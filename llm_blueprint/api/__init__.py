@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint
 from werkzeug.routing import PathConverter
 
-from . import anthropic, guard, openai, openapi, operations
+from . import anthropic, guard, openai, openapi, operations, responses
 
 
 class ModelIdConverter(PathConverter):
@@ -24,6 +24,7 @@ def create_blueprint(settings: dict[str, Any]) -> Blueprint:
     guard.register(bp)
     openai.register(bp)
     anthropic.register(bp)
+    responses.register(bp)
     operations.register(bp)
     openapi.register(bp)
     origins = settings["LLM_CORS_ORIGINS"]

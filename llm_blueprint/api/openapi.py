@@ -11,7 +11,7 @@ from flask import Blueprint
 from .. import __version__
 from ..schemas import anthropic as anthropic_schemas
 from ..schemas import openai as openai_schemas
-from ..schemas import responses
+from ..schemas import responses, responses_api
 from ..sse import json_response
 from .common import runtime
 
@@ -49,6 +49,7 @@ def build_spec(prefix: str = "") -> dict[str, Any]:
         ("TextCompletion", responses.TextCompletion), ("ModelList", responses.ModelList),
         ("AnthropicError", responses.AnthropicError), ("AnthropicMessage", responses.AnthropicMessage),
         ("TokenCount", responses.TokenCount), ("Status", responses.Status),
+        ("ResponsesRequest", responses_api.ResponsesRequestSchema), ("Response", responses.ResponseObject),
     ]:
         spec.components.schema(name, schema=schema)
     openai_errors = (400, 401, 404, 413, 429, 503)
@@ -63,6 +64,9 @@ def build_spec(prefix: str = "") -> dict[str, Any]:
     spec.path("/v1/completions", operations={"post": {
         "operationId": "createCompletion", "requestBody": body("CompletionRequest"),
         "responses": _responses("TextCompletion", "OpenAIError", openai_errors, stream=True)}})
+    spec.path("/v1/responses", operations={"post": {
+        "operationId": "createResponse", "requestBody": body("ResponsesRequest"),
+        "responses": _responses("Response", "OpenAIError", openai_errors, stream=True)}})
     spec.path("/v1/models", operations={"get": {
         "operationId": "listModels", "responses": _responses("ModelList", "OpenAIError", (401,))}})
     spec.path("/v1/models/{model_id}", operations={"get": {

@@ -117,3 +117,15 @@ class Status(ResponseSchema):
     model = fields.String()
     queued = fields.Integer()
     running = fields.Integer()
+
+
+class ResponseObject(ResponseSchema):
+    """``/v1/responses`` result."""
+
+    id = fields.String(required=True)
+    object = fields.String(required=True)
+    created_at = fields.Integer(required=True)
+    model = fields.String(required=True)
+    status = fields.String(required=True)
+    output = fields.List(fields.Dict(), required=True)
+    usage = fields.Dict(required=True, allow_none=True)
