@@ -15,7 +15,10 @@ from ..schemas import responses, responses_api
 from ..sse import json_response
 from .common import runtime
 
-SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+# One Server-Sent Event: OpenAI chat/completions streams send data only; Anthropic and
+# Responses streams name each event; data is JSON text (or "[DONE]").
+SSE = {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}}}
 
 
 def _openapi_of_custom_fields(self, field, **kwargs) -> dict[str, Any]:
