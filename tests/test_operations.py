@@ -151,6 +151,7 @@ def test_host_app_auth_hook(default_model_dir):
 def test_sigterm_drains_streams_and_exits_cleanly(default_model_dir, tmp_path):
     import signal
     import threading
+    import time
 
     from servers import gunicorn
 
@@ -170,6 +171,14 @@ def test_sigterm_drains_streams_and_exits_cleanly(default_model_dir, tmp_path):
         for reader in readers:
             reader.start()
         server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10  # the master forwards the signal to the worker: wait until it drains
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(server.base + "/readyz", timeout=2).json()["status"] == "draining":
+                    break
+            except requests.ConnectionError:
+                break
+            time.sleep(0.05)
         try:  # a new request is refused: 503 from the draining worker, or no listener any more
             late = requests.post(server.base + "/v1/chat/completions", timeout=5,
                                  json={"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
