@@ -32,7 +32,6 @@ class Runtime:
         self.started = int(time.time())
         self._lock = threading.Lock()  # a greenlet lock under gevent, a thread lock otherwise
         self._engine: Engine | None = None
-        self._error: Exception | None = None
         self.draining = False
         self.openapi: dict[str, Any] | None = None
         self.rate_limiter = None  # (limiter, limit item), made on first use

@@ -15,7 +15,7 @@ from ..engine.generation import Done, Event, Finish, GenerationRequest, Heartbea
 from ..schemas.anthropic import CountTokensSchema, MessagesRequestSchema
 from ..schemas.common import load
 from ..sse import event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime
+from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults
 from .errors import speaks
 
 MESSAGES_SCHEMA = MessagesRequestSchema()
@@ -42,14 +42,7 @@ def messages():
     check_limits(len(data["messages"]), data["max_tokens"], data.get("stop_sequences"), stop_param="stop_sequences")
     rt = runtime()
     prompt_ids = _prompt_ids(data)
-    temperature = data.get("temperature")
-    gen = GenerationRequest(
-        prompt_ids, data["max_tokens"],
-        temperature=1.0 if temperature is None else temperature,
-        top_p=data.get("top_p") or 1.0,
-        top_k=data.get("top_k") or 0,
-        stop=data.get("stop_sequences") or [],
-    )
+    gen = GenerationRequest(prompt_ids, data["max_tokens"], stop=data.get("stop_sequences") or [], **sampling_defaults(data))
     events = rt.generate(gen)
     meta = {"id": f"msg_{uuid.uuid4().hex}", "model": data["model"]}
     if data.get("stream"):

@@ -94,3 +94,18 @@ def check_limits(messages: int | None = None, max_tokens: int | None = None, sto
             raise InvalidRequest(f"at most {settings['LLM_MAX_STOP_SEQUENCES']} stop sequences are allowed", param=stop_param)
         if max(len(s) for s in stop) > settings["LLM_MAX_STOP_LENGTH"]:
             raise InvalidRequest(f"stop sequences must be at most {settings['LLM_MAX_STOP_LENGTH']} characters", param=stop_param)
+
+
+def sampling_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """temperature/top_p/top_k of a validated body, nulls meaning the APIs' defaults (1.0, 1.0, off)."""
+    temperature = data.get("temperature")
+    return {"temperature": 1.0 if temperature is None else temperature, "top_p": data.get("top_p") or 1.0,
+            "top_k": data.get("top_k") or 0}
+
+
+def completion_budget(requested: int | None, prompt_ids: list[int]) -> int:
+    """``requested`` max tokens, or (when the client gave none) the configured default that still fits the context."""
+    if requested is not None:
+        return requested
+    rt = runtime()
+    return max(1, min(rt.settings["LLM_DEFAULT_MAX_TOKENS"], rt.model.context_length - len(prompt_ids)))

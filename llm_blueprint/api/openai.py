@@ -17,7 +17,7 @@ from ..errors import InvalidRequest
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime
+from .common import check_limits, check_model, closing, completion_budget, json_body, raise_if_failed, runtime, sampling_defaults
 from .errors import speaks
 
 CHAT_SCHEMA = ChatCompletionRequestSchema()
@@ -31,11 +31,8 @@ def _sampling(data: dict[str, Any]) -> dict[str, Any]:
     n = data.get("n") or 1
     if n > settings["LLM_MAX_N"]:
         raise InvalidRequest(f"n must be at most {settings['LLM_MAX_N']}", param="n")
-    temperature = data.get("temperature")
     return dict(
-        temperature=1.0 if temperature is None else temperature,
-        top_p=data.get("top_p") or 1.0,
-        top_k=data.get("top_k") or 0,
+        **sampling_defaults(data),
         repetition_penalty=data.get("repetition_penalty") or 1.0,
         stop=data.get("stop") or [],
         n=n,
@@ -85,9 +82,7 @@ def chat_completions():
     rt = runtime()
     model = rt.model
     prompt_ids = model.encode_chat(_template_messages(data["messages"]))
-    max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = max(1, min(rt.settings["LLM_DEFAULT_MAX_TOKENS"], model.context_length - len(prompt_ids)))
+    max_tokens = completion_budget(data.get("max_completion_tokens") or data.get("max_tokens"), prompt_ids)
     gen = GenerationRequest(prompt_ids, max_tokens, logprobs=bool(data.get("logprobs")), **_sampling(data))
     events = rt.generate(gen)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}

@@ -13,7 +13,7 @@ from ..engine.generation import Done, Event, Finish, GenerationRequest, Heartbea
 from ..schemas.common import load
 from ..schemas.responses_api import ResponsesRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime
+from .common import check_limits, check_model, closing, completion_budget, json_body, raise_if_failed, runtime, sampling_defaults
 from .errors import speaks
 
 SCHEMA = ResponsesRequestSchema()
@@ -45,12 +45,7 @@ def create_response():
     check_limits(len(messages), data.get("max_output_tokens"))
     rt = runtime()
     prompt_ids = rt.model.encode_chat(messages)
-    max_tokens = data.get("max_output_tokens")
-    if max_tokens is None:
-        max_tokens = max(1, min(rt.settings["LLM_DEFAULT_MAX_TOKENS"], rt.model.context_length - len(prompt_ids)))
-    temperature = data.get("temperature")
-    gen = GenerationRequest(prompt_ids, max_tokens, temperature=1.0 if temperature is None else temperature,
-                            top_p=data.get("top_p") or 1.0)
+    gen = GenerationRequest(prompt_ids, completion_budget(data.get("max_output_tokens"), prompt_ids), **sampling_defaults(data))
     events = rt.generate(gen)
     meta = {"id": f"resp_{uuid.uuid4().hex}", "created_at": int(time.time()), "model": data["model"],
             "instructions": data.get("instructions"), "max_output_tokens": data.get("max_output_tokens"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from marshmallow import ValidationError, fields, validate
 
-from .common import RequestSchema, StrictBool, StrictFloat, StrictInt, StrictStr
+from .common import RequestSchema, StrictBool, StrictFloat, StrictInt, StrictStr, join_text_parts
 
 UNSERVABLE_BLOCKS = {
     "image": "image blocks are not supported: this model reads text only",
@@ -18,24 +18,11 @@ IGNORED_BLOCKS = {"thinking", "redacted_thinking"}
 def _text_blocks(value, what: str) -> str:
     if isinstance(value, str):
         return value
-    if not isinstance(value, list):
-        raise ValidationError(f"{what} must be a string or a list of content blocks")
-    texts = []
-    for i, block in enumerate(value):
-        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise ValidationError({i: ["each content block must be an object with a 'type'"]})
-        kind = block["type"]
-        if kind == "text":
-            if not isinstance(block.get("text"), str):
-                raise ValidationError({i: {"text": ["must be a string"]}})
-            texts.append(block["text"])
-        elif kind in IGNORED_BLOCKS:
-            continue
-        elif kind in UNSERVABLE_BLOCKS:
-            raise ValidationError({i: {"type": [UNSERVABLE_BLOCKS[kind]]}})
-        else:
-            raise ValidationError({i: {"type": [f"content block type '{kind}' is not supported"]}})
-    return "\n\n".join(texts) if what == "system" else "".join(texts)
+    return join_text_parts(
+        value, text_types=frozenset({"text"}), ignored=frozenset(IGNORED_BLOCKS),
+        unsupported=lambda kind: UNSERVABLE_BLOCKS.get(kind, f"content block type '{kind}' is not supported"),
+        separator="\n\n" if what == "system" else "",
+    )
 
 
 _BLOCKS = {"type": "array", "items": {"type": "object", "required": ["type"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
@@ -59,6 +60,30 @@ class StringOrList(fields.Field):
                 raise ValidationError(f"at most {self.max_items} items are allowed")
             return value
         raise ValidationError("must be a string or a list of strings")
+
+
+def join_text_parts(value: Any, *, text_types: frozenset[str], unsupported: Callable[[str], str],
+                    ignored: frozenset[str] = frozenset(), refusal: bool = False, separator: str = "") -> str:
+    """A list of content parts/blocks joined into one string (the model reads text only).
+
+    Errors are keyed by part index, so the failing field's path reaches the client.
+    """
+    if not isinstance(value, list):
+        raise ValidationError("must be a string or a list of content parts")
+    texts = []
+    for i, part in enumerate(value):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise ValidationError({i: ["each content part must be an object with a 'type'"]})
+        kind = part["type"]
+        if kind in text_types:
+            if not isinstance(part.get("text"), str):
+                raise ValidationError({i: {"text": ["must be a string"]}})
+            texts.append(part["text"])
+        elif refusal and kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+        elif kind not in ignored:
+            raise ValidationError({i: {"type": [unsupported(kind)]}})
+    return separator.join(texts)
 
 
 class RequestSchema(Schema):

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from .common import RequestSchema, StrictBool, StrictFloat, StrictInt, StrictStr, StringOrList
+from .common import RequestSchema, StrictBool, StrictFloat, StrictInt, StrictStr, StringOrList, join_text_parts
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 UNSUPPORTED_PART_TYPES = {"image_url": "images", "input_audio": "audio", "file": "files", "refusal": None}
+
+
+def _unsupported_part(kind: str) -> str:
+    what = UNSUPPORTED_PART_TYPES.get(kind) or f"'{kind}' parts"
+    return f"content part type '{kind}' is not supported: this model reads text only, not {what}"
 
 
 class ChatContent(fields.Field):
@@ -19,23 +24,7 @@ class ChatContent(fields.Field):
     def _deserialize(self, value, attr, data, **kwargs):
         if value is None or isinstance(value, str):
             return value
-        if not isinstance(value, list):
-            raise ValidationError("must be a string, null or a list of content parts")
-        texts = []
-        for i, part in enumerate(value):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise ValidationError({i: ["each content part must be an object with a 'type'"]})
-            kind = part["type"]
-            if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise ValidationError({i: {"text": ["must be a string"]}})
-                texts.append(part["text"])
-            elif kind == "refusal" and isinstance(part.get("refusal"), str):
-                texts.append(part["refusal"])
-            else:
-                what = UNSUPPORTED_PART_TYPES.get(kind) or f"'{kind}' parts"
-                raise ValidationError({i: {"type": [f"content part type '{kind}' is not supported: this model reads text only, not {what}"]}})
-        return "".join(texts)
+        return join_text_parts(value, text_types=frozenset({"text"}), refusal=True, unsupported=_unsupported_part)
 
 
 class ChatMessageSchema(RequestSchema):

@@ -4,31 +4,27 @@ from __future__ import annotations
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from .common import RequestSchema, StrictBool, StrictFloat, StrictInt, StrictStr
+from .common import RequestSchema, StrictBool, StrictFloat, StrictInt, StrictStr, first_error, join_text_parts
 
 INPUT_ROLES = ("user", "assistant", "system", "developer")
-TEXT_PART_TYPES = {"input_text", "output_text", "text"}
+TEXT_PART_TYPES = frozenset({"input_text", "output_text", "text"})
 UNSERVABLE_PARTS = {"input_image": "images", "input_file": "files", "input_audio": "audio"}
+
+
+def _unsupported_part(kind: str) -> str:
+    if kind in UNSERVABLE_PARTS:
+        return f"'{kind}' parts are not supported: this model reads text only, not {UNSERVABLE_PARTS[kind]}"
+    return f"unsupported content part {kind!r}"
 
 
 def _message_text(content, where: str) -> str:
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise ValidationError(f"{where}: content must be a string or a list of content parts")
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in TEXT_PART_TYPES and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
-        elif kind in UNSERVABLE_PARTS:
-            raise ValidationError(f"{where}.content[{j}]: '{kind}' parts are not supported: this model reads text only, "
-                                  f"not {UNSERVABLE_PARTS[kind]}")
-        else:
-            raise ValidationError(f"{where}.content[{j}]: unsupported content part {kind!r}")
-    return "".join(texts)
+    try:
+        return join_text_parts(content, text_types=TEXT_PART_TYPES, refusal=True, unsupported=_unsupported_part)
+    except ValidationError as exc:  # one readable message for the whole `input` field
+        path, message = first_error(exc.messages, f"{where}.content")
+        raise ValidationError(f"{path}: {message}") from None
 
 
 class ResponsesInput(fields.Field):
