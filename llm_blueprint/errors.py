@@ -97,5 +97,14 @@ class RateLimited(LLMBlueprintError):
         super().__init__(self.message)
 
 
+class InvalidModelOutput(LLMBlueprintError):
+    """The model did not produce the structured output (forced tool call, JSON) asked for, within the retries."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+        self.code = "invalid_model_output"
+
+
 class EngineShutDown(LLMBlueprintError):
     """The engine is stopping or stopped and takes no new work."""

@@ -79,6 +79,9 @@ class ObservedStream:
             TOKENS.labels("completion").inc(event.completion_tokens)
         return event
 
+    def cancel(self) -> None:
+        self._events.cancel()
+
     def close(self) -> None:
         if self._open:
             self._open = False

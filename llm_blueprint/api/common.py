@@ -11,7 +11,11 @@ from flask import current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import metrics
-from ..errors import InvalidRequest, LLMBlueprintError, ModelNotFound, RequestTooLarge
+from ..chat.conversation import ChatRequest
+from ..chat.pipeline import ChatStream
+from ..chat.prompt import ChatPrompt, render
+from ..engine.generation import GenerationRequest
+from ..errors import InvalidModelOutput, InvalidRequest, LLMBlueprintError, ModelNotFound, RequestTooLarge
 from ..runtime import Runtime
 
 log = logging.getLogger("llm_blueprint")
@@ -76,6 +80,8 @@ def _closing(events, body, route, started, request_id):
 def raise_if_failed(finishes) -> None:
     """A non-streaming response whose generation failed is a server error."""
     for finish in finishes:
+        if finish.reason == "invalid_output":
+            raise InvalidModelOutput(finish.error)
         if finish.reason == "error":
             raise LLMBlueprintError(f"generation failed: {finish.error}")
 
@@ -109,3 +115,18 @@ def completion_budget(requested: int | None, prompt_ids: list[int]) -> int:
         return requested
     rt = runtime()
     return max(1, min(rt.settings["LLM_DEFAULT_MAX_TOKENS"], rt.model.context_length - len(prompt_ids)))
+
+
+def start_chat(chat: ChatRequest, requested_max_tokens: int | None, **options: Any) -> tuple[ChatPrompt, ChatStream]:
+    """Render ``chat``, check it, and start its generation; ``options`` are GenerationRequest fields."""
+    rt = runtime()
+    prompt = render(rt.model, chat)
+    request = GenerationRequest(prompt.ids, completion_budget(requested_max_tokens, prompt.ids), **options)
+    structured = chat.response_format is not None or (chat.tool_choice.forced and chat.active_tools)
+    if structured and request.n > 1:
+        raise InvalidRequest("n > 1 is not supported with a forced tool call or a JSON response_format", param="n")
+    rt.engine.validate(request)
+    settings = rt.settings
+    stream = ChatStream(rt.engine, rt.generate, chat, prompt, request, reasoning=settings["LLM_REASONING"],
+                        attempts=settings["LLM_STRUCTURED_ATTEMPTS"])
+    return prompt, stream

@@ -11,6 +11,7 @@ from flask import Response, g, has_request_context
 from .. import metrics
 from ..errors import (
     EngineShutDown,
+    InvalidModelOutput,
     InvalidRequest,
     LLMBlueprintError,
     ModelLoadError,
@@ -31,6 +32,7 @@ STATUS_TABLE: list[tuple[type[Exception] | tuple[type[Exception], ...], dict[str
     (RequestTooLarge, {"openai": (413, "invalid_request_error"), "anthropic": (413, "request_too_large")}),
     (ModelNotFound, {"openai": (404, "invalid_request_error"), "anthropic": (404, "not_found_error")}),
     (InvalidRequest, {"openai": (400, "invalid_request_error"), "anthropic": (400, "invalid_request_error")}),
+    (InvalidModelOutput, {"openai": (422, "invalid_model_output"), "anthropic": (422, "api_error")}),
     (Overloaded, {"openai": (429, "rate_limit_error"), "anthropic": (529, "overloaded_error")}),
     (RateLimited, {"openai": (429, "rate_limit_error"), "anthropic": (429, "rate_limit_error")}),
     ((EngineShutDown, ModelLoadError), {"openai": (503, "service_unavailable"), "anthropic": (529, "overloaded_error")}),

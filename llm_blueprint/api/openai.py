@@ -12,17 +12,32 @@ from typing import Any
 
 from flask import Blueprint
 
-from ..engine.generation import Done, Event, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob, collect
+from ..chat.conversation import (
+    ChatRequest,
+    Message,
+    ResponseFormat,
+    Tool,
+    ToolCallRecord,
+    ToolChoice,
+    arguments_object,
+    check_choice,
+    check_json_schema,
+    check_tool_history,
+    make_tools,
+)
+from ..chat.output import ReasoningDelta, ToolCall
+from ..chat.pipeline import ChoiceResult, collect_chat
+from ..engine.generation import Done, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob, collect
 from ..errors import InvalidRequest
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_limits, check_model, closing, completion_budget, json_body, raise_if_failed, runtime, sampling_defaults
+from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
 from .errors import speaks
 
 CHAT_SCHEMA = ChatCompletionRequestSchema()
 COMPLETION_SCHEMA = CompletionRequestSchema()
-FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length", "cancelled": "stop"}
+FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length", "cancelled": "stop", "tool_calls": "tool_calls"}
 
 
 def _sampling(data: dict[str, Any]) -> dict[str, Any]:
@@ -59,19 +74,67 @@ def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> di
 
 
 def _error_payload(finish: Finish) -> dict[str, Any]:
+    if finish.reason == "invalid_output":
+        return {"error": {"message": finish.error, "type": "invalid_model_output", "param": None, "code": "invalid_model_output"}}
     return {"error": {"message": f"generation failed: {finish.error}", "type": "server_error", "param": None, "code": None}}
 
 
 # ----------------------------------------------------------------------------- chat completions
-def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rendered = []
-    for message in messages:
-        role = "system" if message["role"] == "developer" else message["role"]
-        entry = {"role": role, "content": message.get("content") or ""}
-        if message.get("name"):
-            entry["name"] = message["name"]
-        rendered.append(entry)
-    return rendered
+def _history(raw_messages: list[dict[str, Any]]) -> list[Message]:
+    messages = []
+    for i, m in enumerate(raw_messages):
+        role = "system" if m["role"] == "developer" else m["role"]
+        calls = [ToolCallRecord(c["id"], c["function"]["name"],
+                                arguments_object(c["function"]["arguments"], f"messages[{i}].tool_calls[{j}].function.arguments"))
+                 for j, c in enumerate(m.get("tool_calls") or [])]
+        messages.append(Message(role, m.get("content") or "", calls, tool_call_id=m.get("tool_call_id"),
+                                name=m.get("name") if role == "tool" else None))
+    check_tool_history(messages)
+    return messages
+
+
+def response_format(kind: str | None, schema: dict[str, Any] | None, name: str | None, param: str) -> ResponseFormat | None:
+    """``text`` (None), ``json_object`` or ``json_schema`` with a checked schema."""
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object", {"type": "object"})
+    check_json_schema(schema, param)
+    return ResponseFormat("json_schema", schema, name)
+
+
+def chat_request(messages: list[Message], tools: list[Tool], choice: tuple[str, str | None] | None, parallel: bool | None,
+                 fmt: ResponseFormat | None) -> ChatRequest:
+    """The neutral request shared by chat completions and responses, with its cross-field checks."""
+    mode, name = choice or ("auto", None)
+    tool_choice = ToolChoice(mode, name, parallel=parallel is not False)
+    check_choice(tool_choice, tools)
+    if fmt is not None and tool_choice.forced:
+        raise InvalidRequest("a JSON response format cannot be combined with a forced tool call", param="tool_choice")
+    return ChatRequest(messages, tools, tool_choice, fmt)
+
+
+def _chat_request(data: dict[str, Any]) -> ChatRequest:
+    tools = make_tools([(t["function"]["name"], t["function"].get("description"), t["function"].get("parameters"),
+                         f"tools[{i}].function") for i, t in enumerate(data.get("tools") or [])],
+                       runtime().settings["LLM_MAX_TOOLS"])
+    fmt = data.get("response_format") or {}
+    spec = fmt.get("json_schema") or {}
+    json_format = response_format(fmt.get("type"), spec.get("schema"), spec.get("name"), "response_format.json_schema.schema")
+    return chat_request(_history(data["messages"]), tools, data.get("tool_choice"), data.get("parallel_tool_calls"), json_format)
+
+
+def _tool_call_json(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _chat_message(result: ChoiceResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": result.text or (None if result.tool_calls else ""), "refusal": None}
+    if result.reasoning:
+        message["reasoning_content"] = result.reasoning
+    if result.tool_calls:
+        message["tool_calls"] = [_tool_call_json(c) for c in result.tool_calls]
+    return message
 
 
 @speaks("openai")
@@ -79,33 +142,31 @@ def chat_completions():
     data = load(CHAT_SCHEMA, json_body())
     check_model(data["model"])
     check_limits(len(data["messages"]), data.get("max_completion_tokens") or data.get("max_tokens"), data.get("stop"))
-    rt = runtime()
-    model = rt.model
-    prompt_ids = model.encode_chat(_template_messages(data["messages"]))
-    max_tokens = completion_budget(data.get("max_completion_tokens") or data.get("max_tokens"), prompt_ids)
-    gen = GenerationRequest(prompt_ids, max_tokens, logprobs=bool(data.get("logprobs")), **_sampling(data))
-    events = rt.generate(gen)
+    chat = _chat_request(data)
+    want_logprobs = bool(data.get("logprobs"))
+    _, events = start_chat(chat, data.get("max_completion_tokens") or data.get("max_tokens"), logprobs=want_logprobs, **_sampling(data))
+    n = events.request.n
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return event_stream(closing(events, _chat_chunks(events, meta, gen, include_usage)))
+        return event_stream(closing(events, _chat_chunks(events, meta, n, want_logprobs, include_usage)))
 
-    texts, finishes, done, logprobs = collect(events, gen.n)
-    raise_if_failed(finishes)
+    results, done = collect_chat(events, n)
+    raise_if_failed([r.finish for r in results])
     choices = [
         {
             "index": i,
-            "message": {"role": "assistant", "content": texts[i], "refusal": None},
-            "logprobs": _chat_logprobs(logprobs[i]) if gen.logprobs else None,
-            "finish_reason": FINISH_REASONS[finishes[i].reason],
+            "message": _chat_message(result),
+            "logprobs": _chat_logprobs(result.logprobs) if want_logprobs else None,
+            "finish_reason": FINISH_REASONS[result.finish.reason],
         }
-        for i in range(gen.n)
+        for i, result in enumerate(results)
     ]
     return json_response({**meta, "object": "chat.completion", "choices": choices, "usage": _usage(done),
                           "system_fingerprint": None})
 
 
-def _chat_chunks(events: Iterator[Event], meta: dict[str, Any], gen: GenerationRequest, include_usage: bool) -> Iterator[str]:
+def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, want_logprobs: bool, include_usage: bool) -> Iterator[str]:
     def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs=None) -> str:
         payload = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None,
                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
@@ -113,15 +174,22 @@ def _chat_chunks(events: Iterator[Event], meta: dict[str, Any], gen: GenerationR
             payload["usage"] = None
         return sse(payload)
 
-    for index in range(gen.n):
+    for index in range(n):
         yield chunk(index, {"role": "assistant", "content": ""})
     for event in events:
         if isinstance(event, Heartbeat):
             yield KEEPALIVE
         elif isinstance(event, TextDelta):
-            yield chunk(event.index, {"content": event.text}, logprobs=_chat_logprobs(event.logprobs) if gen.logprobs else None)
+            yield chunk(event.index, {"content": event.text}, logprobs=_chat_logprobs(event.logprobs) if want_logprobs else None)
+        elif isinstance(event, ReasoningDelta):
+            yield chunk(event.index, {"reasoning_content": event.text})
+        elif isinstance(event, ToolCall):
+            opening = {"index": event.call_index, "id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}
+            yield chunk(event.index, {"tool_calls": [opening]})
+            for fragment in event.fragments:
+                yield chunk(event.index, {"tool_calls": [{"index": event.call_index, "function": {"arguments": fragment}}]})
         elif isinstance(event, Finish):
-            if event.reason == "error":
+            if event.failed:
                 yield sse(_error_payload(event))
                 break
             yield chunk(event.index, {}, FINISH_REASONS[event.reason])
@@ -211,7 +279,7 @@ def _completion_chunks(streams, prompt_texts, meta, n, echo, want_logprobs, incl
                 offsets[event.index] += len(event.text)
                 yield chunk(p * n + event.index, event.text, logprobs=logprobs)
             elif isinstance(event, Finish):
-                if event.reason == "error":
+                if event.failed:
                     yield sse(_error_payload(event))
                     yield sse("[DONE]")
                     return

@@ -11,7 +11,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -49,7 +49,10 @@ class ChatTemplate:
         self.source = source
         self._special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
         try:
-            self._template = _environment().from_string(source)
+            env = _environment()
+            self._template = env.from_string(source)
+            # Hugging Face's convention: a template that reads `tools` renders tools and tool turns itself.
+            self.supports_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
         except TemplateError as exc:
             raise ChatTemplateError(f"the model's chat template does not compile: {exc}") from exc
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..errors import ContextTooLong, EngineShutDown, InvalidRequest, Overloaded
 from .handoff import Channel, Empty, NativeThread, WorkQueue, allocate_native_lock, native_sleep
 from .model import Model
-from .text_stream import IncrementalDecoder, StopMatcher
+from .text_stream import IncrementalDecoder, JsonEnd, StopMatcher
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ class GenerationRequest:
     seed: int | None = None
     logprobs: bool = False
     min_tokens: int = 0
+    # Not None: stop (reason "stop") as soon as the JSON object/array that this
+    # prefill text opened (or that the output opens) is closed.
+    json_prefix: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -67,13 +70,18 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Finish:
-    """Completion ``index`` ended. ``reason``: stop, length, stop_sequence, cancelled, error."""
+    """Completion ``index`` ended. ``reason``: stop, length, stop_sequence, cancelled, error;
+    the chat pipeline adds tool_calls and invalid_output (structured output that never validated)."""
 
     index: int
     reason: str
     completion_tokens: int
     stop_sequence: str | None = None
     error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.reason in ("error", "invalid_output")
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,7 @@ class _Entry:
         self.index = index
         self.decoder = IncrementalDecoder(model.tokenizer, request.prompt_ids)
         self.stops = StopMatcher(request.stop)
+        self.json_end = JsonEnd(request.json_prefix) if request.json_prefix is not None else None
         self.tokens = 0
         self.generated: list[int] = []  # to continue after a batch restart
         self.restarts = 0
@@ -141,6 +150,12 @@ class _Entry:
         text = self.decoder.push(token_id)
         if text:
             visible, matched = self.stops.feed(text)
+            if self.json_end is not None:
+                end = self.json_end.feed(visible)
+                if end >= 0:
+                    self._emit(visible[:end])
+                    self.finish("stop", release=False)
+                    return True
             self._emit(visible)
             if matched is not None:
                 self.finish("stop_sequence", stop_sequence=matched)
@@ -155,10 +170,10 @@ class _Entry:
             logprobs, self.pending_logprobs = tuple(self.pending_logprobs), []
             self.job.channel.put(TextDelta(self.index, text, logprobs))
 
-    def finish(self, reason: str, stop_sequence: str | None = None, error: str | None = None) -> None:
+    def finish(self, reason: str, stop_sequence: str | None = None, error: str | None = None, release: bool = True) -> None:
         if self.finished:
             return
-        if reason in ("stop", "length"):  # held text is released; a stop match never is
+        if release and reason in ("stop", "length"):  # held text is released; a stop match never is
             self._emit(self.decoder.flush())
             self._emit(self.stops.flush())
         self.finished = True
@@ -214,6 +229,10 @@ class EventStream:
 
     def __next__(self) -> Event:
         return next(self._events)
+
+    def cancel(self) -> None:
+        """Stop generating but keep the stream readable: its entries finish "cancelled", then Done."""
+        self._job.cancelled = True
 
     def close(self) -> None:
         self._job.cancelled = True
@@ -306,6 +325,33 @@ class Engine:
             self._pending.extend(job.entries)
         self._wakeup.put(True)
         return EventStream(job, self._events(job))
+
+    def score_continuations(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
+        """Log-probability of each continuation after the prompt (one engine pass, off the event loop).
+
+        Lets a caller choose among a few fixed alternatives (a tool name, say)
+        by the model's own likelihood: CTranslate2 has no logits hook to
+        constrain sampling.
+        """
+        if self._closed:
+            raise EngineShutDown("the engine is shutting down")
+        vocabulary = self.model.vocabulary
+        batch = [[vocabulary[t] for t in prompt_ids + list(c)] for c in continuations]
+        channel = Channel()
+
+        def score() -> None:
+            try:
+                channel.put(self.model.generator.score_batch(batch))
+            except BaseException as exc:  # handed to the waiting caller
+                channel.put(exc)
+
+        NativeThread(score, "llm-engine-score").start()
+        result = channel.get()
+        if isinstance(result, BaseException):
+            raise result
+        # log_probs[i] scores token i + 1 given the tokens before it.
+        first = len(prompt_ids) - 1
+        return [sum(r.log_probs[first:]) for r in result]
 
     @property
     def alive(self) -> bool:

@@ -182,8 +182,11 @@ class Model:
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **extra: Any) -> list[int]:
         """Token ids of the rendered chat (the template writes its own BOS)."""
-        text = self.render_chat(messages, tools=tools, **extra)
-        self._check_length(text, "messages")
+        return self.encode_text(self.render_chat(messages, tools=tools, **extra), "messages")
+
+    def encode_text(self, text: str, param: str = "messages") -> list[int]:
+        """Token ids of already rendered prompt text (control tokens as written, no BOS added)."""
+        self._check_length(text, param)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def encode_prompt(self, text: str) -> list[int]:

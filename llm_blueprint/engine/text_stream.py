@@ -89,3 +89,44 @@ class StopMatcher:
                     longest = length
                     break
         return longest
+
+
+class JsonEnd:
+    """Finds where the first top-level JSON object or array ends in a stream of text.
+
+    ``start`` is text already written before the stream (a prefill such as
+    ``{"city": "``). ``feed`` returns the index in the fed text just after the
+    closing bracket, or -1 while the value is still open. A scalar-only or
+    malformed text never ends here: the generation's other limits end it.
+    """
+
+    def __init__(self, start: str = ""):
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._started = False
+        self.ended = False
+        self.feed(start)
+
+    def feed(self, text: str) -> int:
+        if self.ended:
+            return 0
+        for i, char in enumerate(text):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == '"':
+                    self._in_string = False
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+                self._started = True
+            elif char in "}]":
+                self._depth -= 1
+                if self._started and self._depth <= 0:
+                    self.ended = True
+                    return i + 1
+        return -1

@@ -27,17 +27,80 @@ class ChatContent(fields.Field):
         return join_text_parts(value, text_types=frozenset({"text"}), refusal=True, unsupported=_unsupported_part)
 
 
+class CalledFunctionSchema(RequestSchema):
+    name = StrictStr(required=True, validate=validate.Length(min=1))
+    arguments = StrictStr(required=True)
+
+
+class ToolCallSchema(RequestSchema):
+    """An assistant turn's earlier tool call, replayed in the history."""
+
+    id = StrictStr(required=True, validate=validate.Length(min=1))
+    type = StrictStr(load_default="function", validate=validate.OneOf(["function"]))
+    function = fields.Nested(CalledFunctionSchema, required=True)
+
+
 class ChatMessageSchema(RequestSchema):
     role = StrictStr(required=True, validate=validate.OneOf(CHAT_ROLES))
     content = ChatContent(load_default=None, allow_none=True)
     name = StrictStr()
     tool_call_id = StrictStr()
-    tool_calls = fields.List(fields.Dict())
+    tool_calls = fields.List(fields.Nested(ToolCallSchema), allow_none=True)
 
     @validates_schema
     def _content_present(self, data, **kwargs):
+        if data.get("tool_calls") and data["role"] != "assistant":
+            raise ValidationError("only assistant messages carry tool_calls", field_name="tool_calls")
+        if data["role"] == "tool" and not data.get("tool_call_id"):
+            raise ValidationError("a tool message needs the tool_call_id of the call it answers", field_name="tool_call_id")
         if data.get("content") is None and not (data["role"] == "assistant" and data.get("tool_calls")):
             raise ValidationError("must be a string or a list of text parts", field_name="content")
+
+
+class FunctionSchema(RequestSchema):
+    name = StrictStr(required=True)
+    description = StrictStr(allow_none=True)
+    parameters = fields.Dict(allow_none=True)
+    strict = StrictBool(allow_none=True)
+
+
+class ToolSchema(RequestSchema):
+    type = StrictStr(required=True, validate=validate.OneOf(["function"], error="only 'function' tools are supported"))
+    function = fields.Nested(FunctionSchema, required=True)
+
+
+class ToolChoiceField(fields.Field):
+    """``tool_choice``: none, auto, required, or ``{"type": "function", "function": {"name"}}``; → (mode, name)."""
+
+    openapi = {"nullable": True, "oneOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {
+        "type": "object", "required": ["type", "function"], "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if value in ("none", "auto", "required"):
+            return (value, None)
+        if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict) \
+                and isinstance(value["function"].get("name"), str):
+            return ("required", value["function"]["name"])
+        raise ValidationError("must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+
+
+class JsonSchemaFormatSchema(RequestSchema):
+    name = StrictStr(required=True)
+    schema = fields.Dict(load_default=None, allow_none=True)
+    strict = StrictBool(allow_none=True)
+    description = StrictStr(allow_none=True)
+
+
+class ResponseFormatSchema(RequestSchema):
+    type = StrictStr(required=True, validate=validate.OneOf(["text", "json_object", "json_schema"]))
+    json_schema = fields.Nested(JsonSchemaFormatSchema, allow_none=True)
+
+    @validates_schema
+    def _schema_given(self, data, **kwargs):
+        if data["type"] == "json_schema" and not data.get("json_schema"):
+            raise ValidationError("is required when type is 'json_schema'", field_name="json_schema")
 
 
 class StreamOptionsSchema(RequestSchema):
@@ -69,6 +132,11 @@ class ChatCompletionRequestSchema(SamplingFields):
     max_completion_tokens = StrictInt(allow_none=True, validate=validate.Range(1))
     logprobs = StrictBool(load_default=False, allow_none=True)
     top_logprobs = StrictInt(allow_none=True, validate=validate.Range(0, 20))
+    tools = fields.List(fields.Nested(ToolSchema), allow_none=True)
+    tool_choice = ToolChoiceField(allow_none=True)
+    parallel_tool_calls = StrictBool(allow_none=True)
+    response_format = fields.Nested(ResponseFormatSchema, allow_none=True)
+    reasoning_effort = StrictStr(allow_none=True)
 
 
 class PromptField(fields.Field):

@@ -1,0 +1,152 @@
+"""A protocol-neutral chat request: messages with tool calls and results, tools, tool choice, output format.
+
+Each protocol's route turns its validated body into a :class:`ChatRequest`;
+everything after that (prompt, generation, parsing) is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonschema import SchemaError, validators
+
+from ..errors import InvalidRequest
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ToolCallRecord:
+    """A tool call made in an earlier assistant turn (history)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class Message:
+    """One turn. ``role``: system, user, assistant or tool."""
+
+    role: str
+    content: str = ""
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    tool_call_id: str | None = None  # role "tool": the call this result answers
+    name: str | None = None  # role "tool": the tool's name, when known
+    is_error: bool = False  # role "tool": the tool failed (Anthropic's is_error)
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def openai_shape(self) -> dict[str, Any]:
+        """The shape Hugging Face chat templates expect in ``tools``."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """``mode``: none, auto or required; ``name`` forces one tool (mode required)."""
+
+    mode: str = "auto"
+    name: str | None = None
+    parallel: bool = True
+
+    @property
+    def forced(self) -> bool:
+        return self.mode == "required"
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """``kind``: json_object or json_schema (with ``schema``)."""
+
+    kind: str
+    schema: dict[str, Any] | None = None
+    name: str | None = None
+
+
+@dataclass
+class ChatRequest:
+    messages: list[Message]
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    response_format: ResponseFormat | None = None
+    # Whether reasoning (<think>…</think>) is returned to the client; it is always parsed out of the answer.
+    show_reasoning: bool = True
+    template_options: dict[str, Any] = field(default_factory=dict)  # e.g. enable_thinking for Qwen-style templates
+
+    @property
+    def active_tools(self) -> list[Tool]:
+        """The tools the model may call now (none with tool_choice "none")."""
+        return [] if self.tool_choice.mode == "none" else self.tools
+
+    def tool(self, name: str) -> Tool | None:
+        return next((t for t in self.tools if t.name == name), None)
+
+
+def check_json_schema(schema: Any, param: str) -> None:
+    """A 400 unless ``schema`` is a valid JSON Schema document (an object)."""
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"'{param}' must be a JSON Schema object", param=param)
+    try:
+        validators.validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        raise InvalidRequest(f"'{param}' is not a valid JSON Schema: {exc.message}", param=param) from None
+    if schema.get("type", "object") != "object" and param.endswith("parameters"):
+        raise InvalidRequest(f"'{param}': a tool's parameters must be a JSON Schema of type 'object'", param=param)
+
+
+def make_tools(specs: list[tuple[str, str, Any, str]], max_tools: int, param: str = "tools") -> list[Tool]:
+    """Validated tools from ``(name, description, parameters, param_path)`` tuples."""
+    if len(specs) > max_tools:
+        raise InvalidRequest(f"at most {max_tools} tools are allowed per request", param=param)
+    tools, seen = [], set()
+    for name, description, parameters, where in specs:
+        if not TOOL_NAME.match(name):
+            raise InvalidRequest(f"tool names must be 1-64 letters, digits, '_', '.' or '-'; got {name!r}", param=where)
+        if name in seen:
+            raise InvalidRequest(f"tool name {name!r} is given twice", param=where)
+        seen.add(name)
+        parameters = {"type": "object", "properties": {}} if parameters is None else parameters
+        check_json_schema(parameters, f"{where}.parameters")
+        tools.append(Tool(name, description or "", parameters))
+    return tools
+
+
+def check_choice(choice: ToolChoice, tools: list[Tool], param: str = "tool_choice") -> None:
+    if choice.forced and not tools:
+        raise InvalidRequest("tool_choice requires a tool call, but no tools were given", param=param)
+    if choice.name is not None and all(t.name != choice.name for t in tools):
+        raise InvalidRequest(f"tool_choice names the tool {choice.name!r}, which is not among the request's tools", param=param)
+
+
+def check_tool_history(messages: list[Message], param: str = "messages") -> None:
+    """Every tool result must answer a call made earlier in the conversation."""
+    calls: dict[str, str] = {}
+    for i, message in enumerate(messages):
+        for call in message.tool_calls:
+            calls[call.id] = call.name
+        if message.role == "tool":
+            if message.tool_call_id not in calls:
+                raise InvalidRequest(
+                    f"the tool result in {param}[{i}] answers tool call id {message.tool_call_id!r}, "
+                    "but no earlier assistant turn made a call with that id", param=f"{param}[{i}]")
+            message.name = message.name or calls[message.tool_call_id]
+
+
+def arguments_object(text: str, param: str) -> dict[str, Any]:
+    """Tool-call arguments replayed by a client: a JSON object, as text or already parsed."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        raise InvalidRequest("tool call arguments must be a JSON object (as text)", param=param) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("tool call arguments must be a JSON object", param=param)
+    return value

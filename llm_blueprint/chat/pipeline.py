@@ -1,0 +1,242 @@
+"""One chat request's generation: prompt, engine, parsing, forced calls and JSON output, retries.
+
+Three ways to run, chosen by the request:
+
+- free: the model answers; :class:`OutputParser` splits its text into answer,
+  reasoning and tool calls as it streams;
+- forced call (``tool_choice`` required / a named tool / Anthropic ``any``):
+  the server writes the call's opening itself (prefill) up to the arguments
+  object, so the model only writes the arguments; when several tools are
+  allowed, the model's likelihood of each name after the opening picks one;
+- JSON output (``response_format``): the prefill opens the JSON value.
+
+CTranslate2 has no logits hook, so the model cannot be constrained token by
+token. For the last two the engine stops as soon as the JSON value closes; the
+value is parsed and checked against its JSON Schema with ``jsonschema``; an
+invalid value is regenerated (sampled, since a greedy retry would repeat
+itself) up to ``attempts`` times, and then the request fails with
+``invalid_output``. Nothing of a forced call or a JSON answer is sent before it
+validated, so a stream never carries output that is later withdrawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonschema import validators
+from jsonschema.exceptions import best_match
+
+from ..engine.generation import Done, Engine, Event, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob
+from .conversation import ChatRequest
+from .output import THINK_CLOSE, OutputParser, ReasoningDelta, ToolCall, new_call_id
+from .prompt import ChatPrompt, call_opening, json_opening
+
+RETRY_TEMPERATURE = 0.7
+ChatEvent = Event | ReasoningDelta | ToolCall
+
+
+def schema_problem(value: Any, schema: dict[str, Any] | None) -> str | None:
+    """Why ``value`` does not validate against ``schema`` (None when it does)."""
+    if not schema:
+        return None
+    error = best_match(validators.validator_for(schema)(schema).iter_errors(value))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"{error.message} (at /{where})" if where else error.message
+
+
+class ChatStream:
+    """The events of one chat request. ``close()`` stops whatever generation is running,
+    even before the first event was read."""
+
+    def __init__(self, engine: Engine, generate: Callable[[GenerationRequest], Iterator[Event]], chat: ChatRequest,
+                 prompt: ChatPrompt, request: GenerationRequest, reasoning: bool = True, attempts: int = 3):
+        self.engine = engine
+        self._generate = generate
+        self.chat = chat
+        self.prompt = prompt
+        self.request = request
+        self.reasoning = reasoning
+        self.attempts = max(1, attempts)
+        self._current = None
+        forced = chat.tool_choice.forced and chat.active_tools
+        if forced or chat.response_format is not None:
+            self._current = None
+            self._events = self._constrained(forced=bool(forced))
+        else:
+            # Started now, so typed errors (context too long, overloaded) reach the client before any byte.
+            self._current = generate(request)
+            self._events = self._free(self._current)
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> ChatEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+        self._events.close()
+
+    # Free generation ---------------------------------------------------------
+    def _free(self, stream) -> Iterator[ChatEvent]:
+        chat, n = self.chat, self.request.n
+        parsers = [OutputParser(chat.active_tools, self.reasoning, self.prompt.in_reasoning) for _ in range(n)]
+        calls = [0] * n
+        for event in stream:
+            if isinstance(event, TextDelta):
+                yield from self._pieces(event.index, parsers[event.index].feed(event.text), event.logprobs, calls, stream)
+            elif isinstance(event, Finish):
+                yield from self._pieces(event.index, parsers[event.index].finish(), (), calls, stream)
+                if calls[event.index] and event.reason in ("stop", "stop_sequence", "cancelled"):
+                    event = dataclasses.replace(event, reason="tool_calls")
+                yield event
+            else:
+                yield event
+
+    def _pieces(self, index: int, pieces, logprobs: tuple[TokenLogprob, ...], calls: list[int], stream) -> Iterator[ChatEvent]:
+        for piece in pieces:
+            if piece[0] == "text":
+                yield TextDelta(index, piece[1], logprobs)
+                logprobs = ()
+            elif piece[0] == "reasoning":
+                yield ReasoningDelta(index, piece[1])
+            elif self.chat.tool_choice.parallel or not calls[index]:
+                name, arguments = piece[1], piece[2]
+                yield ToolCall(index, calls[index], new_call_id(), name, arguments, (arguments,))
+                calls[index] += 1
+                if not self.chat.tool_choice.parallel and self.request.n == 1:
+                    stream.cancel()  # one call was asked for: stop generating
+
+    # Forced call or JSON output ------------------------------------------------
+    def _constrained(self, forced: bool) -> Iterator[ChatEvent]:
+        chat, request = self.chat, self.request
+        name = schema = None
+        if forced:
+            name = chat.tool_choice.name or self._choose_tool()
+            schema = chat.tool(name).parameters
+            opening = json_opening(schema)
+            prefill = call_opening(self.prompt, name) + opening
+        else:
+            schema = chat.response_format.schema
+            opening = json_opening(schema)
+            prefill = (f"{THINK_CLOSE}\n\n" if self.prompt.in_reasoning else "") + opening
+        ids = self.engine.model.encode_text(self.prompt.text + prefill)
+        room = self.engine.model.context_length - len(ids)
+        completion_tokens, problem = 0, None
+        for attempt in range(self.attempts):
+            gen = dataclasses.replace(request, prompt_ids=ids, max_tokens=max(1, min(request.max_tokens, room)),
+                                      json_prefix=opening, n=1, stop=[])
+            if attempt and gen.greedy:  # a greedy retry would write the same thing again
+                gen = dataclasses.replace(gen, temperature=RETRY_TEMPERATURE, top_k=0, seed=None)
+            elif attempt:
+                gen = dataclasses.replace(gen, seed=None)
+            if self._current is not None:
+                self._current.close()
+            self._current = self._generate(gen)
+            deltas: list[str] = []
+            finish: Finish | None = None
+            for event in self._current:
+                if isinstance(event, Heartbeat):
+                    yield event
+                elif isinstance(event, TextDelta):
+                    deltas.append(event.text)
+                elif isinstance(event, Finish):
+                    finish = event
+                elif isinstance(event, Done):
+                    completion_tokens += event.completion_tokens
+            done = Done(len(ids), completion_tokens)
+            text = opening + "".join(deltas)
+            if finish is None or finish.failed:
+                yield Finish(0, "error", completion_tokens, error=finish.error if finish else "generation ended early")
+                yield done
+                return
+            if finish.reason == "length" and not forced:  # a cut JSON answer is returned as cut, like the APIs do
+                yield from self._json_text(opening, deltas)
+                yield Finish(0, "length", completion_tokens)
+                yield done
+                return
+            problem = self._problem(text, schema, finish)
+            if problem is None:
+                if forced:
+                    yield ToolCall(0, 0, new_call_id(), name, text, tuple(f for f in [opening, *deltas] if f))
+                    yield Finish(0, "tool_calls", completion_tokens)
+                else:
+                    yield from self._json_text(opening, deltas)
+                    yield Finish(0, "stop", completion_tokens)
+                yield done
+                return
+            if finish.reason == "length":
+                break  # more attempts with the same budget would be cut again
+        what = f"arguments for tool {name!r}" if forced else "JSON output"
+        message = f"the model did not produce valid {what} in {attempt + 1} attempt(s): {problem}"
+        yield Finish(0, "invalid_output", completion_tokens, error=message)
+        yield Done(len(ids), completion_tokens)
+
+    def _json_text(self, opening: str, deltas: list[str]) -> Iterator[TextDelta]:
+        for text in [opening, *deltas]:
+            if text:
+                yield TextDelta(0, text)
+
+    @staticmethod
+    def _problem(text: str, schema: dict[str, Any] | None, finish: Finish) -> str | None:
+        if finish.reason == "length":
+            return "max_tokens was reached before the JSON value was complete; raise max_tokens"
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            return f"not valid JSON ({exc})"
+        return schema_problem(value, schema)
+
+    def _choose_tool(self) -> str:
+        """The allowed tool the model itself finds likeliest after a call's opening."""
+        tools = self.chat.active_tools
+        if len(tools) == 1:
+            return tools[0].name
+        model = self.engine.model
+        head = self.prompt.text + call_opening(self.prompt, None)
+        candidates = [model.encode_text(head + json.dumps(t.name)[1:]) for t in tools]  # name + closing quote
+        common = len(os.path.commonprefix(candidates))
+        scores = self.engine.score_continuations(candidates[0][:common], [c[common:] for c in candidates])
+        return tools[max(range(len(tools)), key=scores.__getitem__)].name
+
+
+@dataclass
+class ChoiceResult:
+    """One completion of a non-streaming chat response."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: Finish | None = None
+
+
+def collect_chat(events: Iterator[ChatEvent], n: int) -> tuple[list[ChoiceResult], Done]:
+    """Drain a chat stream into its completions (non-streaming responses)."""
+    results = [ChoiceResult() for _ in range(n)]
+    texts: list[list[str]] = [[] for _ in range(n)]
+    reasoning: list[list[str]] = [[] for _ in range(n)]
+    done = Done(0, 0)
+    for event in events:
+        if isinstance(event, TextDelta):
+            texts[event.index].append(event.text)
+            results[event.index].logprobs.extend(event.logprobs)
+        elif isinstance(event, ReasoningDelta):
+            reasoning[event.index].append(event.text)
+        elif isinstance(event, ToolCall):
+            results[event.index].tool_calls.append(event)
+        elif isinstance(event, Finish):
+            results[event.index].finish = event
+        elif isinstance(event, Done):
+            done = event
+    for i, result in enumerate(results):
+        result.text, result.reasoning = "".join(texts[i]), "".join(reasoning[i])
+    return results, done
