@@ -1,32 +1,83 @@
 """Anthropic-compatible routes: /v1/messages and /v1/messages/count_tokens.
 
-A schema plus a formatter of the engine's neutral events, like the OpenAI side.
+A schema plus a formatter of the chat pipeline's neutral events, like the OpenAI side.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
+import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint
 
-from ..engine.generation import Done, Event, Finish, GenerationRequest, Heartbeat, TextDelta, collect
+from ..chat.conversation import ChatRequest, Message, ToolCallRecord, ToolChoice, check_choice, check_tool_history, make_tools
+from ..chat.output import ReasoningDelta, ToolCall
+from ..chat.pipeline import collect_chat
+from ..chat.prompt import render
+from ..engine.generation import Done, Finish, Heartbeat, TextDelta
+from ..errors import InvalidRequest
 from ..schemas.anthropic import CountTokensSchema, MessagesRequestSchema
 from ..schemas.common import load
 from ..sse import event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults
+from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
 from .errors import speaks
 
 MESSAGES_SCHEMA = MessagesRequestSchema()
 COUNT_SCHEMA = CountTokensSchema()
-STOP_REASONS = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens", "cancelled": "end_turn"}
+STOP_REASONS = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens", "cancelled": "end_turn",
+                "tool_calls": "tool_use"}
+TOOL_CHOICES = {"auto": "auto", "any": "required", "tool": "required", "none": "none"}
+_PROCESS_KEY = os.urandom(32)
 
 
-def _prompt_ids(data: dict[str, Any]) -> list[int]:
-    messages = [{"role": "system", "content": data["system"]}] if data.get("system") else []
-    messages += [{"role": m["role"], "content": m["content"]} for m in data["messages"]]
-    return runtime().model.encode_chat(messages)
+def _history(data: dict[str, Any]) -> list[Message]:
+    messages = [Message("system", data["system"])] if data.get("system") else []
+    for i, m in enumerate(data["messages"]):
+        blocks = m["content"]
+        text = "".join(b["text"] for b in blocks if b["type"] == "text")
+        if m["role"] == "assistant":
+            calls = [ToolCallRecord(b["id"], b["name"], b["input"]) for b in blocks if b["type"] == "tool_use"]
+            messages.append(Message("assistant", text, calls))
+            continue
+        if any(b["type"] == "tool_use" for b in blocks):
+            raise InvalidRequest("tool_use blocks belong in assistant messages", param="messages")
+        for b in blocks:
+            if b["type"] == "tool_result":
+                messages.append(Message("tool", b["content"], tool_call_id=b["tool_use_id"], is_error=b["is_error"],
+                                        origin=f"messages[{i}]"))
+        if text or not any(b["type"] == "tool_result" for b in blocks):
+            messages.append(Message("user", text))
+    check_tool_history(messages)
+    return messages
+
+
+def _chat_request(data: dict[str, Any]) -> ChatRequest:
+    tools = make_tools([(t["name"], t.get("description"), t["input_schema"], f"tools[{i}]") for i, t in enumerate(data.get("tools") or [])],
+                       runtime().settings["LLM_MAX_TOOLS"], schema_field="input_schema")
+    raw_choice = data.get("tool_choice") or {"type": "auto"}
+    choice = ToolChoice(TOOL_CHOICES[raw_choice["type"]], raw_choice.get("name"),
+                        parallel=not raw_choice.get("disable_parallel_tool_use"))
+    check_choice(choice, tools)
+    thinking = (data.get("thinking") or {}).get("type") in ("enabled", "adaptive")
+    return ChatRequest(_history(data), tools, choice, show_reasoning=thinking, template_options={"enable_thinking": thinking})
+
+
+def _signer() -> Callable[[str], str]:
+    """Signs thinking text (the API's opaque ``signature``): an HMAC, so a replayed block can be recognized as ours.
+    Resolved inside the request: a stream's body runs after the view returned."""
+    configured = runtime().settings["LLM_SIGNING_KEY"]
+    key = configured.encode() if configured else _PROCESS_KEY
+    return lambda thinking: base64.b64encode(hmac.new(key, thinking.encode("utf-8"), hashlib.sha256).digest()).decode("ascii")
+
+
+def _tool_use_id(call: ToolCall) -> str:
+    return "toolu_" + call.id.removeprefix("call_")
 
 
 def _message(meta: dict[str, Any], content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None,
@@ -40,40 +91,87 @@ def messages():
     data = load(MESSAGES_SCHEMA, json_body())
     check_model(data["model"])
     check_limits(len(data["messages"]), data["max_tokens"], data.get("stop_sequences"), stop_param="stop_sequences")
-    rt = runtime()
-    prompt_ids = _prompt_ids(data)
-    gen = GenerationRequest(prompt_ids, data["max_tokens"], stop=data.get("stop_sequences") or [], **sampling_defaults(data))
-    events = rt.generate(gen)
+    chat = _chat_request(data)
+    prompt, events = start_chat(chat, data["max_tokens"], stop=data.get("stop_sequences") or [], **sampling_defaults(data))
     meta = {"id": f"msg_{uuid.uuid4().hex}", "model": data["model"]}
     if data.get("stream"):
-        return event_stream(closing(events, _message_events(events, meta, len(prompt_ids))))
+        sign = _signer() if chat.show_reasoning else None
+        return event_stream(closing(events, _message_events(events, meta, len(prompt.ids), sign)))
 
-    texts, finishes, done, _ = collect(events, 1)
-    raise_if_failed(finishes)
-    finish = finishes[0]
-    content = [{"type": "text", "text": texts[0]}] if texts[0] else []
+    results, done = collect_chat(events, 1)
+    result = results[0]
+    raise_if_failed([result.finish])
+    content: list[dict[str, Any]] = []
+    if result.reasoning and chat.show_reasoning:
+        content.append({"type": "thinking", "thinking": result.reasoning, "signature": _signer()(result.reasoning)})
+    if result.text:
+        content.append({"type": "text", "text": result.text})
+    content += [{"type": "tool_use", "id": _tool_use_id(c), "name": c.name, "input": json.loads(c.arguments)} for c in result.tool_calls]
+    finish = result.finish
     return json_response(_message(meta, content, STOP_REASONS[finish.reason], finish.stop_sequence,
                                   done.prompt_tokens, done.completion_tokens))
 
 
-def _message_events(events: Iterator[Event], meta: dict[str, Any], input_tokens: int) -> Iterator[str]:
+class _Blocks:
+    """The stream's content blocks: each opened when its first delta arrives, closed when another kind starts."""
+
+    def __init__(self, sign: Callable[[str], str] | None) -> None:
+        self.sign = sign
+        self.index = -1
+        self.kind: str | None = None
+        self.thinking: list[str] = []
+
+    def ensure(self, kind: str, block: dict[str, Any]) -> Iterator[str]:
+        if self.kind != kind:
+            yield from self.close()
+            self.index += 1
+            self.kind = kind
+            yield sse({"type": "content_block_start", "index": self.index, "content_block": block}, "content_block_start")
+
+    def delta(self, delta: dict[str, Any]) -> str:
+        return sse({"type": "content_block_delta", "index": self.index, "delta": delta}, "content_block_delta")
+
+    def close(self) -> Iterator[str]:
+        if self.kind is None:
+            return
+        if self.kind == "thinking":
+            yield self.delta({"type": "signature_delta", "signature": self.sign("".join(self.thinking))})
+            self.thinking = []
+        yield sse({"type": "content_block_stop", "index": self.index}, "content_block_stop")
+        self.kind = None
+
+
+def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: int, sign: Callable[[str], str] | None) -> Iterator[str]:
+    """The stream's events; thinking blocks only when ``sign`` is given (thinking asked for)."""
     yield sse({"type": "message_start", "message": _message(meta, [], None, None, input_tokens, 0)}, "message_start")
-    yield sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, "content_block_start")
+    blocks = _Blocks(sign)
     finish: Finish | None = None
     for event in events:
         if isinstance(event, Heartbeat):
             yield sse({"type": "ping"}, "ping")
+        elif isinstance(event, ReasoningDelta):
+            if sign is not None:
+                yield from blocks.ensure("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                blocks.thinking.append(event.text)
+                yield blocks.delta({"type": "thinking_delta", "thinking": event.text})
         elif isinstance(event, TextDelta):
-            delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": event.text}}
-            yield sse(delta, "content_block_delta")
+            yield from blocks.ensure("text", {"type": "text", "text": ""})
+            yield blocks.delta({"type": "text_delta", "text": event.text})
+        elif isinstance(event, ToolCall):
+            yield from blocks.close()
+            yield from blocks.ensure("tool_use", {"type": "tool_use", "id": _tool_use_id(event), "name": event.name, "input": {}})
+            for fragment in event.fragments:
+                yield blocks.delta({"type": "input_json_delta", "partial_json": fragment})
+            yield from blocks.close()
         elif isinstance(event, Finish):
             finish = event
-            if event.reason == "error":
-                error = {"type": "error", "error": {"type": "api_error", "message": f"generation failed: {event.error}"}}
-                yield sse(error, "error")
+            if event.failed:
+                kind = "invalid_model_output" if event.reason == "invalid_output" else "api_error"
+                message = event.error if event.reason == "invalid_output" else f"generation failed: {event.error}"
+                yield sse({"type": "error", "error": {"type": kind, "message": message}}, "error")
                 return
         elif isinstance(event, Done) and finish is not None:
-            yield sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+            yield from blocks.close()
             delta = {"type": "message_delta",
                      "delta": {"stop_reason": STOP_REASONS[finish.reason], "stop_sequence": finish.stop_sequence},
                      "usage": {"input_tokens": event.prompt_tokens, "output_tokens": event.completion_tokens}}
@@ -86,7 +184,7 @@ def count_tokens():
     data = load(COUNT_SCHEMA, json_body())
     check_model(data["model"])
     check_limits(len(data["messages"]))
-    return json_response({"input_tokens": len(_prompt_ids(data))})
+    return json_response({"input_tokens": len(render(runtime().model, _chat_request(data)).ids)})
 
 
 def register(bp: Blueprint) -> None:

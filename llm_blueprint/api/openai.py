@@ -88,7 +88,7 @@ def _history(raw_messages: list[dict[str, Any]]) -> list[Message]:
                                 arguments_object(c["function"]["arguments"], f"messages[{i}].tool_calls[{j}].function.arguments"))
                  for j, c in enumerate(m.get("tool_calls") or [])]
         messages.append(Message(role, m.get("content") or "", calls, tool_call_id=m.get("tool_call_id"),
-                                name=m.get("name") if role == "tool" else None))
+                                name=m.get("name") if role == "tool" else None, origin=f"messages[{i}]"))
     check_tool_history(messages)
     return messages
 

@@ -37,6 +37,7 @@ class Message:
     tool_call_id: str | None = None  # role "tool": the call this result answers
     name: str | None = None  # role "tool": the tool's name, when known
     is_error: bool = False  # role "tool": the tool failed (Anthropic's is_error)
+    origin: str = ""  # where the client sent it (e.g. "messages[3]"), for error messages
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class ChatRequest:
         return next((t for t in self.tools if t.name == name), None)
 
 
-def check_json_schema(schema: Any, param: str) -> None:
+def check_json_schema(schema: Any, param: str, object_only: bool = False) -> None:
     """A 400 unless ``schema`` is a valid JSON Schema document (an object)."""
     if not isinstance(schema, dict):
         raise InvalidRequest(f"'{param}' must be a JSON Schema object", param=param)
@@ -99,12 +100,13 @@ def check_json_schema(schema: Any, param: str) -> None:
         validators.validator_for(schema).check_schema(schema)
     except SchemaError as exc:
         raise InvalidRequest(f"'{param}' is not a valid JSON Schema: {exc.message}", param=param) from None
-    if schema.get("type", "object") != "object" and param.endswith("parameters"):
+    if object_only and schema.get("type", "object") != "object":
         raise InvalidRequest(f"'{param}': a tool's parameters must be a JSON Schema of type 'object'", param=param)
 
 
-def make_tools(specs: list[tuple[str, str, Any, str]], max_tools: int, param: str = "tools") -> list[Tool]:
+def make_tools(specs: list[tuple[str, str, Any, str]], max_tools: int, schema_field: str = "parameters") -> list[Tool]:
     """Validated tools from ``(name, description, parameters, param_path)`` tuples."""
+    param = "tools"
     if len(specs) > max_tools:
         raise InvalidRequest(f"at most {max_tools} tools are allowed per request", param=param)
     tools, seen = [], set()
@@ -115,7 +117,7 @@ def make_tools(specs: list[tuple[str, str, Any, str]], max_tools: int, param: st
             raise InvalidRequest(f"tool name {name!r} is given twice", param=where)
         seen.add(name)
         parameters = {"type": "object", "properties": {}} if parameters is None else parameters
-        check_json_schema(parameters, f"{where}.parameters")
+        check_json_schema(parameters, f"{where}.{schema_field}", object_only=True)
         tools.append(Tool(name, description or "", parameters))
     return tools
 
@@ -127,17 +129,17 @@ def check_choice(choice: ToolChoice, tools: list[Tool], param: str = "tool_choic
         raise InvalidRequest(f"tool_choice names the tool {choice.name!r}, which is not among the request's tools", param=param)
 
 
-def check_tool_history(messages: list[Message], param: str = "messages") -> None:
+def check_tool_history(messages: list[Message]) -> None:
     """Every tool result must answer a call made earlier in the conversation."""
     calls: dict[str, str] = {}
-    for i, message in enumerate(messages):
+    for message in messages:
         for call in message.tool_calls:
             calls[call.id] = call.name
         if message.role == "tool":
             if message.tool_call_id not in calls:
                 raise InvalidRequest(
-                    f"the tool result in {param}[{i}] answers tool call id {message.tool_call_id!r}, "
-                    "but no earlier assistant turn made a call with that id", param=f"{param}[{i}]")
+                    f"the tool result in {message.origin or 'messages'} answers tool call id {message.tool_call_id!r}, "
+                    "but no earlier assistant turn made a call with that id", param=message.origin or "messages")
             message.name = message.name or calls[message.tool_call_id]
 
 

@@ -147,6 +147,7 @@ class OutputParser:
         self.calls = 0
         self.after_block = False  # whitespace right after a reasoning block or call is not answer text
         self.pending_space = ""  # trailing whitespace, held in case a call follows
+        self.space_before_block = ""
 
     @property
     def _markers(self) -> list[str]:
@@ -205,7 +206,8 @@ class OutputParser:
         if found:
             index, marker = min(found)
             self._text(pieces, self.buffer[:index])
-            self.pending_space = ""  # whitespace before a call is not answer text
+            # Whitespace before a call is not answer text, unless the block turns out not to be a call.
+            self.space_before_block, self.pending_space = self.pending_space, ""
             self.buffer = self.buffer[index + len(marker):]
             self.state = "call" if marker == CALL_OPEN else "tool_code"
             return
@@ -242,6 +244,7 @@ class OutputParser:
         if calls:
             self._calls(pieces, calls)
         else:  # not a call after all: the model's own text, verbatim
+            self.pending_space = self.space_before_block
             self._text(pieces, opener + body + ("" if index == -1 else closer))
         self.buffer = "" if index == -1 else self.buffer[index + len(closer):]
         self.state = "text"

@@ -134,10 +134,11 @@ class ChatStream:
         for attempt in range(self.attempts):
             gen = dataclasses.replace(request, prompt_ids=ids, max_tokens=max(1, min(request.max_tokens, room)),
                                       json_prefix=opening, n=1, stop=[])
-            if attempt and gen.greedy:  # a greedy retry would write the same thing again
-                gen = dataclasses.replace(gen, temperature=RETRY_TEMPERATURE, top_k=0, seed=None)
-            elif attempt:
-                gen = dataclasses.replace(gen, seed=None)
+            if attempt:  # sampled, since a greedy retry would write the same thing again; seeded requests stay reproducible
+                seed = None if request.seed is None else request.seed + attempt
+                gen = dataclasses.replace(gen, seed=seed)
+                if gen.greedy:
+                    gen = dataclasses.replace(gen, temperature=RETRY_TEMPERATURE, top_k=0)
             if self._current is not None:
                 self._current.close()
             self._current = self._generate(gen)
@@ -152,13 +153,14 @@ class ChatStream:
                     finish = event
                 elif isinstance(event, Done):
                     completion_tokens += event.completion_tokens
-            done = Done(len(ids), completion_tokens)
+            # The prefilled part of the answer counts as output, so input_tokens stays the prompt's own count.
+            done = Done(len(self.prompt.ids), completion_tokens + len(ids) - len(self.prompt.ids))
             text = opening + "".join(deltas)
             if finish is None or finish.failed:
                 yield Finish(0, "error", completion_tokens, error=finish.error if finish else "generation ended early")
                 yield done
                 return
-            if finish.reason == "length" and not forced:  # a cut JSON answer is returned as cut, like the APIs do
+            if finish.reason == "length" and not forced and not attempt:  # cut by max_tokens: returned as cut, like the APIs
                 yield from self._json_text(opening, deltas)
                 yield Finish(0, "length", completion_tokens)
                 yield done
@@ -173,12 +175,12 @@ class ChatStream:
                     yield Finish(0, "stop", completion_tokens)
                 yield done
                 return
-            if finish.reason == "length":
-                break  # more attempts with the same budget would be cut again
+            if finish.reason == "length" and forced:
+                break  # the arguments outgrew max_tokens; more attempts with the same budget would be cut again
         what = f"arguments for tool {name!r}" if forced else "JSON output"
         message = f"the model did not produce valid {what} in {attempt + 1} attempt(s): {problem}"
         yield Finish(0, "invalid_output", completion_tokens, error=message)
-        yield Done(len(ids), completion_tokens)
+        yield Done(len(self.prompt.ids), completion_tokens)
 
     def _json_text(self, opening: str, deltas: list[str]) -> Iterator[TextDelta]:
         for text in [opening, *deltas]:

@@ -4,8 +4,10 @@ A template that takes ``tools`` (Hugging Face's convention: it references the
 ``tools`` variable) renders the tools, assistant ``tool_calls`` and ``tool``
 messages itself. Any other template gets the default tool prompt below in its
 system message, earlier calls written into the assistant turns as
-``<tool_call>`` blocks, and tool results as ``<tool_response>`` user turns
-(the Hermes format, which many small models were trained on).
+``<tool_call>`` blocks (the Hermes format, which many small models were
+trained on), and tool results as a user turn in plain words ("The get_weather
+tool returned: …"), which models without tool training answer best (measured
+with SmolLM2-135M: ``<tool_response>`` markup made it echo the markup).
 """
 
 from __future__ import annotations
@@ -54,12 +56,13 @@ def _hermes_history(messages: list[Message]) -> list[dict[str, Any]]:
             content = f"{message.content}\n{calls}" if message.content else calls
             rendered.append({"role": "assistant", "content": content})
         elif message.role == "tool":
-            status = " (the tool reported an error)" if message.is_error else ""
-            block = f"<tool_response>\n{message.content}{status}\n</tool_response>"
+            # Plain words work better than <tool_response> markup for models never trained on tools.
+            outcome = "failed with" if message.is_error else "returned"
+            line = f"The {message.name} tool {outcome}: {message.content}"
             if rendered and rendered[-1].get("tool_results"):  # consecutive results share one user turn
-                rendered[-1]["content"] += "\n" + block
+                rendered[-1]["content"] += "\n" + line
             else:
-                rendered.append({"role": "user", "content": block, "tool_results": True})
+                rendered.append({"role": "user", "content": line, "tool_results": True})
         else:
             rendered.append({"role": message.role, "content": message.content})
     for entry in rendered:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from marshmallow import ValidationError, fields, validate
+from typing import Any
+
+from marshmallow import ValidationError, fields, validate, validates_schema
 
 from .common import RequestSchema, StrictBool, StrictFloat, StrictInt, StrictStr, join_text_parts
 
@@ -15,14 +17,53 @@ UNSERVABLE_BLOCKS = {
 IGNORED_BLOCKS = {"thinking", "redacted_thinking"}
 
 
+def _unservable(kind: str) -> str:
+    return UNSERVABLE_BLOCKS.get(kind, f"content block type '{kind}' is not supported")
+
+
 def _text_blocks(value, what: str) -> str:
     if isinstance(value, str):
         return value
-    return join_text_parts(
-        value, text_types=frozenset({"text"}), ignored=frozenset(IGNORED_BLOCKS),
-        unsupported=lambda kind: UNSERVABLE_BLOCKS.get(kind, f"content block type '{kind}' is not supported"),
-        separator="\n\n" if what == "system" else "",
-    )
+    return join_text_parts(value, text_types=frozenset({"text"}), ignored=frozenset(IGNORED_BLOCKS), unsupported=_unservable,
+                           separator="\n\n" if what == "system" else "")
+
+
+def _block(i: int, block: Any) -> dict[str, Any] | None:
+    """One content block, checked and normalized (None for blocks the prompt does not need)."""
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        raise ValidationError({i: ["each content block must be an object with a 'type'"]})
+    kind = block["type"]
+    if kind == "text":
+        return {"type": "text", "text": _text_blocks([block], "content")}
+    if kind in IGNORED_BLOCKS:
+        return None
+    if kind == "tool_use":
+        if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+            raise ValidationError({i: ["a tool_use block needs a string 'id' and 'name'"]})
+        if not isinstance(block.get("input"), dict):
+            raise ValidationError({i: {"input": ["must be an object"]}})
+        return {"type": "tool_use", "id": block["id"], "name": block["name"], "input": block["input"]}
+    if kind == "tool_result":
+        if not isinstance(block.get("tool_use_id"), str):
+            raise ValidationError({i: {"tool_use_id": ["is required (the id of the tool_use block this answers)"]}})
+        content = block.get("content", "")
+        try:
+            text = content if isinstance(content, str) else _text_blocks(content, "content")
+        except ValidationError as exc:
+            raise ValidationError({i: {"content": exc.messages}}) from None
+        is_error = block.get("is_error", False)
+        if not isinstance(is_error, bool):
+            raise ValidationError({i: {"is_error": ["must be a boolean"]}})
+        return {"type": "tool_result", "tool_use_id": block["tool_use_id"], "content": text, "is_error": is_error}
+    raise ValidationError({i: {"type": [_unservable(kind)]}})
+
+
+def _content_blocks(value) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        return [{"type": "text", "text": value}]
+    if not isinstance(value, list):
+        raise ValidationError("must be a string or a list of content blocks")
+    return [b for b in (_block(i, block) for i, block in enumerate(value)) if b is not None]
 
 
 _BLOCKS = {"type": "array", "items": {"type": "object", "required": ["type"],
@@ -30,10 +71,12 @@ _BLOCKS = {"type": "array", "items": {"type": "object", "required": ["type"],
 
 
 class MessageContent(fields.Field):
+    """A string or blocks (text, tool_use, tool_result; thinking ignored), normalized to a list of blocks."""
+
     openapi = {"oneOf": [{"type": "string"}, _BLOCKS]}
 
     def _deserialize(self, value, attr, data, **kwargs):
-        return _text_blocks(value, "content")
+        return _content_blocks(value)
 
 
 class SystemPrompt(fields.Field):
@@ -57,10 +100,44 @@ class MessageSchema(RequestSchema):
     content = MessageContent(required=True)
 
 
+class ToolSchema(RequestSchema):
+    name = StrictStr(required=True)
+    description = StrictStr(allow_none=True)
+    input_schema = fields.Dict()
+    type = StrictStr(allow_none=True)
+
+    @validates_schema
+    def _client_tool(self, data, **kwargs):
+        if data.get("type") not in (None, "custom"):
+            raise ValidationError(f"server tools ({data['type']}) are not supported; "
+                                  "only client tools (name, description, input_schema)", field_name="type")
+        if "input_schema" not in data:
+            raise ValidationError("is required", field_name="input_schema")
+
+
+class ToolChoiceSchema(RequestSchema):
+    type = StrictStr(required=True, validate=validate.OneOf(["auto", "any", "none", "tool"]))
+    name = StrictStr()
+    disable_parallel_tool_use = StrictBool(allow_none=True)
+
+    @validates_schema
+    def _named(self, data, **kwargs):
+        if data["type"] == "tool" and not data.get("name"):
+            raise ValidationError("is required when type is 'tool'", field_name="name")
+
+
+class ThinkingSchema(RequestSchema):
+    type = StrictStr(required=True, validate=validate.OneOf(["enabled", "disabled", "adaptive"]))
+    budget_tokens = StrictInt(validate=validate.Range(1))
+
+
 class CountTokensSchema(RequestSchema):
     model = StrictStr(required=True)
     messages = fields.List(fields.Nested(MessageSchema), required=True, validate=validate.Length(min=1))
     system = SystemPrompt(allow_none=True)
+    tools = fields.List(fields.Nested(ToolSchema), allow_none=True)
+    tool_choice = fields.Nested(ToolChoiceSchema, allow_none=True)
+    thinking = fields.Nested(ThinkingSchema, allow_none=True)
 
 
 class MessagesRequestSchema(CountTokensSchema):
