@@ -1,14 +1,19 @@
-"""The OpenAI Responses API (/v1/responses, text) through the official SDK against gunicorn -k gevent."""
+"""The OpenAI Responses API (/v1/responses: text, function tools, JSON output) through the official SDK against gunicorn -k gevent."""
 
 from __future__ import annotations
 
 import json
 
+import jsonschema
 import openai
 import pytest
 import requests
 
 QUESTION = "What is the capital of France?"
+QUESTION_WEATHER = "What's the weather in Paris?"
+WEATHER = {"type": "function", "name": "get_weather", "description": "Get the current weather for a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+FORCED = {"type": "function", "name": "get_weather"}
 
 
 def test_create_with_a_string_input(openai_client):
@@ -81,6 +86,12 @@ def test_raw_event_order_and_sequence_numbers(api_server):
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}, "input"),
         ({"input": []}, "input"),
         ({"input": "hi " * 9000}, "messages"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+        ({"tools": [{"type": "function", "name": "x", "parameters": {"type": "bogus"}}]}, "tools[0].parameters"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "18"}]}, "input[0]"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": "{oops"}]}, "input[0].arguments"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ],
 )
 def test_bad_inputs_are_400_in_the_openai_envelope(openai_client, kwargs, param):
@@ -88,3 +99,60 @@ def test_bad_inputs_are_400_in_the_openai_envelope(openai_client, kwargs, param)
     with pytest.raises(openai.BadRequestError) as info:
         openai_client.responses.create(**request)
     assert info.value.body["param"] == param and info.value.status_code == 400
+
+
+def test_forced_function_tool_round_trip(openai_client):
+    first = openai_client.responses.create(model="smollm2", input=QUESTION_WEATHER, tools=[WEATHER], tool_choice=FORCED,
+                                           temperature=0, max_output_tokens=60)
+    assert first.status == "completed" and [item.type for item in first.output] == ["function_call"]
+    call = first.output[0]
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_") and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+    assert first.tool_choice.name == "get_weather" and first.tools[0].name == "get_weather"
+
+    history = [{"role": "user", "content": QUESTION_WEATHER}, call.model_dump(exclude_none=True),
+               {"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees C and sunny"}]
+    final = openai_client.responses.create(model="smollm2", input=history, tools=[WEATHER], tool_choice="none",
+                                           temperature=0, max_output_tokens=60)
+    assert final.status == "completed" and final.output[0].type == "message" and "18" in final.output_text
+
+
+def test_stream_helper_with_a_forced_function_tool(openai_client):
+    with openai_client.responses.stream(model="smollm2", input=QUESTION_WEATHER, tools=[WEATHER], tool_choice="required",
+                                        temperature=0, max_output_tokens=60) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(deltas) > 1 and "".join(deltas) == done[0].arguments
+    assert not [e for e in events if e.type == "response.output_text.delta"]
+    assert final.status == "completed" and final.output[0].type == "function_call"
+    assert json.loads(final.output[0].arguments) == {"city": "Paris"}
+    assert events[-1].type == "response.completed"
+
+
+def test_raw_event_order_for_a_function_call(api_server):
+    body = {"model": "smollm2", "input": QUESTION_WEATHER, "stream": True, "temperature": 0, "max_output_tokens": 60,
+            "tools": [WEATHER], "tool_choice": FORCED}
+    response = requests.post(api_server.base + "/v1/responses", json=body, stream=True, timeout=60)
+    payloads = [json.loads(line[6:]) for line in response.iter_lines(decode_unicode=True) if line and line.startswith("data: ")]
+    names = [p["type"] for p in payloads]
+    deltas = names.count("response.function_call_arguments.delta")
+    assert names == (["response.created", "response.in_progress", "response.output_item.added"]
+                     + ["response.function_call_arguments.delta"] * deltas
+                     + ["response.function_call_arguments.done", "response.output_item.done", "response.completed"])
+    assert [p["sequence_number"] for p in payloads] == list(range(len(payloads)))
+    added, done = payloads[2]["item"], payloads[-2]["item"]
+    assert added["arguments"] == "" and added["status"] == "in_progress" and done["status"] == "completed"
+    assert added["id"] == done["id"] and added["call_id"] == done["call_id"]
+    assert payloads[-1]["response"]["output"] == [done]
+
+
+def test_text_format_json_schema(openai_client):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"]}
+    fmt = {"format": {"type": "json_schema", "name": "capital", "schema": schema}}
+    response = openai_client.responses.create(model="smollm2", input="Give the city and country of the capital of France.",
+                                              text=fmt, temperature=0, max_output_tokens=100)
+    jsonschema.validate(json.loads(response.output_text), schema)
+    assert response.text.format.type == "json_schema"

@@ -1,7 +1,8 @@
-"""OpenAI Responses API: /v1/responses (stateless), a schema plus a formatter of the engine's events."""
+"""OpenAI Responses API: /v1/responses (stateless), a schema plus a formatter of the chat pipeline's events."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -9,27 +10,40 @@ from typing import Any
 
 from flask import Blueprint
 
-from ..engine.generation import Done, Event, Finish, GenerationRequest, Heartbeat, TextDelta, collect
+from ..chat.conversation import Message, ToolCallRecord, arguments_object, check_tool_history, make_tools
+from ..chat.output import ReasoningDelta, ToolCall
+from ..chat.pipeline import ChoiceResult, collect_chat
+from ..engine.generation import Done, Finish, Heartbeat, TextDelta
 from ..schemas.common import load
 from ..schemas.responses_api import ResponsesRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_limits, check_model, closing, completion_budget, json_body, raise_if_failed, runtime, sampling_defaults
+from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
 from .errors import speaks
+from .openai import chat_request, response_format
 
 SCHEMA = ResponsesRequestSchema()
+log = logging.getLogger("llm_blueprint")
 
 
-def _response(meta: dict[str, Any], status: str, output: list[dict[str, Any]], done: Done | None,
-              incomplete: bool = False, error: dict[str, str] | None = None) -> dict[str, Any]:
-    usage = None
-    if done is not None:
-        usage = {"input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                 "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                 "total_tokens": done.prompt_tokens + done.completion_tokens}
-    return {**meta, "object": "response", "status": status, "output": output, "usage": usage, "error": error,
-            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "store": False,
-            "text": {"format": {"type": "text"}}}
+def _history(data: dict[str, Any]) -> list[Message]:
+    messages = [Message("system", data["instructions"])] if data.get("instructions") else []
+    for item in data["input"]:
+        if item["type"] == "message":
+            messages.append(Message(item["role"], item["content"]))
+        elif item["type"] == "function_call":
+            call = ToolCallRecord(item["call_id"], item["name"], arguments_object(item["arguments"], f"{item['where']}.arguments"))
+            if messages and messages[-1].role == "assistant":  # calls following an assistant message are the same turn
+                messages[-1].tool_calls.append(call)
+            else:
+                messages.append(Message("assistant", "", [call]))
+        else:
+            messages.append(Message("tool", item["output"], tool_call_id=item["call_id"], origin=item["where"]))
+    check_tool_history(messages)
+    return messages
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -37,64 +51,181 @@ def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
+def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {"type": "reasoning", "id": item_id, "status": status, "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def _call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id, "status": status, "call_id": call.id, "name": call.name,
+            "arguments": call.arguments if status == "completed" else ""}
+
+
+def _output(result: ChoiceResult, status: str) -> list[dict[str, Any]]:
+    items = [_reasoning_item(_new_id("rs"), result.reasoning, "completed")] if result.reasoning else []
+    if result.text or not result.tool_calls:
+        items.append(_message_item(_new_id("msg"), result.text, status))
+    return items + [_call_item(_new_id("fc"), call) for call in result.tool_calls]
+
+
+def _status(finish: Finish) -> str:
+    return "incomplete" if finish.reason == "length" else "completed"
+
+
+class _Echo:
+    """The response object's fields: the request's settings echoed, plus status, output and usage."""
+
+    def __init__(self, data: dict[str, Any], temperature: float, top_p: float):
+        fmt = ((data.get("text") or {}).get("format")) or {"type": "text"}
+        mode, name = data.get("tool_choice") or ("auto", None)
+        self.meta = {
+            "id": _new_id("resp"), "created_at": int(time.time()), "model": data["model"],
+            "instructions": data.get("instructions"), "max_output_tokens": data.get("max_output_tokens"),
+            "temperature": temperature, "top_p": top_p, "metadata": data.get("metadata") or {},
+            "parallel_tool_calls": data.get("parallel_tool_calls") is not False,
+            "tool_choice": {"type": "function", "name": name} if name else mode,
+            "tools": [{"type": "function", "name": t["name"], "description": t.get("description"),
+                       "parameters": t.get("parameters"), "strict": t.get("strict")} for t in data.get("tools") or []],
+            "store": False, "text": {"format": fmt},
+        }
+
+    def response(self, status: str, output: list[dict[str, Any]], done: Done | None,
+                 error: dict[str, str] | None = None) -> dict[str, Any]:
+        usage = None
+        if done is not None:
+            usage = {"input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                     "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                     "total_tokens": done.prompt_tokens + done.completion_tokens}
+        return {**self.meta, "object": "response", "status": status, "output": output, "usage": usage, "error": error,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None}
+
+
 @speaks("openai")
 def create_response():
     data = load(SCHEMA, json_body())
     check_model(data["model"])
-    messages = ([{"role": "system", "content": data["instructions"]}] if data.get("instructions") else []) + data["input"]
-    check_limits(len(messages), data.get("max_output_tokens"))
-    rt = runtime()
-    prompt_ids = rt.model.encode_chat(messages)
-    gen = GenerationRequest(prompt_ids, completion_budget(data.get("max_output_tokens"), prompt_ids), **sampling_defaults(data))
-    events = rt.generate(gen)
-    meta = {"id": f"resp_{uuid.uuid4().hex}", "created_at": int(time.time()), "model": data["model"],
-            "instructions": data.get("instructions"), "max_output_tokens": data.get("max_output_tokens"),
-            "temperature": gen.temperature, "top_p": gen.top_p, "metadata": data.get("metadata") or {}}
-    item_id = f"msg_{uuid.uuid4().hex}"
+    fmt = (data.get("text") or {}).get("format") or {}
+    tools = make_tools([(t["name"], t.get("description"), t.get("parameters"), f"tools[{i}]") for i, t in enumerate(data.get("tools") or [])],
+                       runtime().settings["LLM_MAX_TOOLS"])
+    chat = chat_request(_history(data), tools, data.get("tool_choice"), data.get("parallel_tool_calls"),
+                        response_format(fmt.get("type"), fmt.get("schema"), fmt.get("name"), "text.format.schema"))
+    check_limits(len(chat.messages), data.get("max_output_tokens"))
+    _, events = start_chat(chat, data.get("max_output_tokens"), **sampling_defaults(data))
+    echo = _Echo(data, events.request.temperature, events.request.top_p)
     if data.get("stream"):
-        return event_stream(closing(events, _response_events(events, meta, item_id)))
+        return event_stream(closing(events, _response_events(events, echo)))
 
-    texts, finishes, done, _ = collect(events, 1)
-    raise_if_failed(finishes)
-    incomplete = finishes[0].reason == "length"
-    status = "incomplete" if incomplete else "completed"
-    return json_response(_response(meta, status, [_message_item(item_id, texts[0], status)], done, incomplete))
+    results, done = collect_chat(events, 1)
+    raise_if_failed([results[0].finish])
+    status = _status(results[0].finish)
+    return json_response(echo.response(status, _output(results[0], status), done))
 
 
-def _response_events(events: Iterator[Event], meta: dict[str, Any], item_id: str) -> Iterator[str]:
+class _Items:
+    """The stream's output items, each opened when its first delta arrives and closed when another kind starts."""
+
+    def __init__(self, event):
+        self.event = event  # makes one numbered SSE event
+        self.done: list[dict[str, Any]] = []
+        self.kind: str | None = None
+        self.item_id = ""
+        self.parts: list[str] = []
+
+    @property
+    def index(self) -> int:
+        return len(self.done)
+
+    def text(self, delta: str) -> Iterator[str]:
+        if self.kind != "message":
+            yield from self.close()
+            self.kind, self.item_id = "message", _new_id("msg")
+            yield self.event("response.output_item.added", output_index=self.index,
+                             item=_message_item(self.item_id, "", "in_progress") | {"content": []})
+            yield self.event("response.content_part.added", item_id=self.item_id, output_index=self.index, content_index=0,
+                             part=_message_item("", "", "")["content"][0])
+        self.parts.append(delta)
+        yield self.event("response.output_text.delta", item_id=self.item_id, output_index=self.index, content_index=0,
+                         delta=delta, logprobs=[])
+
+    def reasoning(self, delta: str) -> Iterator[str]:
+        if self.kind != "reasoning":
+            yield from self.close()
+            self.kind, self.item_id = "reasoning", _new_id("rs")
+            yield self.event("response.output_item.added", output_index=self.index,
+                             item=_reasoning_item(self.item_id, "", "in_progress") | {"content": []})
+        self.parts.append(delta)
+        yield self.event("response.reasoning_text.delta", item_id=self.item_id, output_index=self.index, content_index=0, delta=delta)
+
+    def call(self, call: ToolCall) -> Iterator[str]:
+        yield from self.close()
+        item_id = _new_id("fc")
+        yield self.event("response.output_item.added", output_index=self.index, item=_call_item(item_id, call, "in_progress"))
+        for fragment in call.fragments:
+            yield self.event("response.function_call_arguments.delta", item_id=item_id, output_index=self.index, delta=fragment)
+        yield self.event("response.function_call_arguments.done", item_id=item_id, output_index=self.index,
+                         arguments=call.arguments, name=call.name)
+        item = _call_item(item_id, call)
+        yield self.event("response.output_item.done", output_index=self.index, item=item)
+        self.done.append(item)
+
+    def close(self, status: str = "completed") -> Iterator[str]:
+        if self.kind is None:
+            return
+        text, index = "".join(self.parts), self.index
+        if self.kind == "message":
+            item = _message_item(self.item_id, text, status)
+            yield self.event("response.output_text.done", item_id=self.item_id, output_index=index, content_index=0,
+                             text=text, logprobs=[])
+            yield self.event("response.content_part.done", item_id=self.item_id, output_index=index, content_index=0,
+                             part=item["content"][0])
+        else:
+            item = _reasoning_item(self.item_id, text, "completed")
+            yield self.event("response.reasoning_text.done", item_id=self.item_id, output_index=index, content_index=0, text=text)
+        yield self.event("response.output_item.done", output_index=index, item=item)
+        self.done.append(item)
+        self.kind, self.parts = None, []
+
+
+def _response_events(events: Iterator[Any], echo: _Echo) -> Iterator[str]:
     sequence = iter(range(1_000_000_000))
 
     def event(kind: str, **payload: Any) -> str:
         return sse({"type": kind, "sequence_number": next(sequence), **payload}, kind)
 
-    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-    yield event("response.created", response=_response(meta, "in_progress", [], None))
-    yield event("response.in_progress", response=_response(meta, "in_progress", [], None))
-    yield event("response.output_item.added", output_index=0, item=_message_item(item_id, "", "in_progress") | {"content": []})
-    yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=part)
-    texts: list[str] = []
+    items = _Items(event)
+    yield event("response.created", response=echo.response("in_progress", [], None))
+    yield event("response.in_progress", response=echo.response("in_progress", [], None))
+    try:
+        yield from _items_events(events, echo, items, event)
+    except Exception:  # a bug of ours mid-stream: the client still gets a terminal event
+        log.exception("responses stream failed")
+        error = {"code": "server_error", "message": "The server had an error while processing your request."}
+        yield event("response.failed", response=echo.response("failed", items.done, None, error=error))
+
+
+def _items_events(events: Iterator[Any], echo: _Echo, items: _Items, event) -> Iterator[str]:
     finish: Finish | None = None
     for item in events:
         if isinstance(item, Heartbeat):
             yield KEEPALIVE
         elif isinstance(item, TextDelta):
-            texts.append(item.text)
-            yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0, delta=item.text, logprobs=[])
+            yield from items.text(item.text)
+        elif isinstance(item, ReasoningDelta):
+            yield from items.reasoning(item.text)
+        elif isinstance(item, ToolCall):
+            yield from items.call(item)
         elif isinstance(item, Finish):
             finish = item
-            if item.reason == "error":
-                error = {"code": "server_error", "message": f"generation failed: {item.error}"}
-                yield event("response.failed", response=_response(meta, "failed", [], None, error=error))
+            if item.failed:
+                code = "invalid_model_output" if item.reason == "invalid_output" else "server_error"
+                error = {"code": code, "message": item.error if item.reason == "invalid_output" else f"generation failed: {item.error}"}
+                yield event("response.failed", response=echo.response("failed", items.done, None, error=error))
                 return
         elif isinstance(item, Done) and finish is not None:
-            text = "".join(texts)
-            incomplete = finish.reason == "length"
-            status = "incomplete" if incomplete else "completed"
-            yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=text, logprobs=[])
-            yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0, part={**part, "text": text})
-            message = _message_item(item_id, text, status)
-            yield event("response.output_item.done", output_index=0, item=message)
-            yield event(f"response.{status}", response=_response(meta, status, [message], item, incomplete))
+            status = _status(finish)
+            if items.kind is None and not items.done:  # nothing was generated: still one (empty) message
+                yield from items.text("")
+            yield from items.close(status)
+            yield event(f"response.{status}", response=echo.response(status, items.done, item))
 
 
 def register(bp: Blueprint) -> None:

@@ -27,17 +27,26 @@ def _message_text(content, where: str) -> str:
         raise ValidationError(f"{path}: {message}") from None
 
 
+def _string(item: dict, key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value and key != "arguments":
+        raise ValidationError(f"{where}.{key}: must be a non-empty string")
+    return value
+
+
 class ResponsesInput(fields.Field):
-    """``input``: a string, or a list of message items; normalized to ``[{"role", "content"}]``."""
+    """``input``: a string, or a list of items (messages, function calls and their outputs), normalized to
+    ``{"type": "message", "role", "content"}``, ``{"type": "function_call", "call_id", "name", "arguments"}``
+    and ``{"type": "function_call_output", "call_id", "output"}``."""
 
     openapi = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "object"}}]}
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, str):
-            return [{"role": "user", "content": value}]
+            return [{"type": "message", "role": "user", "content": value}]
         if not isinstance(value, list) or not value:
             raise ValidationError("must be a string or a non-empty list of input items")
-        messages = []
+        items = []
         for i, item in enumerate(value):
             where = f"input[{i}]"
             if not isinstance(item, dict):
@@ -45,17 +54,65 @@ class ResponsesInput(fields.Field):
             kind = item.get("type", "message")
             if kind == "reasoning":
                 continue  # replayed reasoning carries nothing the prompt needs
-            if kind in ("function_call", "function_call_output"):
-                raise ValidationError(f"{where}: '{kind}' items need tool calling, which this server does not support yet")
-            if kind != "message":
+            if kind == "function_call":
+                items.append({"type": kind, "call_id": _string(item, "call_id", where), "name": _string(item, "name", where),
+                              "arguments": _string(item, "arguments", where), "where": where})
+            elif kind == "function_call_output":
+                output = item.get("output")
+                if not isinstance(output, str):
+                    output = _message_text(output, where)
+                items.append({"type": kind, "call_id": _string(item, "call_id", where), "output": output, "where": where})
+            elif kind == "message":
+                role = item.get("role")
+                if role not in INPUT_ROLES:
+                    raise ValidationError(f"{where}.role: must be one of {', '.join(INPUT_ROLES)}")
+                items.append({"type": kind, "role": "system" if role == "developer" else role,
+                              "content": _message_text(item.get("content"), where)})
+            else:
                 raise ValidationError(f"{where}: unsupported input item type {kind!r}")
-            role = item.get("role")
-            if role not in INPUT_ROLES:
-                raise ValidationError(f"{where}.role: must be one of {', '.join(INPUT_ROLES)}")
-            messages.append({"role": "system" if role == "developer" else role, "content": _message_text(item.get("content"), where)})
-        if not messages:
+        if not items:
             raise ValidationError("contains no message")
-        return messages
+        return items
+
+
+class FunctionToolSchema(RequestSchema):
+    type = StrictStr(required=True, validate=validate.OneOf(["function"], error="only function tools are supported"))
+    name = StrictStr(required=True)
+    description = StrictStr(allow_none=True)
+    parameters = fields.Dict(allow_none=True)
+    strict = StrictBool(allow_none=True)
+
+
+class ToolChoiceField(fields.Field):
+    """``tool_choice``: none, auto, required or ``{"type": "function", "name"}``; → (mode, name)."""
+
+    openapi = {"nullable": True, "oneOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {
+        "type": "object", "required": ["type", "name"],
+        "properties": {"type": {"type": "string", "enum": ["function"]}, "name": {"type": "string"}}}]}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if value in ("none", "auto", "required"):
+            return (value, None)
+        if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("name"), str):
+            return ("required", value["name"])
+        raise ValidationError("must be 'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}")
+
+
+class TextFormatSchema(RequestSchema):
+    type = StrictStr(required=True, validate=validate.OneOf(["text", "json_object", "json_schema"]))
+    name = StrictStr(allow_none=True)
+    schema = fields.Dict(allow_none=True)
+    strict = StrictBool(allow_none=True)
+    description = StrictStr(allow_none=True)
+
+    @validates_schema
+    def _schema_given(self, data, **kwargs):
+        if data["type"] == "json_schema" and not data.get("schema"):
+            raise ValidationError("is required when type is 'json_schema'", field_name="schema")
+
+
+class TextSchema(RequestSchema):
+    format = fields.Nested(TextFormatSchema, allow_none=True)
 
 
 class ResponsesRequestSchema(RequestSchema):
@@ -68,8 +125,10 @@ class ResponsesRequestSchema(RequestSchema):
     stream = StrictBool(allow_none=True)
     store = StrictBool(allow_none=True)
     previous_response_id = StrictStr(allow_none=True)
-    tools = fields.List(fields.Dict(), allow_none=True)
-    tool_choice = fields.Raw(allow_none=True)
+    tools = fields.List(fields.Nested(FunctionToolSchema), allow_none=True)
+    tool_choice = ToolChoiceField(allow_none=True)
+    parallel_tool_calls = StrictBool(allow_none=True)
+    text = fields.Nested(TextSchema, allow_none=True)
     metadata = fields.Dict(allow_none=True)
     user = StrictStr(allow_none=True)
 
@@ -80,5 +139,3 @@ class ResponsesRequestSchema(RequestSchema):
                                   field_name="previous_response_id")
         if data.get("store"):
             raise ValidationError("responses are not stored by this server; send store=false (or omit it)", field_name="store")
-        if data.get("tools"):
-            raise ValidationError("tools on /v1/responses are not supported by this server yet", field_name="tools")
