@@ -11,6 +11,9 @@ import requests
 
 from app_example import create_app
 
+KEY = "sk-legacy-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
 HOST_REQUESTS = [("GET", "/"), ("GET", "/api/items"), ("GET", "/api/items/1"), ("GET", "/api/items/999"),
                  ("GET", "/nowhere"), ("POST", "/api/items"), ("GET", "/llm")]
 
@@ -29,12 +32,12 @@ def test_mounting_changes_nothing_in_the_host_app(default_model_dir):
 
 
 def test_blueprint_lives_under_the_prefix_with_its_own_errors(default_model_dir):
-    app = create_app({"LLM_MODEL_PATH": default_model_dir, "LLM_MODEL_ID": "smollm2"})
+    app = create_app({"LLM_MODEL_PATH": default_model_dir, "LLM_MODEL_ID": "smollm2", "LLM_API_KEYS": KEY})
     client = app.test_client()
     assert client.get("/v1/models").status_code == 404  # host's 404 page: nothing at the root
-    models = client.get("/llm/v1/models")
+    models = client.get("/llm/v1/models", headers=AUTH)
     assert models.status_code == 200 and models.json["data"][0]["id"] == "smollm2"
-    bad = client.post("/llm/v1/chat/completions", data="nope")
+    bad = client.post("/llm/v1/chat/completions", data="nope", headers=AUTH)
     assert bad.status_code == 400 and bad.json["error"]["type"] == "invalid_request_error"
     assert app.extensions["llm"].settings["LLM_URL_PREFIX"] == "/llm"
     assert set(app.error_handler_spec[None]) == {404}  # the host's own handler, none of ours
@@ -62,13 +65,13 @@ def legacy_server(default_model_dir, tmp_path_factory):
     from servers import gunicorn
 
     log = str(tmp_path_factory.mktemp("legacy") / "legacy.log")
-    env = {"LLM_MODEL_PATH": default_model_dir, "LLM_MODEL_ID": "smollm2"}
+    env = {"LLM_MODEL_PATH": default_model_dir, "LLM_MODEL_ID": "smollm2", "LLM_API_KEYS": KEY}
     with gunicorn("app_example.wsgi:app", env, log, "/api/ping") as server:
         yield server
 
 
 def test_host_route_stays_fast_while_a_long_answer_streams(legacy_server):
-    client = openai.OpenAI(base_url=legacy_server.base + "/llm/v1", api_key="x", max_retries=0)
+    client = openai.OpenAI(base_url=legacy_server.base + "/llm/v1", api_key=KEY, max_retries=0)
     streaming = threading.Event()
     done = threading.Event()
 
@@ -104,3 +107,23 @@ def test_gthread_worker_also_serves(default_model_dir, tmp_path):
         streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="smollm2", messages=messages, temperature=0, max_tokens=20, stream=True) if c.choices)
         assert streamed == reply.choices[0].message.content and "Paris" in streamed
+
+
+def test_login_is_the_auth_hook_for_the_apps_own_pages(default_model_dir):
+    app = create_app({"LLM_MODEL_PATH": default_model_dir, "LLM_MODEL_ID": "smollm2", "LLM_API_KEYS": KEY})
+    client = app.test_client()
+    assert client.get("/chat").status_code == 302  # the page wants a login
+    assert client.get("/llm/v1/models").status_code == 401  # no session, no key
+    wrong = client.post("/login", data={"username": "demo", "password": "nope"})
+    assert wrong.status_code == 401 and b"Wrong user name or password" in wrong.data
+    assert client.post("/login?next=/chat", data={"username": "demo", "password": "demo"}).headers["Location"] == "/chat"
+    page = client.get("/chat")
+    assert page.status_code == 200 and b'data-api="/llm/v1"' in page.data
+    with client.session_transaction() as session:
+        token = session["csrf"]
+    assert client.get("/llm/v1/models").status_code == 401  # the session alone is not enough (CSRF)
+    assert client.get("/llm/v1/models", headers={"X-CSRF-Token": "forged"}).status_code == 401
+    assert client.get("/llm/v1/models", headers={"X-CSRF-Token": token}).status_code == 200
+    assert client.get("/llm/v1/models", headers=AUTH).status_code == 200  # API clients keep using keys
+    client.post("/logout")
+    assert client.get("/llm/v1/models", headers={"X-CSRF-Token": token}).status_code == 401
