@@ -12,6 +12,10 @@ Choices:
   streams in progress time to finish on SIGTERM.
 - never ``preload_app``: the engine's native threads must be created in the
   worker, after the fork.
+- CPU-only hosts: ``OMP_WAIT_POLICY=PASSIVE`` below; size ``LLM_INTRA_THREADS``
+  × ``LLM_INTER_THREADS`` × workers to the physical cores.
+
+docs/deploy.md covers CUDA, systemd, nginx and scaling out.
 """
 
 import os
