@@ -15,7 +15,8 @@ token. For the last two the engine stops as soon as the JSON value closes; the
 value is parsed and checked against its JSON Schema with ``jsonschema``; an
 invalid value is regenerated (sampled, since a greedy retry would repeat
 itself) up to ``attempts`` times, and then the request fails with
-``invalid_output``. Nothing of a forced call or a JSON answer is sent before it
+``invalid_output``. A first JSON answer cut by ``max_tokens`` is returned as
+cut (finish reason ``length``), as the hosted APIs do. Nothing of a forced call or a JSON answer is sent before it
 validated, so a stream never carries output that is later withdrawn.
 """
 
@@ -67,7 +68,6 @@ class ChatStream:
         self._current = None
         forced = chat.tool_choice.forced and chat.active_tools
         if forced or chat.response_format is not None:
-            self._current = None
             self._events = self._constrained(forced=bool(forced))
         else:
             # Started now, so typed errors (context too long, overloaded) reach the client before any byte.
