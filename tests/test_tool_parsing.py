@@ -176,3 +176,45 @@ def test_json_opening_nudges_the_first_required_property():
     assert json_opening({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}) == '{"n": '
     assert json_opening({"type": "array"}) == "["
     assert json_opening(None) == "{"
+
+
+class RecordedStream:
+    """Engine events recorded from a run, replayed; remembers whether the pipeline asked it to stop."""
+
+    def __init__(self, events):
+        self.events, self.cancelled = iter(events), False
+
+    def __iter__(self):
+        return self.events
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _free_run(text_deltas: list[str], parallel: bool):
+    from llm_blueprint.chat.conversation import ChatRequest, ToolChoice
+    from llm_blueprint.chat.output import ToolCall
+    from llm_blueprint.chat.pipeline import ChatStream
+    from llm_blueprint.chat.prompt import ChatPrompt
+    from llm_blueprint.engine.generation import Done, Finish, GenerationRequest, TextDelta
+
+    chat = ChatRequest([], TOOLS, ToolChoice("auto", parallel=parallel))
+    stream = ChatStream.__new__(ChatStream)  # the pipeline's free mode alone, over recorded engine events
+    stream.chat, stream.reasoning = chat, True
+    stream.request = GenerationRequest([1], 50)
+    stream.prompt = ChatPrompt("", [1], False, "hermes", "arguments")
+    recorded = RecordedStream([TextDelta(0, d) for d in text_deltas] + [Finish(0, "cancelled" if not parallel else "stop", 30),
+                                                                         Done(1, 30)])
+    events = list(stream._free(recorded))
+    return [e for e in events if isinstance(e, ToolCall)], [e for e in events if isinstance(e, Finish)], recorded
+
+
+def test_parallel_tool_calls_false_keeps_one_call_and_stops_generating():
+    output = RECORDED["hermes_text_then_two_calls"][0]
+    calls, finishes, recorded = _free_run(splits(output, "random"), parallel=False)
+    assert [c.name for c in calls] == ["get_weather"] and recorded.cancelled
+    assert finishes[0].reason == "tool_calls"
+    calls, finishes, recorded = _free_run(splits(output, "random"), parallel=True)
+    assert [c.name for c in calls] == ["get_weather", "get_time"] and not recorded.cancelled
+    assert [c.call_index for c in calls] == [0, 1] and len({c.id for c in calls}) == 2
+    assert finishes[0].reason == "tool_calls"
