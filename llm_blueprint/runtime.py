@@ -18,7 +18,7 @@ from typing import Any
 from . import metrics
 from .engine import EngineOptions, Model
 from .engine.generation import BatchingOptions, Engine, Event, GenerationRequest
-from .engine.handoff import Channel, NativeThread, native_sleep
+from .engine.handoff import NativeThread, native_sleep, run_on_native_thread
 from .errors import LLMBlueprintError, ModelLoadError
 
 log = logging.getLogger("llm_blueprint")
@@ -77,19 +77,12 @@ class Runtime:
         return DEFAULT_MODEL_NAME
 
     def _load_off_the_hub(self) -> Engine:
-        channel = Channel()
-
-        def load() -> None:
-            try:
-                channel.put(self._load())
-            except BaseException as exc:  # handed to the waiting request
-                channel.put(exc)
-
-        NativeThread(load, "llm-model-loader").start()
-        result = channel.get()
-        if isinstance(result, BaseException):
-            raise result if isinstance(result, LLMBlueprintError) else ModelLoadError(str(result))
-        return result
+        try:
+            return run_on_native_thread(self._load, "llm-model-loader")
+        except LLMBlueprintError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(str(exc)) from exc
 
     def _load(self) -> Engine:
         settings = self.settings

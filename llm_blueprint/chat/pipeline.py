@@ -65,12 +65,14 @@ class ChatStream:
         self.request = request
         self.reasoning = reasoning
         self.attempts = max(1, attempts)
-        self._current = None
-        forced = chat.tool_choice.forced and chat.active_tools
+        # The first generation starts now, so typed errors (context too long, overloaded) reach the client
+        # as an HTTP error before any byte of a stream.
+        forced = bool(chat.tool_choice.forced and chat.active_tools)
         if forced or chat.response_format is not None:
-            self._events = self._constrained(forced=bool(forced))
+            self._prepare_constrained(forced)
+            self._current = generate(self._attempt(0))
+            self._events = self._constrained(forced)
         else:
-            # Started now, so typed errors (context too long, overloaded) reach the client before any byte.
             self._current = generate(request)
             self._events = self._free(self._current)
 
@@ -116,32 +118,39 @@ class ChatStream:
                     stream.cancel()  # one call was asked for: stop generating
 
     # Forced call or JSON output ------------------------------------------------
-    def _constrained(self, forced: bool) -> Iterator[ChatEvent]:
-        chat, request = self.chat, self.request
-        name = schema = None
+    def _prepare_constrained(self, forced: bool) -> None:
+        """The tool (forced call) or schema (JSON output), and the prefilled prompt."""
+        chat = self.chat
+        self.tool_name = None
         if forced:
-            name = chat.tool_choice.name or self._choose_tool()
-            schema = chat.tool(name).parameters
-            opening = json_opening(schema)
-            prefill = call_opening(self.prompt, name) + opening
+            self.tool_name = chat.tool_choice.name or self._choose_tool()
+            self.schema = chat.tool(self.tool_name).parameters
+            self.opening = json_opening(self.schema)
+            prefill = call_opening(self.prompt, self.tool_name) + self.opening
         else:
-            schema = chat.response_format.schema
-            opening = json_opening(schema)
-            prefill = (f"{THINK_CLOSE}\n\n" if self.prompt.in_reasoning else "") + opening
-        ids = self.engine.model.encode_text(self.prompt.text + prefill)
-        room = self.engine.model.context_length - len(ids)
+            self.schema = chat.response_format.schema
+            self.opening = json_opening(self.schema)
+            prefill = (f"{THINK_CLOSE}\n\n" if self.prompt.in_reasoning else "") + self.opening
+        self.prefilled_ids = self.engine.model.encode_text(self.prompt.text + prefill)
+
+    def _attempt(self, attempt: int) -> GenerationRequest:
+        request = self.request
+        room = self.engine.model.context_length - len(self.prefilled_ids)
+        gen = dataclasses.replace(request, prompt_ids=self.prefilled_ids, max_tokens=max(1, min(request.max_tokens, room)),
+                                  json_prefix=self.opening, n=1, stop=[])
+        if attempt:  # sampled, since a greedy retry would write the same thing again; seeded requests stay reproducible
+            gen = dataclasses.replace(gen, seed=None if request.seed is None else request.seed + attempt)
+            if gen.greedy:
+                gen = dataclasses.replace(gen, temperature=RETRY_TEMPERATURE, top_k=0)
+        return gen
+
+    def _constrained(self, forced: bool) -> Iterator[ChatEvent]:
+        name, schema, opening, ids = self.tool_name, self.schema, self.opening, self.prefilled_ids
         completion_tokens, problem = 0, None
         for attempt in range(self.attempts):
-            gen = dataclasses.replace(request, prompt_ids=ids, max_tokens=max(1, min(request.max_tokens, room)),
-                                      json_prefix=opening, n=1, stop=[])
-            if attempt:  # sampled, since a greedy retry would write the same thing again; seeded requests stay reproducible
-                seed = None if request.seed is None else request.seed + attempt
-                gen = dataclasses.replace(gen, seed=seed)
-                if gen.greedy:
-                    gen = dataclasses.replace(gen, temperature=RETRY_TEMPERATURE, top_k=0)
-            if self._current is not None:
+            if attempt:
                 self._current.close()
-            self._current = self._generate(gen)
+                self._current = self._generate(self._attempt(attempt))
             deltas: list[str] = []
             finish: Finish | None = None
             for event in self._current:

@@ -50,9 +50,10 @@ class ChatTemplate:
         self._special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
         try:
             env = _environment()
-            self._template = env.from_string(source)
+            tree = env.parse(source)
+            self._template = env.from_string(tree)
             # Hugging Face's convention: a template that reads `tools` renders tools and tool turns itself.
-            self.supports_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
+            self.supports_tools = "tools" in meta.find_undeclared_variables(tree)
         except TemplateError as exc:
             raise ChatTemplateError(f"the model's chat template does not compile: {exc}") from exc
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ContextTooLong, EngineShutDown, InvalidRequest, Overloaded
-from .handoff import Channel, Empty, NativeThread, WorkQueue, allocate_native_lock, native_sleep
+from .handoff import Channel, Empty, NativeThread, WorkQueue, allocate_native_lock, native_sleep, run_on_native_thread
 from .model import Model
 from .text_stream import IncrementalDecoder, JsonEnd, StopMatcher
 
@@ -337,18 +337,7 @@ class Engine:
             raise EngineShutDown("the engine is shutting down")
         vocabulary = self.model.vocabulary
         batch = [[vocabulary[t] for t in prompt_ids + list(c)] for c in continuations]
-        channel = Channel()
-
-        def score() -> None:
-            try:
-                channel.put(self.model.generator.score_batch(batch))
-            except BaseException as exc:  # handed to the waiting caller
-                channel.put(exc)
-
-        NativeThread(score, "llm-engine-score").start()
-        result = channel.get()
-        if isinstance(result, BaseException):
-            raise result
+        result = run_on_native_thread(lambda: self.model.generator.score_batch(batch), "llm-engine-score")
         # log_probs[i] scores token i + 1 given the tokens before it.
         first = len(prompt_ids) - 1
         return [sum(r.log_probs[first:]) for r in result]

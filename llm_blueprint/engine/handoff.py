@@ -77,6 +77,24 @@ class NativeThread:
         return False
 
 
+def run_on_native_thread(work: Callable[[], Any], name: str) -> Any:
+    """``work()`` on a new OS thread; the caller (a greenlet, or a thread) waits for its result
+    without blocking the event loop. Its exception, if any, is raised here."""
+    channel = Channel()
+
+    def run() -> None:
+        try:
+            channel.put((True, work()))
+        except BaseException as exc:  # handed to the waiting caller
+            channel.put((False, exc))
+
+    NativeThread(run, name).start()
+    ok, result = channel.get()
+    if not ok:
+        raise result
+    return result
+
+
 class WorkQueue:
     """Jobs for native threads: a C-level queue whose ``get`` blocks only the calling OS thread."""
 
