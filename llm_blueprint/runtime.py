@@ -108,6 +108,7 @@ class Runtime:
             gather_seconds=settings["LLM_BATCH_GATHER_MS"] / 1000,
             length_tolerance=settings["LLM_BATCH_LENGTH_TOLERANCE"],
             max_queue=settings["LLM_MAX_QUEUE"],
+            deterministic=settings["LLM_DETERMINISTIC"],
         )
         return Engine(model, heartbeat_interval=settings["LLM_KEEPALIVE_SECONDS"], batching=batching)
 

@@ -62,6 +62,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_MAX_BATCH_SIZE", 8, int, "most completions generated together in one engine batch"),
     Setting("LLM_BATCH_GATHER_MS", 5.0, float, "how long a batch waits for companions after the first arrival"),
     Setting("LLM_BATCH_LENGTH_TOLERANCE", 0.25, float, "largest relative prompt-length difference inside one batch"),
+    Setting("LLM_DETERMINISTIC", False, _bool,
+            "greedy (temperature 0) output independent of server load: only equal prompt lengths share a batch, "
+            "no batch restarts; costs aggregate throughput under mixed load"),
     Setting("LLM_MAX_QUEUE", 64, int, "completions waiting for a batch beyond which requests get 429/529"),
     Setting("LLM_CONTEXT_LENGTH", None, _optional_int, "override the model's context length"),
     Setting("LLM_CHAT_TEMPLATE", None, _optional_str, "override chat template: Jinja2 text or a path to a .jinja file"),
