@@ -125,3 +125,11 @@ def test_greedy_answer_is_the_same_alone_and_under_mixed_load(deterministic_serv
         thread.join(300)
     assert len(results) == len(loads)  # every load stream ran to its end
     assert probe == [alone]  # same text, same usage
+
+
+def test_prompt_list_equals_each_prompt_alone(deterministic_server):
+    client = openai.OpenAI(base_url=deterministic_server.base + "/v1", api_key="x", max_retries=0, timeout=300)
+    prompts = ["Once upon a time", "The sky is"]  # different lengths: mixed in one batch without the mode
+    together = client.completions.create(model="smollm2", prompt=prompts, temperature=0, max_tokens=8)
+    alone = [client.completions.create(model="smollm2", prompt=p, temperature=0, max_tokens=8).choices[0].text for p in prompts]
+    assert [c.text for c in together.choices] == alone
