@@ -42,7 +42,7 @@ def ticker():
 def consume(i):
     ids = model.encode_chat([{"role": "user", "content": prompts[i]}])
     deltas, finish = 0, None
-    for event in engine.generate(GenerationRequest(ids, max_tokens=64, temperature=0)):
+    for event in engine.generate(GenerationRequest(ids, max_tokens=64, min_tokens=64, temperature=0)):
         if isinstance(event, TextDelta):
             deltas += 1
         elif isinstance(event, Finish):

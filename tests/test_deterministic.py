@@ -37,6 +37,21 @@ def test_mode_turns_off_restarts_and_length_mixing():
     assert options.length_tolerance == 0 and options.join_tokens == 0
 
 
+def _late_arrival_batches(model, deterministic: bool) -> list[int]:
+    """A compatible request arrives while the only replica runs a young batch of one."""
+    engine = Engine(model, batching=BatchingOptions(gather_seconds=0, deterministic=deterministic))
+    try:
+        short, same = _chat_ids(model, "Tell me about a cat."), _chat_ids(model, "Tell me about a dog.")
+        first = engine.generate(GenerationRequest(short, 40, min_tokens=40, temperature=0))
+        next(e for e in first if isinstance(e, TextDelta))
+        late = engine.generate(GenerationRequest(same, 40, min_tokens=40, temperature=0))
+        collect(first, 1)
+        collect(late, 1)
+        return engine.batch_sizes
+    finally:
+        engine.shutdown()
+
+
 def test_deterministic_engine_never_mixes_lengths_nor_restarts(model):
     engine = Engine(model, batching=BatchingOptions(gather_seconds=0.05, deterministic=True))
     try:
@@ -48,16 +63,10 @@ def test_deterministic_engine_never_mixes_lengths_nor_restarts(model):
         for stream in streams:
             collect(stream, 1)
         assert sorted(engine.batch_sizes) == [1, 2]  # equal lengths together, the longer one alone
-
-        before = len(engine.batch_sizes)
-        first = engine.generate(GenerationRequest(short, 40, min_tokens=40, temperature=0))
-        next(e for e in first if isinstance(e, TextDelta))  # the only replica runs a young batch of one
-        late = engine.generate(GenerationRequest(same, 4, temperature=0))
-        collect(first, 1)
-        collect(late, 1)
-        assert engine.batch_sizes[before:] == [1, 1]  # the young batch was not restarted to take it in
     finally:
         engine.shutdown()
+    assert _late_arrival_batches(model, deterministic=False) == [1, 2]  # without the mode the young batch restarts
+    assert _late_arrival_batches(model, deterministic=True) == [1, 1]  # with it, the newcomer waits
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +117,7 @@ def test_greedy_answer_is_the_same_alone_and_under_mixed_load(deterministic_serv
         ({"messages": [{"role": "user", "content": "Tell me a joke about cats."}]}, {"temperature": 0, "stop": ["@@@"]}),
     ]
     results: list = []
+    probe: list = []
     threads = []
     for i, (body, settings) in enumerate(loads):
         started = threading.Event()
@@ -115,9 +125,8 @@ def test_greedy_answer_is_the_same_alone_and_under_mixed_load(deterministic_serv
         thread.start()
         threads.append(thread)
         if i < 4:
-            started.wait(60)  # the first four stream before the probe arrives; the rest arrive right after it
+            assert started.wait(120)  # the first four stream before the probe arrives; the rest arrive right after it
         if i == 3:
-            probe: list = []
             probe_thread = threading.Thread(target=lambda: probe.append(_answer(client, PROBE)))
             probe_thread.start()
     probe_thread.join(300)
