@@ -34,7 +34,7 @@ def test_concurrent_requests_share_a_batch(model):
     engine = Engine(model, batching=BatchingOptions(gather_seconds=0.05))
     try:
         prompts = [_prompt(model, t) for t in ("a cat", "a dog", "a cow", "a fox")]
-        results = _run_concurrently(engine, [GenerationRequest(p, 16, temperature=0) for p in prompts])
+        results = _run_concurrently(engine, [GenerationRequest(p, 16, min_tokens=16, temperature=0) for p in prompts])
         assert max(engine.batch_sizes) >= 4
         assert all(r[2].completion_tokens == 16 for r in results)
     finally:
@@ -50,7 +50,9 @@ def test_equal_length_batched_greedy_equals_alone_and_mixed_lengths_are_split(mo
         before = len(engine.batch_sizes)
         together = [r[0] for r in _run_concurrently(engine, [GenerationRequest(p, 24, temperature=0) for p in same])]
         assert engine.batch_sizes[before:] == [3]
-        assert together == alone  # token-identical: equal lengths prefill together exactly as alone
+        # token-identical: equal lengths prefill together exactly as alone (measured on both int8 paths, MKL and oneDNN;
+        # LLM_DETERMINISTIC relies on it)
+        assert together == alone
 
         longer = model.encode_chat([{"role": "user", "content": STORY.format("a very old lighthouse keeper and his dog")}])
         before = len(engine.batch_sizes)
@@ -74,7 +76,7 @@ def test_incompatible_sampling_is_not_batched_together(model):
 def test_n_uses_batch_entries_in_one_call(model):
     engine = Engine(model)
     try:
-        texts, finishes, done, _ = collect(engine.generate(GenerationRequest(_prompt(model, "a cat"), 8, temperature=0.8, n=3)), 3)
+        texts, finishes, done, _ = collect(engine.generate(GenerationRequest(_prompt(model, "a cat"), 8, min_tokens=8, temperature=0.8, n=3)), 3)
         assert engine.batch_sizes[-1] == 3 and len(finishes) == 3 and done.completion_tokens == 24
     finally:
         engine.shutdown()
@@ -84,7 +86,7 @@ def test_a_leaving_client_stops_only_its_entry(model):
     engine = Engine(model, batching=BatchingOptions(gather_seconds=0.05))
     try:
         prompts = [_prompt(model, t) for t in ("a cat", "a dog", "a cow")]
-        streams = [engine.generate(GenerationRequest(p, 60, temperature=0, stop=["@@@"])) for p in prompts]
+        streams = [engine.generate(GenerationRequest(p, 60, min_tokens=60, temperature=0)) for p in prompts]
         leaver = streams[0]
         for event in leaver:
             if isinstance(event, TextDelta):
@@ -102,9 +104,9 @@ def test_full_queue_refuses_at_once(model):
     engine = Engine(model, batching=BatchingOptions(max_queue=2, max_batch_size=1, gather_seconds=0))
     try:
         p = _prompt(model, "a cat")
-        running = engine.generate(GenerationRequest(p, 200, temperature=0, stop=["@@@"]))
+        running = engine.generate(GenerationRequest(p, 200, min_tokens=200, temperature=0))
         next(e for e in running if isinstance(e, TextDelta))  # the only replica is now busy
-        waiting = [engine.generate(GenerationRequest(p, 2, temperature=0)) for _ in range(2)]
+        waiting = [engine.generate(GenerationRequest(p, 2, min_tokens=2, temperature=0)) for _ in range(2)]
         with pytest.raises(Overloaded) as info:
             engine.generate(GenerationRequest(p, 2, temperature=0))
         assert info.value.retry_after >= 1
@@ -130,11 +132,11 @@ def tiny_queue_server(default_model_dir, tmp_path_factory):
 def test_overload_errors_over_http(tiny_queue_server):
     base = tiny_queue_server.base
     long = {"model": "smollm2", "messages": [{"role": "user", "content": STORY.format("a ship")}], "max_tokens": 400,
-            "temperature": 0, "stop": ["@@@"], "stream": True}
+            "min_tokens": 400, "temperature": 0, "stream": True}
     busy = requests.post(base + "/v1/chat/completions", json=long, stream=True, timeout=60)
     lines = busy.iter_lines()
     next(line for line in lines if b"content" in line and b'"content":""' not in line)
-    queued = threading.Thread(target=lambda: requests.post(base + "/v1/chat/completions", json={**long, "max_tokens": 2}, timeout=120))
+    queued = threading.Thread(target=lambda: requests.post(base + "/v1/chat/completions", json={**long, "max_tokens": 2, "min_tokens": 0}, timeout=120))
     queued.start()
     import time
 
@@ -150,16 +152,16 @@ def test_overload_errors_over_http(tiny_queue_server):
     assert info.value.response.headers["Retry-After"] == "1"
     busy.close()
     queued.join(120)
-    ok = requests.post(base + "/v1/chat/completions", json={**long, "max_tokens": 2, "stream": False}, timeout=60)
+    ok = requests.post(base + "/v1/chat/completions", json={**long, "max_tokens": 2, "min_tokens": 0, "stream": False}, timeout=60)
     assert ok.status_code == 200
 
 
 def test_a_late_request_joins_a_young_batch_instead_of_waiting_for_it(model):
     engine = Engine(model, batching=BatchingOptions(gather_seconds=0, join_tokens=16))
     try:
-        first = engine.generate(GenerationRequest(_prompt(model, "a cat"), 120, temperature=0, stop=["@@@"]))
+        first = engine.generate(GenerationRequest(_prompt(model, "a cat"), 120, min_tokens=30, temperature=0))
         next(e for e in first if isinstance(e, TextDelta))  # the only replica is busy with a batch of one
-        late = engine.generate(GenerationRequest(_prompt(model, "a dog"), 10, temperature=0))
+        late = engine.generate(GenerationRequest(_prompt(model, "a dog"), 30, min_tokens=30, temperature=0))  # same settings
         got_first_token_while_running = False
         for event in late:
             if isinstance(event, TextDelta):
@@ -177,13 +179,13 @@ def test_a_late_request_joins_a_young_batch_instead_of_waiting_for_it(model):
 def test_an_old_batch_is_not_restarted(model):
     engine = Engine(model, batching=BatchingOptions(gather_seconds=0, join_tokens=4))
     try:
-        first = engine.generate(GenerationRequest(_prompt(model, "a cat"), 60, temperature=0, stop=["@@@"]))
+        first = engine.generate(GenerationRequest(_prompt(model, "a cat"), 60, min_tokens=20, temperature=0))
         deltas = 0
         for event in first:
             deltas += isinstance(event, TextDelta)
             if deltas == 8:
                 break
-        late = engine.generate(GenerationRequest(_prompt(model, "a dog"), 4, temperature=0))
+        late = engine.generate(GenerationRequest(_prompt(model, "a dog"), 20, min_tokens=20, temperature=0))  # compatible
         collect(first, 1)
         collect(late, 1)
         assert engine.batch_sizes == [1, 1]

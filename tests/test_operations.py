@@ -160,7 +160,7 @@ def test_sigterm_drains_streams_and_exits_cleanly(default_model_dir, tmp_path):
         story = {"model": "smollm2", "messages": [{"role": "user", "content": "Write a long story."}], "stream": True,
                  "temperature": 0, "stop": ["@@@"]}
         short = requests.post(server.base + "/v1/chat/completions", json={**story, "max_tokens": 40}, stream=True, timeout=60)
-        long = requests.post(server.base + "/v1/chat/completions", json={**story, "max_tokens": 2000, "temperature": 0.3},
+        long = requests.post(server.base + "/v1/chat/completions", json={**story, "max_tokens": 2000, "min_tokens": 2000, "temperature": 0.3},
                              stream=True, timeout=60)
         short_lines, long_lines = short.iter_lines(decode_unicode=True), long.iter_lines(decode_unicode=True)
         for lines in (short_lines, long_lines):
