@@ -136,7 +136,8 @@ def test_overload_errors_over_http(tiny_queue_server):
     busy = requests.post(base + "/v1/chat/completions", json=long, stream=True, timeout=60)
     lines = busy.iter_lines()
     next(line for line in lines if b"content" in line and b'"content":""' not in line)
-    queued = threading.Thread(target=lambda: requests.post(base + "/v1/chat/completions", json={**long, "max_tokens": 2, "min_tokens": 0}, timeout=120))
+    short = {**long, "max_tokens": 2, "min_tokens": 0}
+    queued = threading.Thread(target=lambda: requests.post(base + "/v1/chat/completions", json=short, timeout=120))
     queued.start()
     import time
 
