@@ -94,7 +94,9 @@ def test_host_route_stays_fast_while_a_long_answer_streams(legacy_server):
         time.sleep(0.05)
     thread.join(120)
     assert len(latencies) >= 10, "the stream ended before enough samples"
-    assert max(latencies) < 0.1, latencies
+    # A hub blocked by generation would stall these for seconds (the whole 300-token answer); the bound leaves room
+    # for a busy 2-core machine's scheduling noise.
+    assert sorted(latencies)[len(latencies) // 2] < 0.05 and max(latencies) < 0.5, latencies
 
 
 def test_gthread_worker_also_serves(default_model_dir, tmp_path):
