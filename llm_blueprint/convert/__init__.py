@@ -15,7 +15,6 @@ import shutil
 import tempfile
 
 from ..errors import ConversionError
-from .model_specs import build_spec
 from .source import ModelSource, open_model_source
 
 QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32")
@@ -50,6 +49,8 @@ def convert_model(
     The directory appears whole or not at all: everything is written into a
     temporary sibling directory that is renamed into place at the end.
     """
+    from .model_specs import build_spec  # imports CTranslate2
+
     _check_quantization(quantization)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not force:
