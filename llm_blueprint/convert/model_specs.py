@@ -21,6 +21,7 @@ the whole model never exists at once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -30,6 +31,8 @@ from tqdm import tqdm
 from ..errors import ConversionError
 from .model_config import DecoderConfig
 from .source import ModelSource, Vocabulary
+
+log = logging.getLogger(__name__)
 
 Spec = transformer_spec.TransformerDecoderModelSpec
 SCALING_TYPES = {
@@ -266,6 +269,11 @@ def build_gemma2_spec(source: ModelSource, quantization: str, show_progress: boo
     config = source.config
     if config.rope_scaling is not None:
         raise ConversionError(f"{source.path}: Gemma 2 with rope scaling is not supported")
+    if config.attn_logit_softcapping:
+        # CTranslate2 has no attention soft-capping (its own Gemma 2 converter drops it too): scores
+        # well inside the cap are barely changed by it, large ones are no longer bounded.
+        log.warning("%s: Gemma 2's attention logit soft-capping (%s) is not supported by CTranslate2 and is "
+                    "left out; final logit soft-capping is kept", source.path, config.attn_logit_softcapping)
     return _gemma(source, quantization, show_progress, qk_norm=False)
 
 
