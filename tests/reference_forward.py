@@ -262,7 +262,7 @@ def hf_reference_logits(config: dict, weights: dict[str, np.ndarray], ids: list[
         else:
             q, k, v = (h @ w[f"{p}self_attn.{n}_proj.weight"].T for n in "qkv")
             if p + "self_attn.q_proj.bias" in w:
-                q, k, v = (t + w[f"{p}self_attn.{n}_proj.bias"] for t, n in zip((q, k, v), "qkv"))
+                q, k, v = (t + w[f"{p}self_attn.{n}_proj.bias"] for t, n in zip((q, k, v), "qkv", strict=True))
         q, k, v = q.reshape(T, n_heads, D), k.reshape(T, n_kv, D), v.reshape(T, n_kv, D)
         if p + "self_attn.q_norm.weight" in w:
             q, k = norm(q, w[p + "self_attn.q_norm.weight"]), norm(k, w[p + "self_attn.k_norm.weight"])

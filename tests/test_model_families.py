@@ -9,6 +9,7 @@ conversion must reproduce an independent numpy forward pass
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -113,6 +114,26 @@ def test_float32_conversion_reproduces_the_reference_forward_pass(workshop, name
     delta = np.abs(logits - expected).max()
     print(f"max |Δlogit| {name} from {source}: {delta:.1e}")
     assert delta <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", BOTH_SOURCES)
+def test_llama_cpp_reads_the_tiny_gguf_files_as_the_reference_does(name, tmp_path):
+    """The GGUF files these tests write are what llama.cpp expects: llama.cpp itself (float32 weights and
+    cache) computes the reference's logits from them. ggml's GELU goes through a float16 table, hence the
+    looser bound for the Gemmas."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tiny = dataclasses.replace(FAMILIES[name], gguf_ftype="F32")
+    weights = random_weights(tiny)
+    folder = write_hf_folder(tiny, str(tmp_path / name), weights)
+    path = write_gguf(tiny, str(tmp_path / f"{name}.gguf"), folder, weights)
+    llm = llama_cpp.Llama(path, n_ctx=64, logits_all=True, verbose=False, n_threads=1, flash_attn=False,
+                          type_k=0, type_v=0)  # GGML_TYPE_F32 cache
+    ids = _ids(name)
+    llm.eval(ids)
+    logits = np.array(llm.scores[:len(ids)])
+    del llm
+    expected = hf_reference_logits(full_config(tiny), weights, ids)
+    assert np.abs(logits - expected).max() < (1e-2 if name.startswith("gemma") else 1e-4)
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma2_query_scale"])
@@ -226,6 +247,16 @@ def test_directory_carries_tokenizer_template_and_generation_config(workshop):
     assert phi3.encode_text("<|user|>\nHi<|end|>")[0] == phi3.tokenizer.token_to_id("<|user|>")
     with open(os.path.join(phi3.path, "llm_blueprint.json")) as f:
         assert json.load(f)["family"] == "phi3"
+
+
+def test_every_gguf_pre_tokenizer_we_name_compiles():
+    from tokenizers import Regex, pre_tokenizers
+
+    from llm_blueprint.convert.gguf_tokenizer import BPE_PRE_TOKENIZERS
+
+    for _, split in BPE_PRE_TOKENIZERS.values():
+        pieces = pre_tokenizers.Split(Regex(split), behavior="isolated").pre_tokenize_str("It's 2024: Hello World!")
+        assert "".join(p for p, _ in pieces) == "It's 2024: Hello World!"
 
 
 # Refusals ------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cache
 
 import gguf
 import numpy as np
@@ -99,7 +99,7 @@ TOKENIZERS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def bpe_tokenizer_json(name: str) -> str:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -121,7 +121,7 @@ def bpe_tokenizer_json(name: str) -> str:
     return tok.to_str()
 
 
-@lru_cache(maxsize=None)
+@cache
 def sentencepiece_model(name: str) -> bytes:
     import sentencepiece as spm
 
@@ -262,7 +262,7 @@ def vocab_size(tiny: Tiny) -> int:
     return len(tokenizer_tokens(tiny)) + tiny.extra_vocab
 
 
-def _write_tokenizer(tiny: Tiny, folder: str) -> None:
+def write_tokenizer_files(tiny: Tiny, folder: str) -> None:
     tokens = tokenizer_tokens(tiny)
     spec = TOKENIZERS[tiny.tokenizer]
     config: dict = {k: v for k, v in tiny.special_tokens.items()}
@@ -420,7 +420,7 @@ def write_hf_folder(tiny: Tiny, folder: str, weights: dict[str, np.ndarray]) -> 
             weight_map.update({n: shard for n in part})
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    _write_tokenizer(tiny, folder)
+    write_tokenizer_files(tiny, folder)
     return folder
 
 
@@ -433,7 +433,7 @@ QTYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType
           "Q8_0": gguf.GGMLQuantizationType.Q8_0}
 
 
-def _llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """LlamaModel.permute."""
     return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
             .swapaxes(1, 2).reshape(weights.shape))
@@ -559,7 +559,7 @@ def _gguf_parameters(tiny: Tiny, c: dict, writer: gguf.GGUFWriter, ftype: str) -
             writer.add_sliding_window(c["sliding_window"])
 
 
-def _extra_tensors(tiny: Tiny, c: dict) -> dict[str, np.ndarray]:
+def extra_tensors(tiny: Tiny, c: dict) -> dict[str, np.ndarray]:
     """generate_extra_tensors: rope_freqs (LlamaModel), rope_factors_long/short (Phi3MiniModel)."""
     rope = c.get("rope_scaling") or {}
     rope_type = (rope.get("rope_type") or rope.get("type") or "").lower()
@@ -604,17 +604,23 @@ def _gguf_qtype(name: str, t: np.ndarray, ftype: str) -> gguf.GGMLQuantizationTy
     return QTYPES[ftype]
 
 
+def gguf_writer(tiny: Tiny, path: str, folder: str) -> gguf.GGUFWriter:
+    """A GGUFWriter holding the family's metadata and vocabulary, tensors still to add."""
+    writer = gguf.GGUFWriter(path, GGUF_ARCH[tiny.model_type])
+    writer.add_name(f"tiny {tiny.name}")
+    _gguf_parameters(tiny, full_config(tiny), writer, tiny.gguf_ftype)
+    _gguf_vocab(tiny, folder, writer, full_config(tiny)["vocab_size"])
+    return writer
+
+
 def write_gguf(tiny: Tiny, path: str, folder: str, weights: dict[str, np.ndarray]) -> str:
     """``convert_hf_to_gguf.py --outtype <tiny.gguf_ftype>`` on the folder written by :func:`write_hf_folder`."""
     c = full_config(tiny)
     arch = GGUF_ARCH[tiny.model_type]
     ftype = tiny.gguf_ftype
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_name(f"tiny {tiny.name}")
-    _gguf_parameters(tiny, c, writer, ftype)
-    _gguf_vocab(tiny, folder, writer, c["vocab_size"])
+    writer = gguf_writer(tiny, path, folder)
     tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c["num_hidden_layers"])
-    tensors = dict(_extra_tensors(tiny, c))
+    tensors = dict(extra_tensors(tiny, c))
     if "rope_factors_long.weight" in tensors:
         scale = c["max_position_embeddings"] / c["original_max_position_embeddings"]
         orig = c["original_max_position_embeddings"]
@@ -623,9 +629,9 @@ def write_gguf(tiny: Tiny, path: str, folder: str, weights: dict[str, np.ndarray
     for name, t in weights.items():
         t = t.astype(np.float32)
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            t = _llama_permute(t, nh)
+            t = llama_permute(t, nh)
         if arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            t = _llama_permute(t, nkv)
+            t = llama_permute(t, nkv)
         if arch.startswith("gemma") and name == "lm_head.weight":
             continue
         if arch.startswith("gemma") and name.endswith("norm.weight"):
@@ -647,11 +653,3 @@ def write_gguf(tiny: Tiny, path: str, folder: str, weights: dict[str, np.ndarray
     writer.write_tensors_to_file()
     writer.close()
     return path
-
-
-@dataclass
-class Built:
-    tiny: Tiny
-    folder: str
-    gguf_path: str | None
-    weights: dict[str, np.ndarray] = field(repr=False)

@@ -6,6 +6,7 @@ Everything that can be checked before the slow tensor work is checked in
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +96,19 @@ class GGUFFile:
         array = np.ascontiguousarray(np.asarray(data, dtype=np.float32).reshape(shape))
         # F32 tensors come back as views of the read-only memory map; the
         # quantizer scales in place, so those are copied (one tensor at a time).
-        return array if array.flags.writeable else array.copy()
+        array = array if array.flags.writeable else array.copy()
+        self._release(tensor)
+        return array
+
+    def _release(self, tensor: Any) -> None:
+        """Drop the tensor's file pages from this process's resident memory (they stay in the page
+        cache): read once, they would otherwise count against the conversion's footprint until the end."""
+        mapping = getattr(self.reader.data, "_mmap", None)
+        if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = int(tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:

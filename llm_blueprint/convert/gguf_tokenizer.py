@@ -33,7 +33,13 @@ QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# tokenizer.ggml.pre values -> (split digits one by one first, split regex)
+# o200k (GPT-4o, Phi-4-mini), as its tokenizer.json writes it.
+GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre values -> (split digits one by one first, split regex), as llama.cpp's llama-vocab.cpp maps them
 BPE_PRE_TOKENIZERS = {
     "default": (False, GPT2_SPLIT),
     "gpt-2": (False, GPT2_SPLIT),
@@ -43,6 +49,9 @@ BPE_PRE_TOKENIZERS = {
     "llama-bpe": (False, LLAMA3_SPLIT),
     "llama3": (False, LLAMA3_SPLIT),
     "llama-v3": (False, LLAMA3_SPLIT),
+    "dbrx": (False, LLAMA3_SPLIT),  # Phi-4
+    "smaug-bpe": (False, LLAMA3_SPLIT),
+    "gpt-4o": (False, GPT4O_SPLIT),  # Phi-4-mini
     "qwen2": (False, QWEN2_SPLIT),
     "deepseek-r1-qwen": (False, QWEN2_SPLIT),
 }

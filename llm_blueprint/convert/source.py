@@ -51,7 +51,7 @@ class ModelSource(abc.ABC):
         """Write the tokenizer, ``tokenizer_config.json`` (chat template included) and
         ``generation_config.json`` into ``out_dir``; return the vocabulary."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing to release
         """Release open files (memory maps)."""
 
 
