@@ -6,8 +6,13 @@ What ``convert_hf_to_gguf.py`` does and this undoes, per architecture:
   and so on (:data:`LAYER_TENSORS`); Gemma's post-attention norm is
   ``post_attention_norm``, its pre-FFN norm ``ffn_norm``; Phi-3's fused
   ``gate_up_proj`` is stored as ``ffn_up``.
-- ``llama``: the Q and K rows are permuted into Meta's interleaved rotary
-  layout; they are permuted back here (Mistral is written as ``llama`` too).
+- ``llama`` (Mistral is written as ``llama`` too): the Q and K rows are
+  permuted into Meta's interleaved rotary layout. They are used as stored,
+  with interleaved rotary embeddings (``DecoderConfig.rotary_interleave``):
+  the same model in float32, and the very same int8 model as before this
+  reader existed, whereas permuting back changes int8 rounding enough to flip
+  a small model's greedy answers (measured: SmolLM2-135M int8 stops naming
+  Paris as the capital of France).
 - ``gemma2``/``gemma3``: every ``*norm.weight`` has Gemma's ``+1`` folded in;
   it is taken out again, so Gemma norms mean the same from either source.
 - Llama 3 rope scaling becomes a ``rope_freqs`` tensor (a divisor per
@@ -79,14 +84,6 @@ GEMMA3_LOCAL_ROPE_BASE = 10000.0
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's ``LlamaModel.permute`` (Meta's interleaved rotary layout → Hugging Face's halves)."""
-    rows = weight.shape[0]
-    return np.ascontiguousarray(
-        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-    )
-
-
 class GGUFSource(ModelSource):
     """A ``.gguf`` file of a supported architecture."""
 
@@ -144,6 +141,7 @@ class GGUFSource(ModelSource):
             rope_theta=float(self.gguf.arch_field("rope.freq_base", 10000.0)),
             rope_scaling=self._rope_scaling(family),
             rotary_dim=rotary_dim if rotary_dim != head_dim else None,
+            rotary_interleave=arch == "llama",
             activation="gelu_tanh" if arch.startswith("gemma") else "silu",
             tie_word_embeddings=not self.gguf.has_tensor("output.weight"),
             name=self.gguf.field("general.name"),
@@ -216,11 +214,6 @@ class GGUFSource(ModelSource):
         if gguf_name is None:
             raise ConversionError(f"{self.path}: no GGUF tensor corresponds to {name!r}")
         data = self.gguf.tensor(gguf_name)
-        if self.architecture == "llama":
-            if ".self_attn.q_proj." in name:
-                data = unpermute_rotary_rows(data, self.config.num_heads)
-            elif ".self_attn.k_proj." in name:
-                data = unpermute_rotary_rows(data, self.config.num_kv_heads)
         if self._norms_hold_one and name.endswith("norm.weight"):
             data = data - 1.0
         return data

@@ -62,6 +62,7 @@ class DecoderConfig:
     rope_theta: float
     rope_scaling: RopeScaling | None = None
     rotary_dim: int | None = None  # None: the whole head (no partial rotary)
+    rotary_interleave: bool = False  # Q/K rows in Meta's interleaved rotary layout instead of transformers' halves
     sliding_window: int = 0
     sliding_layers: tuple[bool, ...] | None = None  # None: every layer slides when sliding_window > 0
     local_rope_theta: float | None = None  # rotary base of the sliding layers when it differs (Gemma 3)

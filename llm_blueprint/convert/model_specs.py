@@ -87,7 +87,7 @@ def _from_config(config: DecoderConfig, **options) -> Spec:
         ffn_glu=True,
         rms_norm=True,
         rotary_dim=config.rotary_dim or 0,
-        rotary_interleave=False,
+        rotary_interleave=config.rotary_interleave,
         rotary_base=config.rope_theta,
         num_heads_kv=config.num_kv_heads if config.num_kv_heads != config.num_heads else None,
         head_dim=config.head_dim if config.head_dim * config.num_heads != config.hidden_size else None,

@@ -2,10 +2,11 @@
 
 A :class:`ModelSource` shows its model the way Hugging Face ``transformers``
 holds it: a :class:`DecoderConfig`, tensors under their Hugging Face names in
-their Hugging Face layout (float32), and the tokenizer written as Hugging Face
-files. A GGUF file is translated back to that view (llama.cpp's converter run
-in reverse); a Hugging Face folder already is it. The spec builders only
-ever see this view.
+their Hugging Face layout (float32; the one exception, Q/K rows kept in the
+interleaved rotary layout, is announced by ``config.rotary_interleave``), and
+the tokenizer written as Hugging Face files. A GGUF file is translated back to
+that view (llama.cpp's converter run in reverse); a Hugging Face folder
+already is it. The spec builders only ever see this view.
 """
 
 from __future__ import annotations
