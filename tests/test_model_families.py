@@ -302,6 +302,16 @@ def test_unsupported_rope_scaling_is_named_from_either_source(workshop, tmp_path
         convert_model(path, tmp_path / "out", show_progress=False)
 
 
+def test_config_defaults_apply_only_to_absent_keys(workshop, tmp_path):
+    """transformers' defaults fill keys a config.json leaves out; an explicit null keeps its meaning."""
+    from llm_blueprint.convert.hf_folder import HFFolder
+
+    assert HFFolder.open(workshop.source("mistral", "hf")).config.sliding_window == 4096
+    assert HFFolder.open(_folder(workshop, "mistral", tmp_path, sliding_window=None)).config.sliding_window == 0
+    gemma2 = HFFolder.open(_folder(workshop, "gemma2", tmp_path, attn_logit_softcapping=None)).config
+    assert gemma2.attn_logit_softcapping is None and gemma2.final_logit_softcapping == 30.0
+
+
 def test_quantized_checkpoints_and_missing_shards_fail_clearly(workshop, tmp_path):
     folder = _folder(workshop, "qwen2", tmp_path, quantization_config={"quant_method": "gptq", "bits": 4})
     with pytest.raises(ConversionError, match="'gptq'-quantized checkpoints are not supported"):

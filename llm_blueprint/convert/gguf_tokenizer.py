@@ -192,7 +192,4 @@ def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int) -> 
     }
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation, f, indent=2)
-    return Vocabulary(
-        tokens=tokens, bos=specials["bos"], eos=specials["eos"], unk=specials["unk"],
-        end_tokens=[tokens[i] for i in end_ids],
-    )
+    return Vocabulary(tokens=tokens, bos=specials["bos"], eos=specials["eos"], unk=specials["unk"])

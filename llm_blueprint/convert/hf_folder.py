@@ -180,8 +180,11 @@ class HFFolder(ModelSource):
 
     # Hyperparameters ---------------------------------------------------------
     def _get(self, key: str) -> Any:
-        value = self.hf_config.get(key)
-        return CONFIG_DEFAULTS[self.family].get(key) if value is None else value
+        """``config.json``'s value, or transformers' default when the key is absent (an explicit null stays:
+        Mistral's ``"sliding_window": null`` means no window)."""
+        if key in self.hf_config:
+            return self.hf_config[key]
+        return CONFIG_DEFAULTS[self.family].get(key)
 
     def _read_config(self, family: str) -> DecoderConfig:
         self.family = family

@@ -169,9 +169,4 @@ def write_tokenizer_files(folder: str, out_dir: str, hf_config: dict[str, Any], 
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation, f, indent=2)
 
-    eos_ids = generation.get("eos_token_id")
-    end_tokens = [by_id(i) for i in (eos_ids if isinstance(eos_ids, list) else [eos_ids])]
-    return Vocabulary(
-        tokens=tokens, bos=specials["bos_token"], eos=specials["eos_token"], unk=specials["unk_token"],
-        end_tokens=[t for t in end_tokens if t is not None],
-    )
+    return Vocabulary(tokens=tokens, bos=specials["bos_token"], eos=specials["eos_token"], unk=specials["unk_token"])

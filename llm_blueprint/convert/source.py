@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,7 +29,6 @@ class Vocabulary:
     bos: str | None = None
     eos: str | None = None
     unk: str | None = None
-    end_tokens: list[str] = field(default_factory=list)
 
 
 class ModelSource(abc.ABC):
