@@ -137,8 +137,10 @@ def _embeddings_and_head(decoder, w: _Weights, gemma_norm: bool = False) -> None
         decoder.projection.weight = decoder.embeddings.weight
 
 
-def _progress(total: int, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc="converting", unit="layer", disable=not enabled, leave=False)
+def _progress(config: DecoderConfig, enabled: bool) -> tqdm:
+    """One step per layer, plus the embeddings, the final norm and an untied head."""
+    total = config.num_layers + (2 if config.tie_word_embeddings else 3)
+    return tqdm(total=total, desc="converting", unit="part", disable=not enabled, leave=False)
 
 
 def _llama_like(source: ModelSource, quantization: str, show_progress: bool, qk_norm: bool = False) -> Spec:
@@ -147,7 +149,7 @@ def _llama_like(source: ModelSource, quantization: str, show_progress: bool, qk_
     spec = _from_config(config, qk_norm=qk_norm)
     decoder = spec.decoder
     decoder.scale_embeddings = False
-    with _progress(config.num_layers + 3, show_progress) as bar:
+    with _progress(config, show_progress) as bar:
         w = _Weights(source, quantization, bar)
         _embeddings_and_head(decoder, w)
         for i, layer in enumerate(decoder.layer):
@@ -193,7 +195,7 @@ def build_phi3_spec(source: ModelSource, quantization: str, show_progress: bool 
     decoder = spec.decoder
     decoder.scale_embeddings = False
     q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    with _progress(config.num_layers + 3, show_progress) as bar:
+    with _progress(config, show_progress) as bar:
         w = _Weights(source, quantization, bar)
         _embeddings_and_head(decoder, w)
         for i, layer in enumerate(decoder.layer):
@@ -230,7 +232,7 @@ def _gemma(source: ModelSource, quantization: str, show_progress: bool, qk_norm:
     queries_scale = None
     if config.query_pre_attn_scalar and config.query_pre_attn_scalar != config.head_dim:
         queries_scale = np.float32(config.query_pre_attn_scalar ** -0.5)
-    with _progress(config.num_layers + 3, show_progress) as bar:
+    with _progress(config, show_progress) as bar:
         w = _Weights(source, quantization, bar)
         _embeddings_and_head(decoder, w, gemma_norm=True)
         for i, layer in enumerate(decoder.layer):
