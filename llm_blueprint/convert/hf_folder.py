@@ -160,7 +160,8 @@ class HFFolder(ModelSource):
                 raise ConversionError(f"{path}: weight shard {shard_name} named by the index is missing")
             shard = SafetensorsFile(shard_path)
             for name, entry in shard.entries.items():
-                if entry["dtype"] not in FLOAT_DTYPES:
+                # Other towers of multimodal checkpoints (vision...) may hold anything: they are not read.
+                if HFFolder._canonical(name).startswith(("model.", "lm_head.")) and entry["dtype"] not in FLOAT_DTYPES:
                     raise ConversionError(
                         f"{shard_path}: tensor {name!r} has dtype {entry['dtype']}; readable: {', '.join(FLOAT_DTYPES)}"
                     )
