@@ -1,4 +1,4 @@
-"""``llm-blueprint`` console script: convert GGUF files, prepare the default model, serve."""
+"""``llm-blueprint`` console script: convert models (GGUF files, Hugging Face folders), prepare the default model, serve."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from .errors import LLMBlueprintError
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import convert_gguf
+    from .convert import convert_model
 
-    out = convert_gguf(args.gguf, args.out_dir, quantization=args.quantization, force=args.force)
+    out = convert_model(args.source, args.out_dir, quantization=args.quantization, force=args.force)
     print(out)
     return 0
 
@@ -27,10 +27,16 @@ def _prepare(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     """Prepare the model once, then exec gunicorn with the gevent worker."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Convert once, before the workers start; they find the result in the cache.
     if not os.environ.get("LLM_MODEL_PATH"):
         from .engine.default_model import prepare_default_model
 
-        prepare_default_model()  # once, before the workers start; they find it in the cache
+        prepare_default_model()
+    else:
+        from .convert.model_cache import prepare_model_dir
+
+        prepare_model_dir(os.environ["LLM_MODEL_PATH"], os.environ.get("LLM_CACHE_DIR"),
+                          os.environ.get("LLM_COMPUTE_TYPE"))
     config = os.path.join(here, "gunicorn.conf.py")
     argv = [sys.executable, "-m", "gunicorn", "--bind", args.bind, "--workers", str(args.workers)]
     if os.path.isfile(config):
@@ -44,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-blueprint", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a GGUF file into a CTranslate2 model directory")
-    p.add_argument("gguf", help="path of the .gguf file")
+    p = sub.add_parser("convert", help="convert a .gguf file or a Hugging Face folder into a CTranslate2 model directory")
+    p.add_argument("source", help="a .gguf file, or a Hugging Face folder (config.json, *.safetensors, tokenizer files)")
     p.add_argument("out_dir", help="directory to create")
     p.add_argument("--quantization", default="int8",
                    choices=["int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32"])

@@ -91,6 +91,10 @@ class Runtime:
             from .engine.default_model import prepare_default_model
 
             path = prepare_default_model(settings["LLM_CACHE_DIR"])
+        else:  # a .gguf file or a Hugging Face folder is converted once into the cache
+            from .convert.model_cache import prepare_model_dir
+
+            path = prepare_model_dir(path, settings["LLM_CACHE_DIR"], settings["LLM_COMPUTE_TYPE"])
         model = Model(
             path,
             EngineOptions(

@@ -50,11 +50,13 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_MODEL_PATH", None, _optional_str,
-            "CTranslate2 model directory; unset = the embedded SmolLM2-135M-Instruct, prepared into LLM_CACHE_DIR"),
+            "CTranslate2 model directory, .gguf file or Hugging Face folder (converted once into LLM_CACHE_DIR); "
+            "unset = the embedded SmolLM2-135M-Instruct, prepared into LLM_CACHE_DIR"),
     Setting("LLM_MODEL_ID", None, _optional_str, "model id served on /v1/models; default: the model directory's name"),
     Setting("LLM_ACCEPT_ANY_MODEL", False, _bool, "serve requests whatever model name they give (else 404 model_not_found)"),
     Setting("LLM_URL_PREFIX", "", str, "URL prefix of the blueprint, e.g. /llm (routes are then /llm/v1/...)"),
-    Setting("LLM_CACHE_DIR", None, _optional_str, "where the default model is converted to; default: the user's cache dir"),
+    Setting("LLM_CACHE_DIR", None, _optional_str,
+            "where the default model, .gguf files and Hugging Face folders are converted to; default: the user's cache dir"),
     Setting("LLM_DEVICE", "auto", str, "cpu, cuda or auto"),
     Setting("LLM_COMPUTE_TYPE", None, _optional_str, "CTranslate2 compute type; default int8 on CPU, int8_float16 on CUDA"),
     Setting("LLM_INTER_THREADS", 2, int, "engine replicas = batches running at once (weights shared)"),

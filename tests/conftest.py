@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from llm_blueprint.convert import convert_gguf
+from llm_blueprint.convert import CONVERTER_VERSION, convert_gguf
 from llm_blueprint.engine import EngineOptions, Model
 from llm_blueprint.engine.default_model import default_gguf_path, prepare_default_model
 
@@ -24,7 +24,7 @@ def cache_dir(tmp_path_factory) -> str:
 
 
 def _converted(cache_dir: str, name: str, gguf_path: str, quantization: str) -> str:
-    out = os.path.join(cache_dir, f"{name}-{quantization}")
+    out = os.path.join(cache_dir, f"{name}-{quantization}-v{CONVERTER_VERSION}")  # a new converter converts anew
     if not os.path.isfile(os.path.join(out, "llm_blueprint.json")):
         convert_gguf(gguf_path, out, quantization=quantization, force=True, show_progress=False)
     return out

@@ -1,8 +1,9 @@
-"""GGUF → CTranslate2 conversion without torch.
+"""GGUF file or Hugging Face folder → CTranslate2 model directory, without torch.
 
-``gguf`` reads and dequantizes, :mod:`ctranslate2.specs` describes the model,
-``Converter.convert`` quantizes and saves. The result is the same standard
-directory ``ct2-transformers-converter`` writes (``model.bin``,
+``gguf`` and ``safetensors`` read the weights (:mod:`.source` gives both one
+interface), :mod:`.model_specs` describes the model to CTranslate2 one family
+at a time and quantizes as it goes, and the spec is saved. The result is the
+standard directory ``ct2-transformers-converter`` writes (``model.bin``,
 ``config.json``, ``vocabulary.json``, tokenizer files), written atomically.
 """
 
@@ -13,88 +14,91 @@ import os
 import shutil
 import tempfile
 
-import ctranslate2
-
 from ..errors import ConversionError
-from .gguf_file import open_gguf
-from .model_specs import SPEC_BUILDERS, context_length
-from .tokenizer_files import write_tokenizer_files
+from .source import ModelSource, open_model_source
 
 QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32")
 METADATA_FILE = "llm_blueprint.json"
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
+
+__all__ = ["CONVERTER_VERSION", "METADATA_FILE", "QUANTIZATIONS", "convert_gguf", "convert_model", "open_model_source"]
 
 
-class _SpecConverter(ctranslate2.converters.Converter):
-    def __init__(self, spec):
-        self._spec = spec
+def _check_quantization(quantization: str) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ConversionError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if "bfloat16" in quantization:
+        from ctranslate2.specs import model_spec
 
-    def _load(self):
-        return self._spec
+        if not model_spec.torch_is_available:
+            raise ConversionError(
+                f"quantization {quantization!r} needs torch (CTranslate2 writes bfloat16 through it); "
+                "use float16 or int8_float16"
+            )
 
 
-def convert_gguf(
-    gguf_path: str | os.PathLike,
+def convert_model(
+    source_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     quantization: str = "int8",
     force: bool = False,
     show_progress: bool = True,
 ) -> str:
-    """Convert ``gguf_path`` into a CTranslate2 model directory at ``out_dir``.
+    """Convert a ``.gguf`` file or a Hugging Face folder into a CTranslate2 model directory at ``out_dir``.
 
     The directory appears whole or not at all: everything is written into a
     temporary sibling directory that is renamed into place at the end.
     """
-    if quantization not in QUANTIZATIONS:
-        raise ConversionError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    from .model_specs import build_spec  # imports CTranslate2
+
+    _check_quantization(quantization)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not force:
         raise ConversionError(f"output directory {out_dir} already exists (use --force to replace it)")
-    gguf = open_gguf(gguf_path)
+    source = open_model_source(source_path)
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=parent)
     try:
-        spec = SPEC_BUILDERS[gguf.architecture](gguf, show_progress=show_progress)
         model_dir = os.path.join(staging, "model")
-        n_ctx = context_length(gguf)
         tokenizer_dir = os.path.join(staging, "tokenizer")
         os.makedirs(tokenizer_dir)
-        specials = write_tokenizer_files(gguf, tokenizer_dir, n_ctx)
-        tokens = specials.pop("tokens")
-        if len(tokens) != spec.get_vocabulary_size():
-            raise ConversionError(
-                f"{gguf.path}: vocabulary has {len(tokens)} tokens but the embeddings have "
-                f"{spec.get_vocabulary_size()} rows"
-            )
-        spec.register_vocabulary(tokens)
-        spec.config.bos_token = specials["bos"] or tokens[0]
-        spec.config.eos_token = specials["eos"] or tokens[0]
-        spec.config.unk_token = specials["unk"] or tokens[0]
-        _SpecConverter(spec).convert(model_dir, quantization=quantization, force=True)
+        vocabulary = source.write_tokenizer_files(tokenizer_dir)
+        spec = build_spec(source, vocabulary, quantization, show_progress)
+        os.makedirs(model_dir)
+        spec.save(model_dir)
+        del spec
         for name in os.listdir(tokenizer_dir):
             shutil.move(os.path.join(tokenizer_dir, name), os.path.join(model_dir, name))
         with open(os.path.join(model_dir, METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(
-                {
-                    "converter_version": CONVERTER_VERSION,
-                    "source": os.path.basename(gguf.path),
-                    "architecture": gguf.architecture,
-                    "model_name": gguf.field("general.name"),
-                    "context_length": n_ctx,
-                    "quantization": quantization,
-                },
-                f,
-                indent=2,
-            )
+            json.dump(_metadata(source, quantization), f, indent=2)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(model_dir, out_dir)
     except ConversionError:
         raise
     except MemoryError as exc:
-        raise ConversionError(f"out of memory while converting {gguf.path}") from exc
+        raise ConversionError(f"out of memory while converting {source.path}") from exc
     finally:
+        source.close()
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _metadata(source: ModelSource, quantization: str) -> dict:
+    config = source.config
+    return {
+        "converter_version": CONVERTER_VERSION,
+        "source": os.path.basename(os.path.normpath(source.path)),
+        "source_format": source.format,
+        "family": config.family,
+        "architecture": config.family,
+        "model_name": config.name,
+        "context_length": config.context_length,
+        "quantization": quantization,
+    }
+
+
+# The name this function had when GGUF was the only source.
+convert_gguf = convert_model

@@ -6,6 +6,7 @@ Everything that can be checked before the slow tensor work is checked in
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +14,6 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConversionError
-
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
 # Tensor types whose dequantization the ``gguf`` package implements and that
 # this converter has been checked with or that are plain floats.
@@ -76,8 +75,16 @@ class GGUFFile:
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` in PyTorch order (out, in)."""
+        try:
+            tensor = self._tensors[name]
+        except KeyError:
+            raise ConversionError(f"{self.path}: tensor {name!r} is missing") from None
+        return tuple(int(d) for d in reversed(tensor.shape))
+
     def tensor(self, name: str) -> np.ndarray:
-        """Dequantize tensor ``name`` to float32 in PyTorch layout (out, in)."""
+        """Dequantize tensor ``name`` to a writable float32 array in PyTorch layout (out, in)."""
         from gguf.quants import dequantize
 
         try:
@@ -86,11 +93,26 @@ class GGUFFile:
             raise ConversionError(f"{self.path}: tensor {name!r} is missing") from None
         data = dequantize(tensor.data, tensor.tensor_type)
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        return np.ascontiguousarray(np.asarray(data, dtype=np.float32).reshape(shape))
+        array = np.ascontiguousarray(np.asarray(data, dtype=np.float32).reshape(shape))
+        # F32 tensors come back as views of the read-only memory map; the
+        # quantizer scales in place, so those are copied (one tensor at a time).
+        array = array if array.flags.writeable else array.copy()
+        self._release(tensor)
+        return array
+
+    def _release(self, tensor: Any) -> None:
+        """Drop the tensor's file pages from this process's resident memory (they stay in the page
+        cache): read once, they would otherwise count against the conversion's footprint until the end."""
+        mapping = getattr(self.reader.data, "_mmap", None)
+        if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = int(tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Open ``path`` and check architecture and tensor types before any conversion."""
+    """Open ``path`` and check that its tensors can be read, before any conversion."""
     from gguf import GGUFReader
 
     path = os.fspath(path)
@@ -106,11 +128,6 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
 
     arch_field = reader.fields.get("general.architecture")
     architecture = arch_field.contents() if arch_field is not None else None
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ConversionError(
-            f"{path}: unsupported architecture {architecture!r}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
     unreadable = sorted({t.tensor_type.name for t in reader.tensors} - READABLE_TENSOR_TYPES)
     if unreadable:
         raise ConversionError(

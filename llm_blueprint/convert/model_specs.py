@@ -1,150 +1,319 @@
-"""Build CTranslate2 decoder specs from GGUF tensors, one builder per architecture.
+"""Build CTranslate2 decoder specs, one builder per model family.
 
-GGUF weight conventions that matter here (llama.cpp's converter writes them):
+Builders read a :class:`ModelSource` (Hugging Face names and layout, whichever
+file the model came from) and describe the model with CTranslate2's spec
+options, as CTranslate2's own ``transformers`` converter does for each family.
+Where that converter cannot say something exactly, the builders do it their
+own way:
 
-- ``llama``: Q and K projections are stored in the interleaved (Meta) rotary
-  layout, so the raw weights are used with ``rotary_interleave=True``.
-- ``gemma3``: rotary is the NeoX "halves" layout (``rotary_interleave=False``);
-  every ``*norm.weight`` already has Gemma's ``+1`` folded in, so the gammas
-  are used as they are (no ``layer_norm_use_residual``); every sixth layer
-  uses global attention with the global rotary base, the others a sliding
-  window with base 10000 (llama.cpp hard-codes both for this architecture).
+- Llama 3 rope scaling is given as one divisor per rotary frequency through
+  CTranslate2's su/longrope scaling (its ``llama3`` scaling type has no way
+  to receive the scaling factor from a spec).
+- Phi-3's longrope cos/sin scale (``attention_factor``) is folded into the
+  rotary rows of the Q and K projections: rotation is linear, so scaling its
+  input equals scaling its output, for any factor the model declares.
+- Gemma's norms keep their Hugging Face weights with ``layer_norm_use_residual``
+  (gamma = 1 + weight).
+
+Weights are quantized layer by layer as they are read, so a float32 copy of
+the whole model never exists at once.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
-from ctranslate2.specs import common_spec, transformer_spec
+from ctranslate2.specs import attention_spec, common_spec, transformer_spec
 from tqdm import tqdm
 
 from ..errors import ConversionError
-from .gguf_file import GGUFFile
+from .model_config import DecoderConfig
+from .source import ModelSource, Vocabulary
 
-GEMMA3_SLIDING_WINDOW_PATTERN = 6
-GEMMA3_LOCAL_ROPE_BASE = 10000.0
+log = logging.getLogger(__name__)
 
-
-def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
-
-
-def _fused_qkv(gguf: GGUFFile, prefix: str) -> np.ndarray:
-    return np.concatenate(
-        [gguf.tensor(f"{prefix}.attn_q.weight"), gguf.tensor(f"{prefix}.attn_k.weight"),
-         gguf.tensor(f"{prefix}.attn_v.weight")],
-        axis=0,
-    )
-
-
-def _set_embeddings_and_head(decoder, gguf: GGUFFile, bar: tqdm) -> None:
-    """Input embeddings, final norm and output projection (tied when the GGUF has no ``output.weight``)."""
-    embeddings = gguf.tensor("token_embd.weight")
-    decoder.embeddings.weight = embeddings
-    decoder.layer_norm.gamma = gguf.tensor("output_norm.weight")
-    # Tied embeddings: the same array object lets CTranslate2 alias the variable.
-    decoder.projection.weight = gguf.tensor("output.weight") if gguf.has_tensor("output.weight") else embeddings
-    bar.update(2)
+Spec = transformer_spec.TransformerDecoderModelSpec
+SCALING_TYPES = {
+    "linear": attention_spec.RotaryScalingType.Linear,
+    "frequency_factors": attention_spec.RotaryScalingType.Su,
+    "longrope": attention_spec.RotaryScalingType.Su,
+}
+TIED_EMBEDDINGS = "decoder/embeddings/weight"
+ACTIVATIONS = {
+    "silu": common_spec.Activation.SWISH,
+    "gelu_tanh": common_spec.Activation.GELUTanh,
+    "gelu": common_spec.Activation.GELU,
+}
 
 
-def build_llama_spec(gguf: GGUFFile, show_progress: bool = True) -> transformer_spec.TransformerDecoderModelSpec:
-    num_layers = int(gguf.arch_field("block_count"))
-    num_heads = int(gguf.arch_field("attention.head_count"))
-    num_heads_kv = int(gguf.arch_field("attention.head_count_kv", num_heads))
-    scaling = gguf.arch_field("rope.scaling.type")
-    if scaling not in (None, "none") or gguf.has_tensor("rope_freqs.weight"):
-        raise ConversionError(f"{gguf.path}: rotary scaling {scaling or 'rope_freqs'!r} is not supported")
+class _Weights:
+    """Reads tensors for a builder and quantizes each finished part of the spec at once."""
 
-    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
-        num_layers,
-        num_heads,
-        activation=common_spec.Activation.SWISH,
+    def __init__(self, source: ModelSource, quantization: str, bar: tqdm):
+        self.source = source
+        self.config = source.config
+        self.quantization = quantization
+        self.bar = bar
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self.source.tensor(name)
+
+    def has(self, name: str) -> bool:
+        return self.source.has_tensor(name)
+
+    def finish(self, part) -> None:
+        """Validate and quantize ``part`` (a layer, the embeddings...), dropping its float32 arrays."""
+        part.validate()
+        part._quantize(self.quantization)
+        self.bar.update(1)
+
+
+def _from_config(config: DecoderConfig, **options) -> Spec:
+    scaling = config.rope_scaling
+    rotary = {}
+    if scaling is not None:
+        rotary["rotary_scaling_type"] = SCALING_TYPES[scaling.kind]
+        if scaling.kind == "linear":
+            rotary["rotary_scaling_factor"] = scaling.factor
+        if scaling.kind == "longrope":
+            rotary["original_max_position_embeddings"] = scaling.original_context
+    return Spec.from_config(
+        config.num_layers,
+        config.num_heads,
+        activation=ACTIVATIONS[config.activation],
         pre_norm=True,
         ffn_glu=True,
         rms_norm=True,
-        rotary_dim=0,
-        rotary_interleave=True,
-        rotary_base=float(gguf.arch_field("rope.freq_base", 10000.0)),
-        num_heads_kv=None if num_heads_kv == num_heads else num_heads_kv,
+        rotary_dim=config.rotary_dim or 0,
+        rotary_interleave=config.rotary_interleave,
+        rotary_base=config.rope_theta,
+        num_heads_kv=config.num_kv_heads if config.num_kv_heads != config.num_heads else None,
+        head_dim=config.head_dim if config.head_dim * config.num_heads != config.hidden_size else None,
+        sliding_window=config.sliding_window or None,
+        **rotary,
+        **options,
     )
+
+
+def _set_frequency_factors(attention, config: DecoderConfig) -> None:
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.kind in ("frequency_factors", "longrope"):
+        attention.rotary_scaling_long_factor = np.asarray(scaling.long_factor, dtype=np.float32)
+        attention.rotary_scaling_short_factor = np.asarray(scaling.short_factor, dtype=np.float32)
+
+
+def _rotary_scale(weight: np.ndarray, num_heads: int, config: DecoderConfig) -> np.ndarray:
+    """Scale the rotary rows of a Q or K projection by longrope's attention factor."""
+    scaling = config.rope_scaling
+    if scaling is None or scaling.kind != "longrope" or scaling.attention_factor == 1.0:
+        return weight
+    rotary_dim = config.rotary_dim or config.head_dim
+    heads = weight.reshape(num_heads, config.head_dim, *weight.shape[1:])
+    heads[:, :rotary_dim] *= np.float32(scaling.attention_factor)
+    return heads.reshape(weight.shape)
+
+
+def _qkv(w: _Weights, prefix: str, suffix: str) -> np.ndarray:
+    config = w.config
+    q = _rotary_scale(w(f"{prefix}self_attn.q_proj.{suffix}"), config.num_heads, config)
+    k = _rotary_scale(w(f"{prefix}self_attn.k_proj.{suffix}"), config.num_kv_heads, config)
+    return np.concatenate([q, k, w(f"{prefix}self_attn.v_proj.{suffix}")], axis=0)
+
+
+def _embeddings_and_head(decoder, w: _Weights, gemma_norm: bool = False) -> None:
+    embeddings = w("model.embed_tokens.weight")
+    decoder.embeddings.weight = embeddings
+    w.finish(decoder.embeddings)
+    decoder.layer_norm.gamma = w("model.norm.weight")
+    if gemma_norm:
+        decoder.layer_norm.layer_norm_use_residual = True
+    w.finish(decoder.layer_norm)
+    if not w.config.tie_word_embeddings:
+        decoder.projection.weight = w("lm_head.weight")
+        w.finish(decoder.projection)
+    else:  # tied: made an alias of the embeddings once the spec is complete (see build_spec)
+        decoder.projection.weight = decoder.embeddings.weight
+
+
+def _progress(config: DecoderConfig, enabled: bool) -> tqdm:
+    """One step per layer, plus the embeddings, the final norm and an untied head."""
+    total = config.num_layers + (2 if config.tie_word_embeddings else 3)
+    return tqdm(total=total, desc="converting", unit="part", disable=not enabled, leave=False)
+
+
+def _llama_like(source: ModelSource, quantization: str, show_progress: bool, qk_norm: bool = False) -> Spec:
+    """Llama, Mistral, Qwen2 (Q/K/V biases), Qwen3 (Q/K norms): pre-norm, SwiGLU, GQA."""
+    config = source.config
+    spec = _from_config(config, qk_norm=qk_norm)
     decoder = spec.decoder
     decoder.scale_embeddings = False
-    with _progress(2 + num_layers * 9, "tensors", show_progress) as bar:
-        _set_embeddings_and_head(decoder, gguf, bar)
+    with _progress(config, show_progress) as bar:
+        w = _Weights(source, quantization, bar)
+        _embeddings_and_head(decoder, w)
         for i, layer in enumerate(decoder.layer):
-            p = f"blk.{i}"
-            layer.self_attention.layer_norm.gamma = gguf.tensor(f"{p}.attn_norm.weight")
-            layer.self_attention.linear[0].weight = _fused_qkv(gguf, p)
-            layer.self_attention.linear[1].weight = gguf.tensor(f"{p}.attn_output.weight")
-            layer.ffn.layer_norm.gamma = gguf.tensor(f"{p}.ffn_norm.weight")
-            layer.ffn.linear_0.weight = gguf.tensor(f"{p}.ffn_gate.weight")
-            layer.ffn.linear_0_noact.weight = gguf.tensor(f"{p}.ffn_up.weight")
-            layer.ffn.linear_1.weight = gguf.tensor(f"{p}.ffn_down.weight")
-            bar.update(9)
-    spec.config.layer_norm_epsilon = float(gguf.arch_field("attention.layer_norm_rms_epsilon", 1e-5))
+            p = f"model.layers.{i}."
+            attention = layer.self_attention
+            _set_frequency_factors(attention, config)
+            attention.layer_norm.gamma = w(p + "input_layernorm.weight")
+            attention.linear[0].weight = _qkv(w, p, "weight")
+            if w.has(p + "self_attn.q_proj.bias"):
+                attention.linear[0].bias = _qkv(w, p, "bias")
+            attention.linear[1].weight = w(p + "self_attn.o_proj.weight")
+            if qk_norm:
+                attention.q_norm.gamma = w(p + "self_attn.q_norm.weight")
+                attention.k_norm.gamma = w(p + "self_attn.k_norm.weight")
+            layer.ffn.layer_norm.gamma = w(p + "post_attention_layernorm.weight")
+            layer.ffn.linear_0.weight = w(p + "mlp.gate_proj.weight")
+            layer.ffn.linear_0_noact.weight = w(p + "mlp.up_proj.weight")
+            layer.ffn.linear_1.weight = w(p + "mlp.down_proj.weight")
+            w.finish(layer)
     return spec
 
 
-def build_gemma3_spec(gguf: GGUFFile, show_progress: bool = True) -> transformer_spec.TransformerDecoderModelSpec:
-    num_layers = int(gguf.arch_field("block_count"))
-    num_heads = int(gguf.arch_field("attention.head_count"))
-    num_heads_kv = int(gguf.arch_field("attention.head_count_kv", num_heads))
-    head_dim = int(gguf.arch_field("attention.key_length"))
-    sliding_window = int(gguf.arch_field("attention.sliding_window", 0))
-    global_base = float(gguf.arch_field("rope.freq_base", 1_000_000.0))
+def build_llama_spec(source: ModelSource, quantization: str, show_progress: bool = True) -> Spec:
+    return _llama_like(source, quantization, show_progress)
 
-    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
-        num_layers,
-        num_heads,
-        activation=common_spec.Activation.GELUTanh,
-        pre_norm=True,
-        ffn_glu=True,
-        rms_norm=True,
-        rotary_dim=head_dim,
-        rotary_interleave=False,
-        rotary_base=GEMMA3_LOCAL_ROPE_BASE,
-        num_heads_kv=None if num_heads_kv == num_heads else num_heads_kv,
-        head_dim=head_dim,
-        sliding_window=sliding_window,
-        pre_post_layer_norm=True,
-        qk_norm=True,
-    )
+
+def build_mistral_spec(source: ModelSource, quantization: str, show_progress: bool = True) -> Spec:
+    return _llama_like(source, quantization, show_progress)
+
+
+def build_qwen2_spec(source: ModelSource, quantization: str, show_progress: bool = True) -> Spec:
+    return _llama_like(source, quantization, show_progress)
+
+
+def build_qwen3_spec(source: ModelSource, quantization: str, show_progress: bool = True) -> Spec:
+    return _llama_like(source, quantization, show_progress, qk_norm=True)
+
+
+def build_phi3_spec(source: ModelSource, quantization: str, show_progress: bool = True) -> Spec:
+    """Phi-3: fused ``qkv_proj`` and ``gate_up_proj``, su/longrope scaling."""
+    config = source.config
+    spec = _from_config(config)
+    decoder = spec.decoder
+    decoder.scale_embeddings = False
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    with _progress(config, show_progress) as bar:
+        w = _Weights(source, quantization, bar)
+        _embeddings_and_head(decoder, w)
+        for i, layer in enumerate(decoder.layer):
+            p = f"model.layers.{i}."
+            attention = layer.self_attention
+            _set_frequency_factors(attention, config)
+            attention.layer_norm.gamma = w(p + "input_layernorm.weight")
+            qkv = w(p + "self_attn.qkv_proj.weight")
+            _rotary_scale(qkv[:q_rows], config.num_heads, config)  # in place, on views of qkv
+            _rotary_scale(qkv[q_rows:q_rows + kv_rows], config.num_kv_heads, config)
+            attention.linear[0].weight = qkv
+            attention.linear[1].weight = w(p + "self_attn.o_proj.weight")
+            layer.ffn.layer_norm.gamma = w(p + "post_attention_layernorm.weight")
+            gate_up = w(p + "mlp.gate_up_proj.weight")
+            half = gate_up.shape[0] // 2
+            layer.ffn.linear_0.weight = np.ascontiguousarray(gate_up[:half])
+            layer.ffn.linear_0_noact.weight = np.ascontiguousarray(gate_up[half:])
+            del gate_up
+            layer.ffn.linear_1.weight = w(p + "mlp.down_proj.weight")
+            w.finish(layer)
+    return spec
+
+
+def _gemma(source: ModelSource, quantization: str, show_progress: bool, qk_norm: bool) -> Spec:
+    """Gemma 2 and 3: scaled embeddings, (1 + weight) norms before and after each block,
+    sliding-window layers, GELU-tanh; Gemma 2 soft-caps the logits, Gemma 3 norms Q and K."""
+    config = source.config
+    spec = _from_config(config, pre_post_layer_norm=True, qk_norm=qk_norm)
     decoder = spec.decoder
     decoder.scale_embeddings = True
     decoder.start_from_zero_embedding = False
-    with _progress(2 + num_layers * 13, "tensors", show_progress) as bar:
-        _set_embeddings_and_head(decoder, gguf, bar)
+    if config.final_logit_softcapping:
+        decoder.final_logit_softcapping = np.float32(config.final_logit_softcapping)
+    queries_scale = None
+    if config.query_pre_attn_scalar and config.query_pre_attn_scalar != config.head_dim:
+        queries_scale = np.float32(config.query_pre_attn_scalar ** -0.5)
+    with _progress(config, show_progress) as bar:
+        w = _Weights(source, quantization, bar)
+        _embeddings_and_head(decoder, w, gemma_norm=True)
         for i, layer in enumerate(decoder.layer):
-            p = f"blk.{i}"
+            p = f"model.layers.{i}."
             attention = layer.self_attention
-            if (i + 1) % GEMMA3_SLIDING_WINDOW_PATTERN == 0:
-                attention.rotary_base = np.float32(global_base)
-                attention.sliding_window = np.int32(0)
-            else:
-                attention.rotary_base = np.float32(GEMMA3_LOCAL_ROPE_BASE)
-                attention.sliding_window = np.int32(sliding_window)
-            layer.input_layer_norm.gamma = gguf.tensor(f"{p}.attn_norm.weight")
-            layer.post_attention_layer_norm.gamma = gguf.tensor(f"{p}.post_attention_norm.weight")
-            layer.pre_feedforward_layer_norm.gamma = gguf.tensor(f"{p}.ffn_norm.weight")
-            layer.post_feedforward_layer_norm.gamma = gguf.tensor(f"{p}.post_ffw_norm.weight")
-            attention.q_norm.gamma = gguf.tensor(f"{p}.attn_q_norm.weight")
-            attention.k_norm.gamma = gguf.tensor(f"{p}.attn_k_norm.weight")
-            attention.linear[0].weight = _fused_qkv(gguf, p)
-            attention.linear[1].weight = gguf.tensor(f"{p}.attn_output.weight")
-            layer.ffn.linear_0.weight = gguf.tensor(f"{p}.ffn_gate.weight")
-            layer.ffn.linear_0_noact.weight = gguf.tensor(f"{p}.ffn_up.weight")
-            layer.ffn.linear_1.weight = gguf.tensor(f"{p}.ffn_down.weight")
-            bar.update(13)
-    spec.config.layer_norm_epsilon = float(gguf.arch_field("attention.layer_norm_rms_epsilon", 1e-6))
+            sliding = config.is_sliding(i)
+            if config.sliding_window:
+                attention.sliding_window = np.int32(config.sliding_window if sliding else 0)
+            if sliding and config.local_rope_theta is not None:
+                attention.rotary_base = np.float32(config.local_rope_theta)
+                if config.rope_scaling is not None and config.rope_scaling.kind == "linear":
+                    attention.rotary_scaling_factor = np.float32(1.0)  # scaling is for the global layers only
+            if queries_scale is not None:
+                attention.queries_scale = queries_scale
+            norms = [
+                (layer.input_layer_norm, "input_layernorm"),
+                (layer.post_attention_layer_norm, "post_attention_layernorm"),
+                (layer.pre_feedforward_layer_norm, "pre_feedforward_layernorm"),
+                (layer.post_feedforward_layer_norm, "post_feedforward_layernorm"),
+            ]
+            if qk_norm:
+                norms += [(attention.q_norm, "self_attn.q_norm"), (attention.k_norm, "self_attn.k_norm")]
+            for norm, name in norms:
+                norm.gamma = w(f"{p}{name}.weight")
+                norm.layer_norm_use_residual = True
+            attention.linear[0].weight = _qkv(w, p, "weight")
+            attention.linear[1].weight = w(p + "self_attn.o_proj.weight")
+            layer.ffn.linear_0.weight = w(p + "mlp.gate_proj.weight")
+            layer.ffn.linear_0_noact.weight = w(p + "mlp.up_proj.weight")
+            layer.ffn.linear_1.weight = w(p + "mlp.down_proj.weight")
+            w.finish(layer)
     return spec
 
 
-SPEC_BUILDERS: dict[str, Callable[..., transformer_spec.TransformerDecoderModelSpec]] = {
+def build_gemma2_spec(source: ModelSource, quantization: str, show_progress: bool = True) -> Spec:
+    config = source.config
+    if config.rope_scaling is not None:
+        raise ConversionError(f"{source.path}: Gemma 2 with rope scaling is not supported")
+    if config.attn_logit_softcapping:
+        # CTranslate2 has no attention soft-capping (its own Gemma 2 converter drops it too): scores
+        # well inside the cap are barely changed by it, large ones are no longer bounded.
+        log.warning("%s: Gemma 2's attention logit soft-capping (%s) is not supported by CTranslate2 and is "
+                    "left out; final logit soft-capping is kept", source.path, config.attn_logit_softcapping)
+    return _gemma(source, quantization, show_progress, qk_norm=False)
+
+
+def build_gemma3_spec(source: ModelSource, quantization: str, show_progress: bool = True) -> Spec:
+    config = source.config
+    if config.rope_scaling is not None and config.rope_scaling.kind != "linear":
+        raise ConversionError(f"{source.path}: Gemma 3 with {config.rope_scaling.kind} rope scaling is not supported")
+    return _gemma(source, quantization, show_progress, qk_norm=True)
+
+
+SPEC_BUILDERS: dict[str, Callable[..., Spec]] = {
     "llama": build_llama_spec,
+    "mistral": build_mistral_spec,
+    "qwen2": build_qwen2_spec,
+    "qwen3": build_qwen3_spec,
+    "phi3": build_phi3_spec,
+    "gemma2": build_gemma2_spec,
     "gemma3": build_gemma3_spec,
 }
 
 
-def context_length(gguf: GGUFFile) -> int:
-    return int(gguf.arch_field("context_length", 2048))
+def build_spec(source: ModelSource, vocabulary: Vocabulary, quantization: str, show_progress: bool = True) -> Spec:
+    """The CTranslate2 spec of ``source``, its weights already quantized to ``quantization``, ready to save."""
+    config = source.config
+    if len(vocabulary.tokens) != config.vocab_size:
+        raise ConversionError(
+            f"{source.path}: the vocabulary has {len(vocabulary.tokens)} tokens but the embeddings have "
+            f"{config.vocab_size} rows"
+        )
+    spec = SPEC_BUILDERS[config.family](source, quantization, show_progress)
+    spec.register_vocabulary(vocabulary.tokens)
+    fallback = vocabulary.tokens[0]
+    spec.config.bos_token = vocabulary.bos or fallback
+    spec.config.eos_token = vocabulary.eos or fallback
+    spec.config.unk_token = vocabulary.unk or fallback
+    spec.config.layer_norm_epsilon = config.rms_norm_eps
+    spec.validate()
+    if config.tie_word_embeddings:
+        # CTranslate2 resolves the alias (and its quantization scale) when loading.
+        spec.decoder.projection.weight = TIED_EMBEDDINGS
+    return spec

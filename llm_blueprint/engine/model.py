@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 # Turn terminators of common chat formats. Any of them present in the
 # vocabulary ends a generation: none of them is ever meant to appear in text.
-KNOWN_TERMINATORS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|eom_id|>")
+KNOWN_TERMINATORS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|eom_id|>",
+                     "<|end_of_text|>")
 DEFAULT_COMPUTE_TYPES = {"cpu": "int8", "cuda": "int8_float16"}
 FALLBACK_CONTEXT_LENGTH = 2048
 MODEL_FILES = ("model.bin", "config.json")

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import ConversionError
 from .gguf_file import GGUFFile
+from .source import Vocabulary
 
 # GGUF token types (llama.cpp's llama_token_type), identical to SentencePiece's.
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -27,7 +28,18 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# tokenizer.ggml.pre values -> (split digits one by one first, split regex)
+# Qwen2's split: Llama 3's with digits one at a time.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# o200k (GPT-4o, Phi-4-mini), as its tokenizer.json writes it.
+GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre values -> (split digits one by one first, split regex), as llama.cpp's llama-vocab.cpp maps them
 BPE_PRE_TOKENIZERS = {
     "default": (False, GPT2_SPLIT),
     "gpt-2": (False, GPT2_SPLIT),
@@ -36,6 +48,12 @@ BPE_PRE_TOKENIZERS = {
     "refact": (True, GPT2_SPLIT),
     "llama-bpe": (False, LLAMA3_SPLIT),
     "llama3": (False, LLAMA3_SPLIT),
+    "llama-v3": (False, LLAMA3_SPLIT),
+    "dbrx": (False, LLAMA3_SPLIT),  # Phi-4
+    "smaug-bpe": (False, LLAMA3_SPLIT),
+    "gpt-4o": (False, GPT4O_SPLIT),  # Phi-4-mini
+    "qwen2": (False, QWEN2_SPLIT),
+    "deepseek-r1-qwen": (False, QWEN2_SPLIT),
 }
 
 
@@ -124,10 +142,11 @@ def _write_sentencepiece_model(gguf: GGUFFile, tokens: list[str], types, out_dir
         f.write(model.SerializeToString())
 
 
-def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int) -> dict[str, Any]:
+def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int) -> Vocabulary:
     """Write tokenizer files plus ``tokenizer_config.json`` and ``generation_config.json``.
 
-    Returns the special token texts (for the CTranslate2 config).
+    ``generation_config.json`` lists the end-of-generation ids: EOS, and the
+    end-of-turn (``eot``) and end-of-message (``eom``) tokens when the file names them.
     """
     tokens = gguf.string_array("tokenizer.ggml.tokens")
     if not tokens:
@@ -165,7 +184,12 @@ def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int) -> 
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, ensure_ascii=False, indent=2)
 
-    generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"]}
+    end_ids = [ids["eos"], gguf.field("tokenizer.ggml.eot_token_id"), gguf.field("tokenizer.ggml.eom_token_id")]
+    end_ids = list(dict.fromkeys(int(i) for i in end_ids if i is not None and 0 <= int(i) < len(tokens)))
+    generation = {
+        "bos_token_id": int(ids["bos"]) if ids["bos"] is not None else None,
+        "eos_token_id": end_ids[0] if len(end_ids) == 1 else (end_ids or None),
+    }
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump({k: (int(v) if v is not None else None) for k, v in generation.items()}, f, indent=2)
-    return {"tokens": tokens, **specials}
+        json.dump(generation, f, indent=2)
+    return Vocabulary(tokens=tokens, bos=specials["bos"], eos=specials["eos"], unk=specials["unk"])

@@ -1,0 +1,75 @@
+"""One interface over the places a model's weights come from.
+
+A :class:`ModelSource` shows its model the way Hugging Face ``transformers``
+holds it: a :class:`DecoderConfig`, tensors under their Hugging Face names in
+their Hugging Face layout (float32; the one exception, Q/K rows kept in the
+interleaved rotary layout, is announced by ``config.rotary_interleave``), and
+the tokenizer written as Hugging Face files. A GGUF file is translated back to
+that view (llama.cpp's converter run in reverse); a Hugging Face folder
+already is it. The spec builders only ever see this view.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConversionError
+from .model_config import DecoderConfig
+
+
+@dataclass
+class Vocabulary:
+    """Token strings by id (as many as the embedding has rows) and the special tokens' texts."""
+
+    tokens: list[str]
+    bos: str | None = None
+    eos: str | None = None
+    unk: str | None = None
+
+
+class ModelSource(abc.ABC):
+    """A model to convert: its hyperparameters, its tensors and its tokenizer."""
+
+    path: str
+    config: DecoderConfig
+    format: str  # "gguf" or "huggingface"
+
+    @abc.abstractmethod
+    def has_tensor(self, name: str) -> bool:
+        """Whether the model has tensor ``name`` (a Hugging Face name)."""
+
+    @abc.abstractmethod
+    def tensor(self, name: str) -> np.ndarray:
+        """Tensor ``name`` (a Hugging Face name) as float32 in Hugging Face's layout, read now."""
+
+    @abc.abstractmethod
+    def write_tokenizer_files(self, out_dir: str) -> Vocabulary:
+        """Write the tokenizer, ``tokenizer_config.json`` (chat template included) and
+        ``generation_config.json`` into ``out_dir``; return the vocabulary."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing to release
+        """Release open files (memory maps)."""
+
+
+def is_ctranslate2_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model.bin")) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def open_model_source(path: str | os.PathLike) -> ModelSource:
+    """Open a ``.gguf`` file or a Hugging Face model folder, checking it before any slow work."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if is_ctranslate2_dir(path):
+            raise ConversionError(f"{path} is already a CTranslate2 model directory")
+        from .hf_folder import HFFolder
+
+        return HFFolder.open(path)
+    if os.path.isfile(path) or path.lower().endswith(".gguf"):
+        from .gguf_source import GGUFSource
+
+        return GGUFSource.open(path)
+    raise ConversionError(f"model not found: {path} (expected a .gguf file or a Hugging Face model folder)")
