@@ -71,7 +71,8 @@ class Runtime:
             return configured
         path = self.settings["LLM_MODEL_PATH"]
         if path:
-            return os.path.basename(os.path.normpath(path))
+            name = os.path.basename(os.path.normpath(path))
+            return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
         from .engine.default_model import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME
