@@ -19,6 +19,8 @@ from . import metrics
 from .engine import EngineOptions, Model
 from .engine.generation import BatchingOptions, Engine, Event, GenerationRequest
 from .engine.handoff import NativeThread, native_sleep, run_on_native_thread
+from .engine.layout import choose as choose_layout
+from .engine.model import DEFAULT_COMPUTE_TYPES, resolve_device
 from .errors import LLMBlueprintError, ModelLoadError
 
 log = logging.getLogger("llm_blueprint")
@@ -96,20 +98,29 @@ class Runtime:
             from .convert.model_cache import prepare_model_dir
 
             path = prepare_model_dir(path, settings["LLM_CACHE_DIR"], settings["LLM_COMPUTE_TYPE"])
+        from .convert.model_cache import default_cache_dir
+
+        device = resolve_device(settings["LLM_DEVICE"])
+        compute_type = settings["LLM_COMPUTE_TYPE"] or DEFAULT_COMPUTE_TYPES[device]
+        layout = choose_layout(path, device, compute_type, settings["LLM_CACHE_DIR"] or default_cache_dir(),
+                               cores=settings["LLM_CORES"], inter_threads=settings["LLM_INTER_THREADS"],
+                               intra_threads=settings["LLM_INTRA_THREADS"], max_batch_size=settings["LLM_MAX_BATCH_SIZE"])
+        log.info("engine layout: %d replica(s) x %d thread(s), batches of up to %d (%s)", layout.inter_threads,
+                 layout.intra_threads, layout.max_batch_size, layout.how)
         model = Model(
             path,
             EngineOptions(
-                device=settings["LLM_DEVICE"],
-                compute_type=settings["LLM_COMPUTE_TYPE"],
-                inter_threads=settings["LLM_INTER_THREADS"],
-                intra_threads=settings["LLM_INTRA_THREADS"],
+                device=device,
+                compute_type=compute_type,
+                inter_threads=layout.inter_threads,
+                intra_threads=layout.intra_threads,
                 context_length=settings["LLM_CONTEXT_LENGTH"],
                 chat_template=settings["LLM_CHAT_TEMPLATE"],
             ),
         )
         log.info("model %s ready as %r (pid %d)", model.path, self.model_id, os.getpid())
         batching = BatchingOptions(
-            max_batch_size=settings["LLM_MAX_BATCH_SIZE"],
+            max_batch_size=layout.max_batch_size,
             gather_seconds=settings["LLM_BATCH_GATHER_MS"] / 1000,
             length_tolerance=settings["LLM_BATCH_LENGTH_TOLERANCE"],
             max_queue=settings["LLM_MAX_QUEUE"],

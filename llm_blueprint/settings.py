@@ -59,9 +59,13 @@ SETTINGS: tuple[Setting, ...] = (
             "where the default model, .gguf files and Hugging Face folders are converted to; default: the user's cache dir"),
     Setting("LLM_DEVICE", "auto", str, "cpu, cuda or auto"),
     Setting("LLM_COMPUTE_TYPE", None, _optional_str, "CTranslate2 compute type; default int8 on CPU, int8_float16 on CUDA"),
-    Setting("LLM_INTER_THREADS", 2, int, "engine replicas = batches running at once (weights shared)"),
-    Setting("LLM_INTRA_THREADS", 0, int, "OpenMP threads per replica; 0 = all cores"),
-    Setting("LLM_MAX_BATCH_SIZE", 8, int, "most completions generated together in one engine batch"),
+    Setting("LLM_CORES", None, _optional_int,
+            "CPU cores this worker's engine may use; default: the cores available to the process / LLM_WORKERS"),
+    Setting("LLM_INTER_THREADS", None, _optional_int,
+            "engine replicas = batches running at once (weights shared); default: measured at first load (see README)"),
+    Setting("LLM_INTRA_THREADS", None, _optional_int, "OpenMP threads per replica; default: measured at first load"),
+    Setting("LLM_MAX_BATCH_SIZE", None, _optional_int,
+            "most completions generated together in one engine batch; default: measured at first load"),
     Setting("LLM_BATCH_GATHER_MS", 5.0, float, "how long a batch waits for companions after the first arrival"),
     Setting("LLM_BATCH_LENGTH_TOLERANCE", 0.25, float, "largest relative prompt-length difference inside one batch"),
     Setting("LLM_DETERMINISTIC", False, _bool,
@@ -110,8 +114,6 @@ def resolve(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
         with open(values["LLM_API_KEYS_FILE"], encoding="utf-8") as f:
             from_file = [line.strip() for line in f if line.strip() and not line.startswith("#")]
         values["LLM_API_KEYS"] = (values["LLM_API_KEYS"] or []) + from_file
-    if not values["LLM_INTRA_THREADS"]:
-        values["LLM_INTRA_THREADS"] = os.cpu_count() or 1
     return values
 
 

@@ -1,0 +1,70 @@
+"""The engine chooses its thread layout itself: measured once per model and machine, cached, overridden by settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import layout as layouts
+from llm_blueprint.engine.generation import BatchingOptions, Engine, GenerationRequest, collect
+
+
+def test_splits_use_the_cores_exactly():
+    assert layouts.splits(1) == [(1, 1)]
+    assert layouts.splits(2) == [(1, 2), (2, 1)]
+    assert layouts.splits(16) == [(1, 16), (2, 8), (4, 4), (8, 2)]
+    assert all(inter * intra == 12 for inter, intra in layouts.splits(12))
+
+
+def test_settings_win_and_nothing_is_measured(default_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(layouts, "_measure", lambda *a: (_ for _ in ()).throw(AssertionError("measured")))
+    chosen = layouts.choose(default_model_dir, "cpu", "int8", str(tmp_path), cores=2, inter_threads=1, intra_threads=2,
+                            max_batch_size=4)
+    assert chosen == layouts.Layout(1, 2, 4, "settings")
+    assert layouts.choose(default_model_dir, "cuda", "int8_float16", str(tmp_path), cores=2).how == "device"
+
+
+def test_measured_once_then_read_from_the_cache(default_model_dir, tmp_path, caplog):
+    caplog.set_level("INFO", logger="llm_blueprint.engine.layout")
+    started = time.monotonic()
+    first = layouts.choose(default_model_dir, "cpu", "int8", str(tmp_path), cores=2)
+    measuring = time.monotonic() - started
+    assert first.how == "measured" and (first.inter_threads, first.intra_threads) in layouts.splits(2)
+    assert first.max_batch_size in layouts.BATCH_SIZES
+    assert "thread layout measured" in caplog.text and "single stream" in caplog.text  # the figures behind the choice
+
+    started = time.monotonic()
+    again = layouts.choose(default_model_dir, "cpu", "int8", str(tmp_path), cores=2)
+    assert again == layouts.Layout(first.inter_threads, first.intra_threads, first.max_batch_size, "cached")
+    assert time.monotonic() - started < measuring / 10
+    assert len(json.loads((tmp_path / "layouts.json").read_text())) == 1
+
+    # One setting given: the other fills the cores, and that layout is measured (and cached) on its own.
+    only_inter = layouts.choose(default_model_dir, "cpu", "int8", str(tmp_path), cores=2, inter_threads=2)
+    assert (only_inter.inter_threads, only_inter.intra_threads) == (2, 1)
+    assert only_inter.how == "measured" and len(json.loads((tmp_path / "layouts.json").read_text())) == 2
+    assert layouts.choose(default_model_dir, "cpu", "int8", str(tmp_path), cores=2, max_batch_size=3).max_batch_size == 3
+
+
+def test_usable_cores_are_shared_between_workers(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("LLM_WORKERS", "2")
+    assert layouts.usable_cores() == 4
+    monkeypatch.setenv("LLM_WORKERS", "16")
+    assert layouts.usable_cores() == 1
+
+
+def test_a_burst_is_shared_between_free_replicas(default_model_dir):
+    model = Model(default_model_dir, EngineOptions(device="cpu", inter_threads=2, intra_threads=1))
+    engine = Engine(model, batching=BatchingOptions(max_batch_size=32, gather_seconds=0.05))
+    try:
+        prompt = model.encode_chat([{"role": "user", "content": "Tell me about a cat."}])
+        streams = [engine.generate(GenerationRequest(prompt, 4, min_tokens=4, temperature=0)) for _ in range(16)]
+        for stream in streams:
+            collect(stream, 1)
+        assert sorted(engine.batch_sizes) == [8, 8]  # not 16 on one replica beside an idle one
+    finally:
+        engine.shutdown()
+        model.close()
