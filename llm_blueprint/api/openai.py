@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint
@@ -61,14 +61,13 @@ def _usage(done: Done) -> dict[str, int]:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-def _token_text(token_id: int) -> str:
-    return runtime().model.tokenizer.decode([token_id])
+Decode = Callable[[list[int]], str]  # the tokenizer's decode, resolved in the view: a stream's body runs outside the app context
 
 
-def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> dict[str, Any]:
+def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], decode: Decode) -> dict[str, Any]:
     content = []
     for entry in entries:
-        text = _token_text(entry.token_id)
+        text = decode([entry.token_id])
         content.append({"token": text, "logprob": entry.logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": []})
     return {"content": content, "refusal": None}
 
@@ -147,9 +146,10 @@ def chat_completions():
     _, events = start_chat(chat, data.get("max_completion_tokens") or data.get("max_tokens"), logprobs=want_logprobs, **_sampling(data))
     n = events.request.n
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
+    decode = runtime().model.tokenizer.decode
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return event_stream(closing(events, _chat_chunks(events, meta, n, want_logprobs, include_usage)))
+        return event_stream(closing(events, _chat_chunks(events, meta, n, decode if want_logprobs else None, include_usage)))
 
     results, done = collect_chat(events, n)
     raise_if_failed([r.finish for r in results])
@@ -157,7 +157,7 @@ def chat_completions():
         {
             "index": i,
             "message": _chat_message(result),
-            "logprobs": _chat_logprobs(result.logprobs) if want_logprobs else None,
+            "logprobs": _chat_logprobs(result.logprobs, decode) if want_logprobs else None,
             "finish_reason": FINISH_REASONS[result.finish.reason],
         }
         for i, result in enumerate(results)
@@ -166,7 +166,8 @@ def chat_completions():
                           "system_fingerprint": None})
 
 
-def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, want_logprobs: bool, include_usage: bool) -> Iterator[str]:
+def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, decode: Decode | None, include_usage: bool) -> Iterator[str]:
+    """The chunks of a chat completion stream; logprobs when ``decode`` is given."""
     def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs=None) -> str:
         payload = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None,
                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
@@ -180,7 +181,7 @@ def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, want_logpr
         if isinstance(event, Heartbeat):
             yield KEEPALIVE
         elif isinstance(event, TextDelta):
-            yield chunk(event.index, {"content": event.text}, logprobs=_chat_logprobs(event.logprobs) if want_logprobs else None)
+            yield chunk(event.index, {"content": event.text}, logprobs=_chat_logprobs(event.logprobs, decode) if decode else None)
         elif isinstance(event, ReasoningDelta):
             yield chunk(event.index, {"reasoning_content": event.text})
         elif isinstance(event, ToolCall):
@@ -208,11 +209,11 @@ def _prompt_ids(prompt: str | list[int]) -> tuple[list[int], str]:
     return list(prompt), model.tokenizer.decode(prompt)
 
 
-def _completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int) -> dict[str, Any]:
+def _completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int, decode: Decode) -> dict[str, Any]:
     tokens, offsets = [], []
     for entry in entries:
         offsets.append(offset)
-        text = _token_text(entry.token_id)
+        text = decode([entry.token_id])
         tokens.append(text)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": None, "text_offset": offsets}
@@ -234,9 +235,10 @@ def completions():
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
     echo = bool(data.get("echo"))
     n = sampling["n"]
+    decode = rt.model.tokenizer.decode
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        body = _completion_chunks(streams, [text for _, text in prompts], meta, n, echo, want_logprobs, include_usage)
+        body = _completion_chunks(streams, [text for _, text in prompts], meta, n, echo, decode if want_logprobs else None, include_usage)
         return event_stream(closing(streams, body))
 
     choices, prompt_tokens, completion_tokens = [], 0, 0
@@ -250,14 +252,15 @@ def completions():
             choices.append({
                 "index": p * n + j,
                 "text": prefix + texts[j],
-                "logprobs": _completion_logprobs(logprobs[j], len(prefix)) if want_logprobs else None,
+                "logprobs": _completion_logprobs(logprobs[j], len(prefix), decode) if want_logprobs else None,
                 "finish_reason": FINISH_REASONS[finishes[j].reason],
             })
     usage = _usage(Done(prompt_tokens, completion_tokens))
     return json_response({**meta, "object": "text_completion", "choices": choices, "usage": usage, "system_fingerprint": None})
 
 
-def _completion_chunks(streams, prompt_texts, meta, n, echo, want_logprobs, include_usage) -> Iterator[str]:
+def _completion_chunks(streams, prompt_texts, meta, n, echo, decode: Decode | None, include_usage) -> Iterator[str]:
+    """The chunks of a completion stream; logprobs when ``decode`` is given."""
     def chunk(index: int, text: str, finish_reason: str | None = None, logprobs=None) -> str:
         payload = {**meta, "object": "text_completion", "system_fingerprint": None,
                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
@@ -275,7 +278,7 @@ def _completion_chunks(streams, prompt_texts, meta, n, echo, want_logprobs, incl
             if isinstance(event, Heartbeat):
                 yield KEEPALIVE
             elif isinstance(event, TextDelta):
-                logprobs = _completion_logprobs(event.logprobs, offsets[event.index]) if want_logprobs else None
+                logprobs = _completion_logprobs(event.logprobs, offsets[event.index], decode) if decode else None
                 offsets[event.index] += len(event.text)
                 yield chunk(p * n + event.index, event.text, logprobs=logprobs)
             elif isinstance(event, Finish):
