@@ -6,7 +6,7 @@ import json
 
 from llm_blueprint.api.anthropic import _message_events
 from llm_blueprint.api.openai import _chat_chunks
-from llm_blueprint.api.responses import _Echo, _response_events
+from llm_blueprint.api.responses import _Echo, _ResponseStream
 from llm_blueprint.engine.generation import Done, Finish, Heartbeat, TextDelta
 
 FAILING = [TextDelta(0, "Hel"), Heartbeat(), Finish(0, "error", 1, error="CUDA out of memory"), Done(5, 1)]
@@ -30,8 +30,13 @@ def test_anthropic_stream_sends_error_event():
 
 
 def _responses_events(items) -> list[dict]:
-    echo = _Echo({"model": "m"}, 1.0, 1.0)
-    return [json.loads(e.split("data: ", 1)[1]) for e in _response_events(iter(items), echo) if e.startswith("event:")]
+    """The stream's events; a failure inside it ends it as the HTTP stream does (api/common.py)."""
+    stream, chunks = _ResponseStream(_Echo({"model": "m"}, 1.0, 1.0)), []
+    try:
+        chunks.extend(stream.body(iter(items)))
+    except RuntimeError as exc:
+        chunks.extend(stream.failed(exc, None))
+    return [json.loads(e.split("data: ", 1)[1]) for e in chunks if e.startswith("event:")]
 
 
 def test_responses_stream_ends_with_failed_on_a_generation_error():

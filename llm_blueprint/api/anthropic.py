@@ -26,7 +26,7 @@ from ..schemas.anthropic import CountTokensSchema, MessagesRequestSchema
 from ..schemas.common import load
 from ..sse import event_stream, json_response, sse
 from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
-from .errors import speaks
+from .errors import anthropic_stream_failure, speaks
 
 MESSAGES_SCHEMA = MessagesRequestSchema()
 COUNT_SCHEMA = CountTokensSchema()
@@ -96,7 +96,7 @@ def messages():
     meta = {"id": f"msg_{uuid.uuid4().hex}", "model": data["model"]}
     if data.get("stream"):
         sign = _signer() if chat.show_reasoning else None
-        return event_stream(closing(events, _message_events(events, meta, len(prompt.ids), sign)))
+        return event_stream(closing(events, _message_events(events, meta, len(prompt.ids), sign), anthropic_stream_failure))
 
     results, done = collect_chat(events, 1)
     result = results[0]

@@ -50,21 +50,25 @@ def check_model(name: str, strict: bool = False) -> None:
         raise ModelNotFound(name, rt.model_id)
 
 
-def closing(events, body):
+def closing(events, body, failure):
     """Yield ``body``; close the engine stream(s) whatever ends the HTTP stream (client gone included).
 
-    Also records the stream's total duration and its log line, which only
-    its end can know.
+    A failure inside ``body`` still ends the stream with the protocol's final
+    events, from ``failure(exception, request_id)``. Also records the stream's
+    total duration and its log line, which only its end can know.
     """
     # Read the request context now: the stream body runs after the view returned.
     route = request.url_rule.rule if request.url_rule else request.path
-    return _closing(events, body, route, g.get("llm_started"), g.get("llm_request_id"))
+    return _closing(events, body, failure, route, g.get("llm_started"), g.get("llm_request_id"))
 
 
-def _closing(events, body, route, started, request_id):
+def _closing(events, body, failure, route, started, request_id):
     completed = False
     try:
-        yield from body
+        try:
+            yield from body
+        except Exception as exc:  # a bug or a native failure mid-stream: the client still gets the final events
+            yield from failure(exc, request_id)
         completed = True
     finally:
         for stream in events if isinstance(events, list) else [events]:

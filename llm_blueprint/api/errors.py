@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from flask import Response, g, has_request_context
 
@@ -21,7 +22,7 @@ from ..errors import (
     RequestTooLarge,
     Unauthorized,
 )
-from ..sse import json_response
+from ..sse import json_response, sse
 
 log = logging.getLogger("llm_blueprint")
 
@@ -54,36 +55,58 @@ def protocol_of(endpoint: str | None) -> str:
     return "anthropic" if endpoint and endpoint.split(".")[-1].startswith("anthropic_") else "openai"
 
 
-def _classify(exc: Exception, protocol: str) -> tuple[int, str, str, dict[str, str]]:
-    """Status, error type, client-facing message and extra headers for ``exc``."""
+def _classify(exc: Exception, protocol: str, request_id: str | None = None) -> tuple[int, str, str, dict[str, str]]:
+    """Status, error type, client-facing message and extra headers for ``exc``; logged or counted."""
     status, kind = next((row[protocol] for types, row in STATUS_TABLE if isinstance(exc, types)), INTERNAL[protocol])
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, (Overloaded, RateLimited)) else {}
     message = getattr(exc, "message", None) or str(exc)
     if status == 500:
-        log.error("internal error", exc_info=exc)
+        log.error("internal error", exc_info=exc, extra={"request_id": request_id})
         message = "The server had an error while processing your request."
     else:
         metrics.REJECTIONS.labels(getattr(exc, "code", None) or type(exc).__name__).inc()
     return status, kind, message, headers
 
 
+def openai_body(exc: Exception, request_id: str | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, ``{"error": {"message", "type", "param", "code"}}`` and headers for ``exc``."""
+    status, kind, message, headers = _classify(exc, "openai", request_id)
+    body = {"error": {"message": message, "type": kind, "param": getattr(exc, "param", None), "code": getattr(exc, "code", None)}}
+    return status, body, headers
+
+
+def anthropic_body(exc: Exception, request_id: str | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, ``{"type": "error", "error": {"type", "message"}}`` and headers for ``exc``."""
+    status, kind, message, headers = _classify(exc, "anthropic", request_id)
+    param = getattr(exc, "param", None)
+    if param and isinstance(exc, InvalidRequest) and not message.startswith("Invalid value"):
+        message = f"{param}: {message}"
+    return status, {"type": "error", "error": {"type": kind, "message": message}}, headers
+
+
 def openai_error(exc: Exception) -> Response:
     """``{"error": {"message", "type", "param", "code"}}`` with the OpenAI status."""
-    status, kind, message, headers = _classify(exc, "openai")
-    body = {"error": {"message": message, "type": kind, "param": getattr(exc, "param", None), "code": getattr(exc, "code", None)}}
+    status, body, headers = openai_body(exc)
     return json_response(body, status=status, headers=headers)
 
 
 def anthropic_error(exc: Exception) -> Response:
     """``{"type": "error", "error": {"type", "message"}, "request_id"}`` with the Anthropic status."""
-    status, kind, message, headers = _classify(exc, "anthropic")
-    param = getattr(exc, "param", None)
-    if param and isinstance(exc, InvalidRequest) and not message.startswith("Invalid value"):
-        message = f"{param}: {message}"
+    status, body, headers = anthropic_body(exc)
     request_id = current_request_id()
     headers["request-id"] = request_id
-    body = {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}
-    return json_response(body, status=status, headers=headers)
+    return json_response({**body, "request_id": request_id}, status=status, headers=headers)
+
+
+def openai_stream_failure(exc: Exception, request_id: str | None) -> Iterator[str]:
+    """The end of an OpenAI stream that failed after its first byte: an error chunk, then ``[DONE]``."""
+    yield sse(openai_body(exc, request_id)[1])
+    yield sse("[DONE]")
+
+
+def anthropic_stream_failure(exc: Exception, request_id: str | None) -> Iterator[str]:
+    """The end of an Anthropic stream that failed after its first byte: an ``error`` event."""
+    yield sse(anthropic_body(exc, request_id)[1], "error")
 
 
 RENDERERS: dict[str, Callable[[Exception], Response]] = {"openai": openai_error, "anthropic": anthropic_error}

@@ -33,7 +33,7 @@ from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse
 from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
-from .errors import speaks
+from .errors import openai_stream_failure, speaks
 
 CHAT_SCHEMA = ChatCompletionRequestSchema()
 COMPLETION_SCHEMA = CompletionRequestSchema()
@@ -149,7 +149,8 @@ def chat_completions():
     decode = runtime().model.tokenizer.decode
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return event_stream(closing(events, _chat_chunks(events, meta, n, decode if want_logprobs else None, include_usage)))
+        body = _chat_chunks(events, meta, n, decode if want_logprobs else None, include_usage)
+        return event_stream(closing(events, body, openai_stream_failure))
 
     results, done = collect_chat(events, n)
     raise_if_failed([r.finish for r in results])
@@ -239,7 +240,7 @@ def completions():
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         body = _completion_chunks(streams, [text for _, text in prompts], meta, n, echo, decode if want_logprobs else None, include_usage)
-        return event_stream(closing(streams, body))
+        return event_stream(closing(streams, body, openai_stream_failure))
 
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for p, events in enumerate(streams):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,11 +18,10 @@ from ..schemas.common import load
 from ..schemas.responses_api import ResponsesRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse
 from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
-from .errors import speaks
+from .errors import openai_body, speaks
 from .openai import chat_request, response_format
 
 SCHEMA = ResponsesRequestSchema()
-log = logging.getLogger("llm_blueprint")
 
 
 def _history(data: dict[str, Any]) -> list[Message]:
@@ -112,7 +111,8 @@ def create_response():
     _, events = start_chat(chat, data.get("max_output_tokens"), **sampling_defaults(data))
     echo = _Echo(data, events.request.temperature, events.request.top_p)
     if data.get("stream"):
-        return event_stream(closing(events, _response_events(events, echo)))
+        stream = _ResponseStream(echo)
+        return event_stream(closing(events, stream.body(events), stream.failed))
 
     results, done = collect_chat(events, 1)
     raise_if_failed([results[0].finish])
@@ -185,47 +185,50 @@ class _Items:
         self.kind, self.parts = None, []
 
 
-def _response_events(events: Iterator[Any], echo: _Echo) -> Iterator[str]:
-    sequence = iter(range(1_000_000_000))
+class _ResponseStream:
+    """One response's stream: numbered events, and the output items so far (so that it can fail at any point)."""
 
-    def event(kind: str, **payload: Any) -> str:
-        return sse({"type": kind, "sequence_number": next(sequence), **payload}, kind)
+    def __init__(self, echo: _Echo):
+        self.echo = echo
+        self._sequence = itertools.count()
+        self.items = _Items(self.event)
 
-    items = _Items(event)
-    yield event("response.created", response=echo.response("in_progress", [], None))
-    yield event("response.in_progress", response=echo.response("in_progress", [], None))
-    try:
-        yield from _items_events(events, echo, items, event)
-    except Exception:  # a bug of ours mid-stream: the client still gets a terminal event
-        log.exception("responses stream failed")
-        error = {"code": "server_error", "message": "The server had an error while processing your request."}
-        yield event("response.failed", response=echo.response("failed", items.done, None, error=error))
+    def event(self, kind: str, **payload: Any) -> str:
+        return sse({"type": kind, "sequence_number": next(self._sequence), **payload}, kind)
 
+    def body(self, events: Iterator[Any]) -> Iterator[str]:
+        echo, items, event = self.echo, self.items, self.event
+        yield event("response.created", response=echo.response("in_progress", [], None))
+        yield event("response.in_progress", response=echo.response("in_progress", [], None))
+        finish: Finish | None = None
+        for item in events:
+            if isinstance(item, Heartbeat):
+                yield KEEPALIVE
+            elif isinstance(item, TextDelta):
+                yield from items.text(item.text)
+            elif isinstance(item, ReasoningDelta):
+                yield from items.reasoning(item.text)
+            elif isinstance(item, ToolCall):
+                yield from items.call(item)
+            elif isinstance(item, Finish):
+                finish = item
+                if item.failed:
+                    code = "invalid_model_output" if item.reason == "invalid_output" else "server_error"
+                    error = {"code": code, "message": item.error if item.reason == "invalid_output" else f"generation failed: {item.error}"}
+                    yield event("response.failed", response=echo.response("failed", items.done, None, error=error))
+                    return
+            elif isinstance(item, Done) and finish is not None:
+                status = _status(finish)
+                if items.kind is None and not items.done:  # nothing was generated: still one (empty) message
+                    yield from items.text("")
+                yield from items.close(status)
+                yield event(f"response.{status}", response=echo.response(status, items.done, item))
 
-def _items_events(events: Iterator[Any], echo: _Echo, items: _Items, event) -> Iterator[str]:
-    finish: Finish | None = None
-    for item in events:
-        if isinstance(item, Heartbeat):
-            yield KEEPALIVE
-        elif isinstance(item, TextDelta):
-            yield from items.text(item.text)
-        elif isinstance(item, ReasoningDelta):
-            yield from items.reasoning(item.text)
-        elif isinstance(item, ToolCall):
-            yield from items.call(item)
-        elif isinstance(item, Finish):
-            finish = item
-            if item.failed:
-                code = "invalid_model_output" if item.reason == "invalid_output" else "server_error"
-                error = {"code": code, "message": item.error if item.reason == "invalid_output" else f"generation failed: {item.error}"}
-                yield event("response.failed", response=echo.response("failed", items.done, None, error=error))
-                return
-        elif isinstance(item, Done) and finish is not None:
-            status = _status(finish)
-            if items.kind is None and not items.done:  # nothing was generated: still one (empty) message
-                yield from items.text("")
-            yield from items.close(status)
-            yield event(f"response.{status}", response=echo.response(status, items.done, item))
+    def failed(self, exc: Exception, request_id: str | None) -> Iterator[str]:
+        """The stream's end after a failure: ``response.failed`` with the items completed so far."""
+        error = openai_body(exc, request_id)[1]["error"]
+        failure = {"code": error["type"], "message": error["message"]}
+        yield self.event("response.failed", response=self.echo.response("failed", self.items.done, None, error=failure))
 
 
 def register(bp: Blueprint) -> None:
