@@ -17,9 +17,10 @@ from typing import Any
 
 from . import metrics
 from .engine import EngineOptions, Model
-from .engine.generation import BatchingOptions, Engine, Event, GenerationRequest
+from .engine.generation import BatchingOptions, Engine
 from .engine.handoff import NativeThread, native_sleep, run_on_native_thread
 from .errors import LLMBlueprintError, ModelLoadError
+from .events import Event, GenerationRequest
 
 log = logging.getLogger("llm_blueprint")
 

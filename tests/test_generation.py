@@ -11,8 +11,9 @@ import time
 import pytest
 
 from llm_blueprint.engine import EngineOptions, Model
-from llm_blueprint.engine.generation import Done, Engine, Finish, GenerationRequest, Heartbeat, TextDelta, collect
+from llm_blueprint.engine.generation import Engine
 from llm_blueprint.errors import ContextTooLong, EngineShutDown
+from llm_blueprint.events import Done, Finish, GenerationRequest, Heartbeat, TextDelta, collect
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

@@ -9,7 +9,7 @@ import pytest
 from flask import Flask
 
 from llm_blueprint import LLM
-from llm_blueprint.engine.generation import TextDelta
+from llm_blueprint.events import TextDelta
 from llm_blueprint.runtime import Runtime
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

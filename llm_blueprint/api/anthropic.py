@@ -17,11 +17,10 @@ from typing import Any
 from flask import Blueprint
 
 from ..chat.conversation import ChatRequest, Message, ToolCallRecord, ToolChoice, check_choice, check_tool_history, make_tools
-from ..chat.output import ReasoningDelta, ToolCall
 from ..chat.pipeline import collect_chat
 from ..chat.prompt import render
-from ..engine.generation import Done, Finish, Heartbeat, TextDelta
 from ..errors import InvalidRequest
+from ..events import Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
 from ..schemas.anthropic import CountTokensSchema, MessagesRequestSchema
 from ..schemas.common import load
 from ..sse import event_stream, json_response, sse

@@ -14,8 +14,8 @@ from .. import metrics
 from ..chat.conversation import ChatRequest
 from ..chat.pipeline import ChatStream
 from ..chat.prompt import ChatPrompt, render
-from ..engine.generation import GenerationRequest
 from ..errors import InvalidModelOutput, InvalidRequest, LLMBlueprintError, ModelNotFound, RequestTooLarge
+from ..events import GenerationRequest
 from ..runtime import Runtime
 
 log = logging.getLogger("llm_blueprint")

@@ -25,10 +25,9 @@ from ..chat.conversation import (
     check_tool_history,
     make_tools,
 )
-from ..chat.output import ReasoningDelta, ToolCall
 from ..chat.pipeline import ChoiceResult, collect_chat
-from ..engine.generation import Done, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob, collect
 from ..errors import InvalidRequest
+from ..events import Done, Finish, GenerationRequest, Heartbeat, ReasoningDelta, TextDelta, TokenLogprob, ToolCall, collect
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse

@@ -11,9 +11,8 @@ from typing import Any
 from flask import Blueprint
 
 from ..chat.conversation import Message, ToolCallRecord, arguments_object, check_tool_history, make_tools
-from ..chat.output import ReasoningDelta, ToolCall
 from ..chat.pipeline import ChoiceResult, collect_chat
-from ..engine.generation import Done, Finish, Heartbeat, TextDelta
+from ..events import Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
 from ..schemas.common import load
 from ..schemas.responses_api import ResponsesRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse

@@ -1,0 +1,168 @@
+"""The protocol-neutral vocabulary every layer shares: a generation request, and the events of its answer.
+
+The engine turns a :class:`GenerationRequest` into :class:`TextDelta`,
+:class:`Finish`, :class:`Done` and :class:`Heartbeat` events; the chat
+pipeline adds :class:`ReasoningDelta` and :class:`ToolCall`, parsed out of the
+text. Each protocol formats these events and nothing else. An
+:class:`EventStream` is the one way such a stream is ended and observed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+
+# ----------------------------------------------------------------------------- the request
+@dataclass
+class GenerationRequest:
+    """What to generate, independent of any wire protocol."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    end_token_ids: list[int] = field(default_factory=list)
+    n: int = 1
+    seed: int | None = None
+    logprobs: bool = False
+    min_tokens: int = 0
+    # Not None: stop (reason "stop") as soon as the JSON object/array that this
+    # prefill text opened (or that the output opens) is closed.
+    json_prefix: str | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+# ----------------------------------------------------------------------------- the events
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New answer text of completion ``index``; ``logprobs`` covers the tokens that produced it."""
+
+    index: int
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """New reasoning ("thinking") text of completion ``index``."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A complete, validated tool call of completion ``index``.
+
+    ``arguments`` is JSON text of an object; ``fragments`` are pieces that
+    join to it, in the order the model wrote them (for streaming).
+    """
+
+    index: int
+    call_index: int
+    id: str
+    name: str
+    arguments: str
+    fragments: tuple[str, ...]
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Completion ``index`` ended. ``reason``: stop, length, stop_sequence, cancelled, error;
+    the chat pipeline adds tool_calls and invalid_output (structured output that never validated)."""
+
+    index: int
+    reason: str
+    completion_tokens: int
+    stop_sequence: str | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.reason in ("error", "invalid_output")
+
+
+@dataclass(frozen=True)
+class Done:
+    """The whole request ended; exact token counts over all completions."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Nothing new for a while; lets a stream write a keep-alive."""
+
+
+Event = TextDelta | Finish | Done | Heartbeat  # what the engine yields
+ChatEvent = Event | ReasoningDelta | ToolCall  # what the chat pipeline yields
+
+
+# ----------------------------------------------------------------------------- streams of events
+E = TypeVar("E")
+
+
+class EventStream(Generic[E]):
+    """A stream of events, and the one way to end it.
+
+    ``close()`` stops the work behind the stream (``cancel``), also when the
+    stream was never iterated (a client gone before its first byte), which a
+    generator's own ``finally`` cannot do. ``cancel()`` asks the work to stop
+    early but keeps the stream readable to its final events.
+    """
+
+    def __init__(self, events: Iterator[E], cancel: Callable[[], None] = lambda: None):
+        self._events = events
+        self._cancel = cancel
+
+    def __iter__(self) -> EventStream[E]:
+        return self
+
+    def __next__(self) -> E:
+        return next(self._events)
+
+    def cancel(self) -> None:
+        self._cancel()
+
+    def close(self) -> None:
+        self._cancel()
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
+
+
+def collect(events: Iterator[Event], n: int) -> tuple[list[str], list[Finish], Done, list[list[TokenLogprob]]]:
+    """Drain an event stream into texts, finishes, totals and logprobs (non-streaming responses)."""
+    texts = [[] for _ in range(n)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    finishes: list[Finish | None] = [None] * n
+    done = None
+    for event in events:
+        if isinstance(event, TextDelta):
+            texts[event.index].append(event.text)
+            logprobs[event.index].extend(event.logprobs)
+        elif isinstance(event, Finish):
+            finishes[event.index] = event
+        elif isinstance(event, Done):
+            done = event
+    return ["".join(t) for t in texts], finishes, done, logprobs
