@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
+
+from .errors import GenerationFailed, InvalidModelOutput
 
 
 # ----------------------------------------------------------------------------- the request
@@ -85,6 +87,15 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+# Why an answer ended, in the neutral words each protocol then names (OpenAI's finish_reason,
+# Anthropic's stop_reason, the Responses status). Decided here, once, for every protocol.
+END_TURN = "end_turn"  # the model ended its turn (or the client or the server cancelled it)
+STOP_SEQUENCE = "stop_sequence"  # one of the request's stop strings
+MAX_TOKENS = "max_tokens"  # the completion budget ran out
+TOOL_USE = "tool_use"  # the answer calls tools, for the client to run
+ENDINGS = {"stop": END_TURN, "cancelled": END_TURN, "stop_sequence": STOP_SEQUENCE, "length": MAX_TOKENS, "tool_calls": TOOL_USE}
+
+
 @dataclass(frozen=True)
 class Finish:
     """Completion ``index`` ended. ``reason``: stop, length, stop_sequence, cancelled, error;
@@ -99,6 +110,23 @@ class Finish:
     @property
     def failed(self) -> bool:
         return self.reason in ("error", "invalid_output")
+
+    @property
+    def ending(self) -> str:
+        """Why a completion that did not fail ended: END_TURN, STOP_SEQUENCE, MAX_TOKENS or TOOL_USE."""
+        return ENDINGS[self.reason]
+
+    def after_tool_calls(self) -> Finish:
+        """The finish of a completion that made tool calls: it ended for the client to run them, unless cut or failed."""
+        return replace(self, reason="tool_calls") if self.reason in ("stop", "stop_sequence", "cancelled") else self
+
+    def raise_failure(self) -> None:
+        """A failed completion raises the error every protocol renders: before the first byte as an HTTP
+        error, mid-stream as its error event (structured output that never validated is the model's failure)."""
+        if self.reason == "invalid_output":
+            raise InvalidModelOutput(self.error or "invalid output")
+        if self.reason == "error":
+            raise GenerationFailed(self.error)
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,16 @@ from ..chat.conversation import ChatRequest, Message, ToolCallRecord, ToolChoice
 from ..chat.pipeline import collect_chat
 from ..chat.prompt import render
 from ..errors import InvalidRequest
-from ..events import Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
+from ..events import END_TURN, MAX_TOKENS, STOP_SEQUENCE, TOOL_USE, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
 from ..schemas.anthropic import CountTokensSchema, MessagesRequestSchema
 from ..schemas.common import load
 from ..sse import event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
+from .common import check_limits, check_model, closing, json_body, runtime, sampling_defaults, start_chat
 from .errors import anthropic_stream_failure, speaks
 
 MESSAGES_SCHEMA = MessagesRequestSchema()
 COUNT_SCHEMA = CountTokensSchema()
-STOP_REASONS = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens", "cancelled": "end_turn",
-                "tool_calls": "tool_use"}
+STOP_REASONS = {END_TURN: "end_turn", STOP_SEQUENCE: "stop_sequence", MAX_TOKENS: "max_tokens", TOOL_USE: "tool_use"}
 TOOL_CHOICES = {"auto": "auto", "any": "required", "tool": "required", "none": "none"}
 _PROCESS_KEY = os.urandom(32)
 
@@ -99,7 +98,7 @@ def messages():
 
     results, done = collect_chat(events, 1)
     result = results[0]
-    raise_if_failed([result.finish])
+    result.finish.raise_failure()
     content: list[dict[str, Any]] = []
     if result.reasoning and chat.show_reasoning:
         content.append({"type": "thinking", "thinking": result.reasoning, "signature": _signer()(result.reasoning)})
@@ -107,7 +106,7 @@ def messages():
         content.append({"type": "text", "text": result.text})
     content += [{"type": "tool_use", "id": _tool_use_id(c), "name": c.name, "input": json.loads(c.arguments)} for c in result.tool_calls]
     finish = result.finish
-    return json_response(_message(meta, content, STOP_REASONS[finish.reason], finish.stop_sequence,
+    return json_response(_message(meta, content, STOP_REASONS[finish.ending], finish.stop_sequence,
                                   done.prompt_tokens, done.completion_tokens))
 
 
@@ -164,15 +163,11 @@ def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: i
             yield from blocks.close()
         elif isinstance(event, Finish):
             finish = event
-            if event.failed:
-                kind = "invalid_model_output" if event.reason == "invalid_output" else "api_error"
-                message = event.error if event.reason == "invalid_output" else f"generation failed: {event.error}"
-                yield sse({"type": "error", "error": {"type": kind, "message": message}}, "error")
-                return
+            event.raise_failure()  # ended by the stream's wrapper with an error event
         elif isinstance(event, Done) and finish is not None:
             yield from blocks.close()
             delta = {"type": "message_delta",
-                     "delta": {"stop_reason": STOP_REASONS[finish.reason], "stop_sequence": finish.stop_sequence},
+                     "delta": {"stop_reason": STOP_REASONS[finish.ending], "stop_sequence": finish.stop_sequence},
                      "usage": {"input_tokens": event.prompt_tokens, "output_tokens": event.completion_tokens}}
             yield sse(delta, "message_delta")
             yield sse({"type": "message_stop"}, "message_stop")

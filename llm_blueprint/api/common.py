@@ -14,7 +14,7 @@ from .. import metrics
 from ..chat.conversation import ChatRequest
 from ..chat.pipeline import ChatStream
 from ..chat.prompt import ChatPrompt, render
-from ..errors import InvalidModelOutput, InvalidRequest, LLMBlueprintError, ModelNotFound, RequestTooLarge
+from ..errors import InvalidRequest, ModelNotFound, RequestTooLarge
 from ..events import GenerationRequest
 from ..runtime import Runtime
 
@@ -62,13 +62,18 @@ def closing(events, body, failure):
     return _closing(events, body, failure, route, g.get("llm_started"), g.get("llm_request_id"))
 
 
+def ended_anyway(body, failure, request_id: str | None = None):
+    """``body``; if it fails, what it wrote so far and then the protocol's final events from ``failure``."""
+    try:
+        yield from body
+    except Exception as exc:  # a failed generation, a bug, a native error: the client still gets the final events
+        yield from failure(exc, request_id)
+
+
 def _closing(events, body, failure, route, started, request_id):
     completed = False
     try:
-        try:
-            yield from body
-        except Exception as exc:  # a bug or a native failure mid-stream: the client still gets the final events
-            yield from failure(exc, request_id)
+        yield from ended_anyway(body, failure, request_id)
         completed = True
     finally:
         for stream in events if isinstance(events, list) else [events]:
@@ -79,15 +84,6 @@ def _closing(events, body, failure, route, started, request_id):
             log.info("stream %s %s after %.3fs", route, "completed" if completed else "closed by the client",
                      elapsed, extra={"request_id": request_id, "route": route, "latency_s": round(elapsed, 4),
                                      "stream": True, "completed": completed})
-
-
-def raise_if_failed(finishes) -> None:
-    """A non-streaming response whose generation failed is a server error."""
-    for finish in finishes:
-        if finish.reason == "invalid_output":
-            raise InvalidModelOutput(finish.error)
-        if finish.reason == "error":
-            raise LLMBlueprintError(f"generation failed: {finish.error}")
 
 
 def check_limits(messages: int | None = None, max_tokens: int | None = None, stop: list[str] | None = None,

@@ -12,6 +12,7 @@ from flask import Response, g, has_request_context
 from .. import metrics
 from ..errors import (
     EngineShutDown,
+    GenerationFailed,
     InvalidModelOutput,
     InvalidRequest,
     LLMBlueprintError,
@@ -27,7 +28,8 @@ from ..sse import json_response, sse
 log = logging.getLogger("llm_blueprint")
 
 
-# Exception type → (status, error type) per protocol; the first matching row wins.
+# Exception type → (status, error type) per protocol; the first matching row wins. An error with a
+# row is one we raise on purpose, and its message is for the client; anything else is a bug of ours.
 STATUS_TABLE: list[tuple[type[Exception] | tuple[type[Exception], ...], dict[str, tuple[int, str]]]] = [
     (Unauthorized, {"openai": (401, "authentication_error"), "anthropic": (401, "authentication_error")}),
     (RequestTooLarge, {"openai": (413, "invalid_request_error"), "anthropic": (413, "request_too_large")}),
@@ -37,6 +39,7 @@ STATUS_TABLE: list[tuple[type[Exception] | tuple[type[Exception], ...], dict[str
     (Overloaded, {"openai": (429, "rate_limit_error"), "anthropic": (529, "overloaded_error")}),
     (RateLimited, {"openai": (429, "rate_limit_error"), "anthropic": (429, "rate_limit_error")}),
     ((EngineShutDown, ModelLoadError), {"openai": (503, "service_unavailable"), "anthropic": (529, "overloaded_error")}),
+    (GenerationFailed, {"openai": (500, "server_error"), "anthropic": (500, "api_error")}),
 ]
 INTERNAL = {"openai": (500, "server_error"), "anthropic": (500, "api_error")}
 
@@ -57,14 +60,17 @@ def protocol_of(endpoint: str | None) -> str:
 
 def _classify(exc: Exception, protocol: str, request_id: str | None = None) -> tuple[int, str, str, dict[str, str]]:
     """Status, error type, client-facing message and extra headers for ``exc``; logged or counted."""
-    status, kind = next((row[protocol] for types, row in STATUS_TABLE if isinstance(exc, types)), INTERNAL[protocol])
+    known = next((row[protocol] for types, row in STATUS_TABLE if isinstance(exc, types)), None)
+    status, kind = known or INTERNAL[protocol]
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, (Overloaded, RateLimited)) else {}
     message = getattr(exc, "message", None) or str(exc)
-    if status == 500:
-        log.error("internal error", exc_info=exc, extra={"request_id": request_id})
-        message = "The server had an error while processing your request."
+    if status == 500:  # ours: a bug, or the engine failing
+        log.error("internal error" if known is None else message, exc_info=exc if known is None else None,
+                  extra={"request_id": request_id})
     else:
         metrics.REJECTIONS.labels(getattr(exc, "code", None) or type(exc).__name__).inc()
+    if known is None:  # a bug of ours: the details stay in the log
+        message = "The server had an error while processing your request."
     return status, kind, message, headers
 
 

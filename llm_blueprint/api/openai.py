@@ -27,16 +27,30 @@ from ..chat.conversation import (
 )
 from ..chat.pipeline import ChoiceResult, collect_chat
 from ..errors import InvalidRequest
-from ..events import Done, Finish, GenerationRequest, Heartbeat, ReasoningDelta, TextDelta, TokenLogprob, ToolCall, collect
+from ..events import (
+    END_TURN,
+    MAX_TOKENS,
+    STOP_SEQUENCE,
+    TOOL_USE,
+    Done,
+    Finish,
+    GenerationRequest,
+    Heartbeat,
+    ReasoningDelta,
+    TextDelta,
+    TokenLogprob,
+    ToolCall,
+    collect,
+)
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
+from .common import check_limits, check_model, closing, json_body, runtime, sampling_defaults, start_chat
 from .errors import openai_stream_failure, speaks
 
 CHAT_SCHEMA = ChatCompletionRequestSchema()
 COMPLETION_SCHEMA = CompletionRequestSchema()
-FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length", "cancelled": "stop", "tool_calls": "tool_calls"}
+FINISH_REASONS = {END_TURN: "stop", STOP_SEQUENCE: "stop", MAX_TOKENS: "length", TOOL_USE: "tool_calls"}
 
 
 def _sampling(data: dict[str, Any]) -> dict[str, Any]:
@@ -69,12 +83,6 @@ def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], decod
         text = decode([entry.token_id])
         content.append({"token": text, "logprob": entry.logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": []})
     return {"content": content, "refusal": None}
-
-
-def _error_payload(finish: Finish) -> dict[str, Any]:
-    if finish.reason == "invalid_output":
-        return {"error": {"message": finish.error, "type": "invalid_model_output", "param": None, "code": "invalid_model_output"}}
-    return {"error": {"message": f"generation failed: {finish.error}", "type": "server_error", "param": None, "code": None}}
 
 
 # ----------------------------------------------------------------------------- chat completions
@@ -152,13 +160,14 @@ def chat_completions():
         return event_stream(closing(events, body, openai_stream_failure))
 
     results, done = collect_chat(events, n)
-    raise_if_failed([r.finish for r in results])
+    for result in results:
+        result.finish.raise_failure()
     choices = [
         {
             "index": i,
             "message": _chat_message(result),
             "logprobs": _chat_logprobs(result.logprobs, decode) if want_logprobs else None,
-            "finish_reason": FINISH_REASONS[result.finish.reason],
+            "finish_reason": FINISH_REASONS[result.finish.ending],
         }
         for i, result in enumerate(results)
     ]
@@ -190,10 +199,8 @@ def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, decode: De
             for fragment in event.fragments:
                 yield chunk(event.index, {"tool_calls": [{"index": event.call_index, "function": {"arguments": fragment}}]})
         elif isinstance(event, Finish):
-            if event.failed:
-                yield sse(_error_payload(event))
-                break
-            yield chunk(event.index, {}, FINISH_REASONS[event.reason])
+            event.raise_failure()  # ended by the stream's wrapper with an error chunk and [DONE]
+            yield chunk(event.index, {}, FINISH_REASONS[event.ending])
         elif isinstance(event, Done) and include_usage:
             yield sse({**meta, "object": "chat.completion.chunk", "system_fingerprint": None, "choices": [], "usage": _usage(event)})
     yield sse("[DONE]")
@@ -244,7 +251,8 @@ def completions():
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for p, events in enumerate(streams):
         texts, finishes, done, logprobs = collect(events, n)
-        raise_if_failed(finishes)
+        for finish in finishes:
+            finish.raise_failure()
         prompt_tokens += done.prompt_tokens
         completion_tokens += done.completion_tokens
         prefix = prompts[p][1] if echo else ""
@@ -253,7 +261,7 @@ def completions():
                 "index": p * n + j,
                 "text": prefix + texts[j],
                 "logprobs": _completion_logprobs(logprobs[j], len(prefix), decode) if want_logprobs else None,
-                "finish_reason": FINISH_REASONS[finishes[j].reason],
+                "finish_reason": FINISH_REASONS[finishes[j].ending],
             })
     usage = _usage(Done(prompt_tokens, completion_tokens))
     return json_response({**meta, "object": "text_completion", "choices": choices, "usage": usage, "system_fingerprint": None})
@@ -282,11 +290,8 @@ def _completion_chunks(streams, prompt_texts, meta, n, echo, decode: Decode | No
                 offsets[event.index] += len(event.text)
                 yield chunk(p * n + event.index, event.text, logprobs=logprobs)
             elif isinstance(event, Finish):
-                if event.failed:
-                    yield sse(_error_payload(event))
-                    yield sse("[DONE]")
-                    return
-                yield chunk(p * n + event.index, "", FINISH_REASONS[event.reason])
+                event.raise_failure()  # ended by the stream's wrapper with an error chunk and [DONE]
+                yield chunk(p * n + event.index, "", FINISH_REASONS[event.ending])
             elif isinstance(event, Done):
                 prompt_tokens += event.prompt_tokens
                 completion_tokens += event.completion_tokens

@@ -12,11 +12,11 @@ from flask import Blueprint
 
 from ..chat.conversation import Message, ToolCallRecord, arguments_object, check_tool_history, make_tools
 from ..chat.pipeline import ChoiceResult, collect_chat
-from ..events import Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
+from ..events import MAX_TOKENS, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
 from ..schemas.common import load
 from ..schemas.responses_api import ResponsesRequestSchema
 from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
+from .common import check_limits, check_model, closing, json_body, runtime, sampling_defaults, start_chat
 from .errors import openai_body, speaks
 from .openai import chat_request, response_format
 
@@ -66,7 +66,7 @@ def _output(result: ChoiceResult, status: str) -> list[dict[str, Any]]:
 
 
 def _status(finish: Finish) -> str:
-    return "incomplete" if finish.reason == "length" else "completed"
+    return "incomplete" if finish.ending == MAX_TOKENS else "completed"
 
 
 class _Echo:
@@ -114,7 +114,7 @@ def create_response():
         return event_stream(closing(events, stream.body(events), stream.failed))
 
     results, done = collect_chat(events, 1)
-    raise_if_failed([results[0].finish])
+    results[0].finish.raise_failure()
     status = _status(results[0].finish)
     return json_response(echo.response(status, _output(results[0], status), done))
 
@@ -210,12 +210,8 @@ class _ResponseStream:
             elif isinstance(item, ToolCall):
                 yield from items.call(item)
             elif isinstance(item, Finish):
+                item.raise_failure()  # ended with response.failed by the stream's wrapper
                 finish = item
-                if item.failed:
-                    code = "invalid_model_output" if item.reason == "invalid_output" else "server_error"
-                    error = {"code": code, "message": item.error if item.reason == "invalid_output" else f"generation failed: {item.error}"}
-                    yield event("response.failed", response=echo.response("failed", items.done, None, error=error))
-                    return
             elif isinstance(item, Done) and finish is not None:
                 status = _status(finish)
                 if items.kind is None and not items.done:  # nothing was generated: still one (empty) message

@@ -109,9 +109,7 @@ class ChatStream:
             elif isinstance(event, Finish):
                 parser = parsers[event.index]
                 yield from self._pieces(parser.finish(), (), stream)
-                if parser.calls and event.reason in ("stop", "stop_sequence", "cancelled"):
-                    event = dataclasses.replace(event, reason="tool_calls")
-                yield event
+                yield event.after_tool_calls() if parser.calls else event
             else:
                 yield event
 
