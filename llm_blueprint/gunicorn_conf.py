@@ -27,6 +27,8 @@ import tempfile
 # OpenMP threads spin-waiting between batches fight the gevent hub for CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Prometheus metrics from every worker, aggregated on /metrics (prometheus_client multiprocess mode).
+# Set before prometheus_client is first imported (it picks its storage then): this module imports
+# nothing else of the package, and ``llm_blueprint/__init__.py`` imports the extension only on use.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="llm-blueprint-metrics-"))
 
 bind = os.environ.get("LLM_BIND", "127.0.0.1:8000")

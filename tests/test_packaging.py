@@ -88,6 +88,8 @@ def test_wheel_installs_and_serves_outside_the_checkout(default_model_dir, tmp_p
         reply = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=12,
                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
+        metrics = requests.get(base + "/metrics", timeout=10).text  # the shipped gunicorn settings' multiprocess metrics
+        assert 'llm_requests_total{route="/v1/chat/completions",status="200"}' in metrics
     finally:
         process.send_signal(signal.SIGTERM)
         try:
