@@ -151,32 +151,57 @@ E = TypeVar("E")
 
 
 class EventStream(Generic[E]):
-    """A stream of events, and the one way to end it.
+    """A stream of events, and the one way to end and observe it.
 
     ``close()`` stops the work behind the stream (``cancel``), also when the
     stream was never iterated (a client gone before its first byte), which a
     generator's own ``finally`` cannot do. ``cancel()`` asks the work to stop
-    early but keeps the stream readable to its final events.
+    early but keeps the stream readable to its final events. ``watch()``
+    observes it (metrics) without wrapping it. A stream read to its end closes
+    itself.
     """
 
     def __init__(self, events: Iterator[E], cancel: Callable[[], None] = lambda: None):
         self._events = events
         self._cancel = cancel
+        self._watchers: list[Callable[[E], None]] = []
+        self._on_close: list[Callable[[], None]] = []
+        self._closed = False
 
     def __iter__(self) -> EventStream[E]:
         return self
 
     def __next__(self) -> E:
-        return next(self._events)
+        try:
+            event = next(self._events)
+        except StopIteration:
+            self.close()
+            raise
+        for watcher in self._watchers:
+            watcher(event)
+        return event
+
+    def watch(self, on_event: Callable[[E], None] | None = None, on_close: Callable[[], None] | None = None) -> EventStream[E]:
+        """Call ``on_event`` with every event read, and ``on_close`` once when the stream ends."""
+        if on_event is not None:
+            self._watchers.append(on_event)
+        if on_close is not None:
+            self._on_close.append(on_close)
+        return self
 
     def cancel(self) -> None:
         self._cancel()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._cancel()
         close = getattr(self._events, "close", None)
         if close is not None:
             close()
+        for on_close in self._on_close:
+            on_close()
 
 
 def collect(events: Iterator[Event], n: int) -> tuple[list[str], list[Finish], Done, list[list[TokenLogprob]]]:

@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from . import metrics
@@ -20,7 +19,7 @@ from .engine import EngineOptions, Model
 from .engine.generation import BatchingOptions, Engine
 from .engine.handoff import NativeThread, native_sleep, run_on_native_thread
 from .errors import LLMBlueprintError, ModelLoadError
-from .events import Event, GenerationRequest
+from .events import Event, EventStream, GenerationRequest
 
 log = logging.getLogger("llm_blueprint")
 
@@ -56,10 +55,10 @@ class Runtime:
         """The engine when loaded, without triggering a load (health checks)."""
         return self._engine
 
-    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+    def generate(self, request: GenerationRequest) -> EventStream[Event]:
         """Start a generation (typed errors raise here, before any work) with its metrics."""
         engine = self.engine
-        return metrics.observe_generation(engine, engine.generate(request))
+        return metrics.observe(engine, engine.generate(request))
 
     @property
     def model(self) -> Model:

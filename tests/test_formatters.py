@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 from llm_blueprint.api.anthropic import _message_events
-from llm_blueprint.api.common import ended_anyway
 from llm_blueprint.api.errors import anthropic_stream_failure, openai_stream_failure
 from llm_blueprint.api.openai import _chat_chunks
 from llm_blueprint.api.responses import _Echo, _ResponseStream
+from llm_blueprint.api.sse import ended_anyway
 from llm_blueprint.events import Done, Finish, Heartbeat, TextDelta
 
 FAILING = [TextDelta(0, "Hel"), Heartbeat(), Finish(0, "error", 1, error="CUDA out of memory"), Done(5, 1)]

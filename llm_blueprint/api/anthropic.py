@@ -23,9 +23,9 @@ from ..errors import InvalidRequest
 from ..events import END_TURN, MAX_TOKENS, STOP_SEQUENCE, TOOL_USE, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
 from ..schemas.anthropic import CountTokensSchema, MessagesRequestSchema
 from ..schemas.common import load
-from ..sse import event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, runtime, sampling_defaults, start_chat
+from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
 from .errors import anthropic_stream_failure, speaks
+from .sse import event_stream, sse
 
 MESSAGES_SCHEMA = MessagesRequestSchema()
 COUNT_SCHEMA = CountTokensSchema()
@@ -94,7 +94,7 @@ def messages():
     meta = {"id": f"msg_{uuid.uuid4().hex}", "model": data["model"]}
     if data.get("stream"):
         sign = _signer() if chat.show_reasoning else None
-        return event_stream(closing(events, _message_events(events, meta, len(prompt.ids), sign), anthropic_stream_failure))
+        return event_stream(_message_events(events, meta, len(prompt.ids), sign), events, anthropic_stream_failure)
 
     results, done = collect_chat(events, 1)
     result = results[0]

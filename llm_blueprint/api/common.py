@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
-from flask import current_app, g, request
+from flask import Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .. import metrics
 from ..chat.conversation import ChatRequest
 from ..chat.pipeline import ChatStream
 from ..chat.prompt import ChatPrompt, render
@@ -19,6 +17,16 @@ from ..events import GenerationRequest
 from ..runtime import Runtime
 
 log = logging.getLogger("llm_blueprint")
+
+
+def dumps(payload: Any) -> str:
+    """Compact JSON text, as every body and event of the API is written."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """JSON serialized by us, so the host app's JSON provider settings neither affect nor are affected."""
+    return Response(dumps(payload), status=status, mimetype="application/json", headers=headers)
 
 
 def runtime() -> Runtime:
@@ -48,42 +56,6 @@ def check_model(name: str, strict: bool = False) -> None:
     rt = runtime()
     if name != rt.model_id and (strict or not rt.settings["LLM_ACCEPT_ANY_MODEL"]):
         raise ModelNotFound(name, rt.model_id)
-
-
-def closing(events, body, failure):
-    """Yield ``body``; close the engine stream(s) whatever ends the HTTP stream (client gone included).
-
-    A failure inside ``body`` still ends the stream with the protocol's final
-    events, from ``failure(exception, request_id)``. Also records the stream's
-    total duration and its log line, which only its end can know.
-    """
-    # Read the request context now: the stream body runs after the view returned.
-    route = request.url_rule.rule if request.url_rule else request.path
-    return _closing(events, body, failure, route, g.get("llm_started"), g.get("llm_request_id"))
-
-
-def ended_anyway(body, failure, request_id: str | None = None):
-    """``body``; if it fails, what it wrote so far and then the protocol's final events from ``failure``."""
-    try:
-        yield from body
-    except Exception as exc:  # a failed generation, a bug, a native error: the client still gets the final events
-        yield from failure(exc, request_id)
-
-
-def _closing(events, body, failure, route, started, request_id):
-    completed = False
-    try:
-        yield from ended_anyway(body, failure, request_id)
-        completed = True
-    finally:
-        for stream in events if isinstance(events, list) else [events]:
-            stream.close()
-        if started is not None:
-            elapsed = time.monotonic() - started
-            metrics.DURATION.labels(route).observe(elapsed)
-            log.info("stream %s %s after %.3fs", route, "completed" if completed else "closed by the client",
-                     elapsed, extra={"request_id": request_id, "route": route, "latency_s": round(elapsed, 4),
-                                     "stream": True, "completed": completed})
 
 
 def check_limits(messages: int | None = None, max_tokens: int | None = None, stop: list[str] | None = None,

@@ -23,7 +23,8 @@ from ..errors import (
     RequestTooLarge,
     Unauthorized,
 )
-from ..sse import json_response, sse
+from .common import json_response
+from .sse import sse
 
 log = logging.getLogger("llm_blueprint")
 

@@ -44,9 +44,9 @@ from ..events import (
 )
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
-from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, runtime, sampling_defaults, start_chat
+from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
 from .errors import openai_stream_failure, speaks
+from .sse import KEEPALIVE, event_stream, sse
 
 CHAT_SCHEMA = ChatCompletionRequestSchema()
 COMPLETION_SCHEMA = CompletionRequestSchema()
@@ -157,7 +157,7 @@ def chat_completions():
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         body = _chat_chunks(events, meta, n, decode if want_logprobs else None, include_usage)
-        return event_stream(closing(events, body, openai_stream_failure))
+        return event_stream(body, events, openai_stream_failure)
 
     results, done = collect_chat(events, n)
     for result in results:
@@ -246,7 +246,7 @@ def completions():
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         body = _completion_chunks(streams, [text for _, text in prompts], meta, n, echo, decode if want_logprobs else None, include_usage)
-        return event_stream(closing(streams, body, openai_stream_failure))
+        return event_stream(body, streams, openai_stream_failure)
 
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for p, events in enumerate(streams):

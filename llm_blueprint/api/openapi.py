@@ -12,8 +12,7 @@ from .. import __version__
 from ..schemas import anthropic as anthropic_schemas
 from ..schemas import openai as openai_schemas
 from ..schemas import responses, responses_api
-from ..sse import json_response
-from .common import runtime
+from .common import json_response, runtime
 
 # One Server-Sent Event: OpenAI chat/completions streams send data only; Anthropic and
 # Responses streams name each event; data is JSON text (or "[DONE]").

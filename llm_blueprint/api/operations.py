@@ -7,8 +7,7 @@ import hmac
 from flask import Blueprint, Response, request
 
 from .. import metrics
-from ..sse import json_response
-from .common import runtime
+from .common import json_response, runtime
 
 
 def healthz():

@@ -15,10 +15,10 @@ from ..chat.pipeline import ChoiceResult, collect_chat
 from ..events import MAX_TOKENS, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
 from ..schemas.common import load
 from ..schemas.responses_api import ResponsesRequestSchema
-from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, runtime, sampling_defaults, start_chat
+from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
 from .errors import openai_body, speaks
 from .openai import chat_request, response_format
+from .sse import KEEPALIVE, event_stream, sse
 
 SCHEMA = ResponsesRequestSchema()
 
@@ -111,7 +111,7 @@ def create_response():
     echo = _Echo(data, events.request.temperature, events.request.top_p)
     if data.get("stream"):
         stream = _ResponseStream(echo)
-        return event_stream(closing(events, stream.body(events), stream.failed))
+        return event_stream(stream.body(events), events, stream.failed)
 
     results, done = collect_chat(events, 1)
     results[0].finish.raise_failure()

@@ -37,6 +37,7 @@ from ..events import (
     ChatEvent,
     Done,
     Event,
+    EventStream,
     Finish,
     GenerationRequest,
     Heartbeat,
@@ -64,11 +65,11 @@ def schema_problem(value: Any, schema: dict[str, Any] | None) -> str | None:
     return f"{error.message} (at /{where})" if where else error.message
 
 
-class ChatStream:
-    """The events of one chat request. ``close()`` stops whatever generation is running,
-    even before the first event was read."""
+class ChatStream(EventStream[ChatEvent]):
+    """The events of one chat request. Closing or cancelling it acts on whichever generation is
+    running (a structured answer may take several), even before the first event was read."""
 
-    def __init__(self, engine: Engine, generate: Callable[[GenerationRequest], Iterator[Event]], chat: ChatRequest,
+    def __init__(self, engine: Engine, generate: Callable[[GenerationRequest], EventStream[Event]], chat: ChatRequest,
                  prompt: ChatPrompt, request: GenerationRequest, reasoning: bool = True, attempts: int = 3):
         self.engine = engine
         self._generate = generate
@@ -83,21 +84,12 @@ class ChatStream:
         if forced or chat.response_format is not None:
             self._prepare_constrained(forced)
             self._current = generate(self._attempt(0))
-            self._events = self._constrained(forced)
+            events = self._constrained(forced)
         else:
             self._current = generate(request)
-            self._events = self._free(self._current)
-
-    def __iter__(self) -> ChatStream:
-        return self
-
-    def __next__(self) -> ChatEvent:
-        return next(self._events)
-
-    def close(self) -> None:
-        if self._current is not None:
-            self._current.close()
-        self._events.close()
+            events = self._free(self._current)
+        super().__init__(events, cancel=lambda: self._current.cancel())
+        self.watch(on_close=lambda: self._current.close())
 
     # Free generation ---------------------------------------------------------
     def _free(self, stream) -> Iterator[ChatEvent]:
