@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Response, g, has_request_context
+from flask import Response
 
 from .. import metrics
 from ..errors import (
@@ -23,6 +23,7 @@ from ..errors import (
     RequestTooLarge,
     Unauthorized,
 )
+from . import request_log
 from .common import json_response
 from .sse import sse
 
@@ -43,15 +44,6 @@ STATUS_TABLE: list[tuple[type[Exception] | tuple[type[Exception], ...], dict[str
     (GenerationFailed, {"openai": (500, "server_error"), "anthropic": (500, "api_error")}),
 ]
 INTERNAL = {"openai": (500, "server_error"), "anthropic": (500, "api_error")}
-
-
-def current_request_id() -> str:
-    """This request's id (see api/guard.py), or a fresh one outside a request."""
-    if has_request_context() and getattr(g, "llm_request_id", None):
-        return g.llm_request_id
-    import uuid
-
-    return f"req_{uuid.uuid4().hex}"
 
 
 def protocol_of(endpoint: str | None) -> str:
@@ -100,7 +92,7 @@ def openai_error(exc: Exception) -> Response:
 def anthropic_error(exc: Exception) -> Response:
     """``{"type": "error", "error": {"type", "message"}, "request_id"}`` with the Anthropic status."""
     status, body, headers = anthropic_body(exc)
-    request_id = current_request_id()
+    request_id = request_log.request_id()
     headers["request-id"] = request_id
     return json_response({**body, "request_id": request_id}, status=status, headers=headers)
 
