@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Blueprint
 
-from ..chat.conversation import ChatRequest, Message, ToolCallRecord, ToolChoice, check_choice, check_tool_history, make_tools
+from ..chat.conversation import ChatRequest, Message, ToolCallRecord, ToolChoice, chat_request, check_tool_history, make_tools
 from ..chat.pipeline import collect_chat
 from ..chat.prompt import render
 from ..errors import InvalidRequest
@@ -61,9 +61,8 @@ def _chat_request(data: dict[str, Any]) -> ChatRequest:
     raw_choice = data.get("tool_choice") or {"type": "auto"}
     choice = ToolChoice(TOOL_CHOICES[raw_choice["type"]], raw_choice.get("name"),
                         parallel=not raw_choice.get("disable_parallel_tool_use"))
-    check_choice(choice, tools)
     thinking = (data.get("thinking") or {}).get("type") in ("enabled", "adaptive")
-    return ChatRequest(_history(data), tools, choice, show_reasoning=thinking, template_options={"enable_thinking": thinking})
+    return chat_request(_history(data), tools, choice, show_reasoning=thinking, template_options={"enable_thinking": thinking})
 
 
 def _signer() -> Callable[[str], str]:

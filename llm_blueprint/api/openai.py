@@ -15,15 +15,13 @@ from flask import Blueprint
 from ..chat.conversation import (
     ChatRequest,
     Message,
-    ResponseFormat,
-    Tool,
     ToolCallRecord,
     ToolChoice,
     arguments_object,
-    check_choice,
-    check_json_schema,
+    chat_request,
     check_tool_history,
     make_tools,
+    response_format,
 )
 from ..chat.pipeline import ChoiceResult, collect_chat
 from ..errors import InvalidRequest
@@ -99,27 +97,6 @@ def _history(raw_messages: list[dict[str, Any]]) -> list[Message]:
     return messages
 
 
-def response_format(kind: str | None, schema: dict[str, Any] | None, name: str | None, param: str) -> ResponseFormat | None:
-    """``text`` (None), ``json_object`` or ``json_schema`` with a checked schema."""
-    if kind in (None, "text"):
-        return None
-    if kind == "json_object":
-        return ResponseFormat("json_object", {"type": "object"})
-    check_json_schema(schema, param)
-    return ResponseFormat("json_schema", schema, name)
-
-
-def chat_request(messages: list[Message], tools: list[Tool], choice: tuple[str, str | None] | None, parallel: bool | None,
-                 fmt: ResponseFormat | None) -> ChatRequest:
-    """The neutral request shared by chat completions and responses, with its cross-field checks."""
-    mode, name = choice or ("auto", None)
-    tool_choice = ToolChoice(mode, name, parallel=parallel is not False)
-    check_choice(tool_choice, tools)
-    if fmt is not None and tool_choice.forced:
-        raise InvalidRequest("a JSON response format cannot be combined with a forced tool call", param="tool_choice")
-    return ChatRequest(messages, tools, tool_choice, fmt)
-
-
 def _chat_request(data: dict[str, Any]) -> ChatRequest:
     tools = make_tools([(t["function"]["name"], t["function"].get("description"), t["function"].get("parameters"),
                          f"tools[{i}].function") for i, t in enumerate(data.get("tools") or [])],
@@ -127,7 +104,8 @@ def _chat_request(data: dict[str, Any]) -> ChatRequest:
     fmt = data.get("response_format") or {}
     spec = fmt.get("json_schema") or {}
     json_format = response_format(fmt.get("type"), spec.get("schema"), spec.get("name"), "response_format.json_schema.schema")
-    return chat_request(_history(data["messages"]), tools, data.get("tool_choice"), data.get("parallel_tool_calls"), json_format)
+    choice = ToolChoice(*(data.get("tool_choice") or ("auto", None)), parallel=data.get("parallel_tool_calls") is not False)
+    return chat_request(_history(data["messages"]), tools, choice, json_format)
 
 
 def _tool_call_json(call: ToolCall) -> dict[str, Any]:

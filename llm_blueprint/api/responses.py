@@ -10,14 +10,22 @@ from typing import Any
 
 from flask import Blueprint
 
-from ..chat.conversation import Message, ToolCallRecord, arguments_object, check_tool_history, make_tools
+from ..chat.conversation import (
+    Message,
+    ToolCallRecord,
+    ToolChoice,
+    arguments_object,
+    chat_request,
+    check_tool_history,
+    make_tools,
+    response_format,
+)
 from ..chat.pipeline import ChoiceResult, collect_chat
 from ..events import MAX_TOKENS, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
 from ..schemas.common import load
 from ..schemas.responses_api import ResponsesRequestSchema
 from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
 from .errors import openai_body, speaks
-from .openai import chat_request, response_format
 from .sse import KEEPALIVE, event_stream, sse
 
 SCHEMA = ResponsesRequestSchema()
@@ -104,8 +112,8 @@ def create_response():
     fmt = (data.get("text") or {}).get("format") or {}
     tools = make_tools([(t["name"], t.get("description"), t.get("parameters"), f"tools[{i}]") for i, t in enumerate(data.get("tools") or [])],
                        runtime().settings["LLM_MAX_TOOLS"])
-    chat = chat_request(_history(data), tools, data.get("tool_choice"), data.get("parallel_tool_calls"),
-                        response_format(fmt.get("type"), fmt.get("schema"), fmt.get("name"), "text.format.schema"))
+    choice = ToolChoice(*(data.get("tool_choice") or ("auto", None)), parallel=data.get("parallel_tool_calls") is not False)
+    chat = chat_request(_history(data), tools, choice, response_format(fmt.get("type"), fmt.get("schema"), fmt.get("name"), "text.format.schema"))
     check_limits(len(chat.messages), data.get("max_output_tokens"))
     _, events = start_chat(chat, data.get("max_output_tokens"), **sampling_defaults(data))
     echo = _Echo(data, events.request.temperature, events.request.top_p)

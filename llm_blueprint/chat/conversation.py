@@ -122,7 +122,27 @@ def make_tools(specs: list[tuple[str, str, Any, str]], max_tools: int, schema_fi
     return tools
 
 
+def response_format(kind: str | None, schema: dict[str, Any] | None, name: str | None, param: str) -> ResponseFormat | None:
+    """``text`` (None), ``json_object`` or ``json_schema`` with a checked schema."""
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object", {"type": "object"})
+    check_json_schema(schema, param)
+    return ResponseFormat("json_schema", schema, name)
+
+
+def chat_request(messages: list[Message], tools: list[Tool], choice: ToolChoice, fmt: ResponseFormat | None = None,
+                 **options: Any) -> ChatRequest:
+    """The neutral request every protocol builds, with its cross-field checks; ``options``: other ChatRequest fields."""
+    check_choice(choice, tools)
+    if fmt is not None and choice.forced:
+        raise InvalidRequest("a JSON response format cannot be combined with a forced tool call", param="tool_choice")
+    return ChatRequest(messages, tools, choice, fmt, **options)
+
+
 def check_choice(choice: ToolChoice, tools: list[Tool], param: str = "tool_choice") -> None:
+    """The tool choice names an available tool, and forces a call only when there are tools."""
     if choice.forced and not tools:
         raise InvalidRequest("tool_choice requires a tool call, but no tools were given", param=param)
     if choice.name is not None and all(t.name != choice.name for t in tools):
