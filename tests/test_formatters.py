@@ -7,7 +7,7 @@ import json
 from llm_blueprint.api.anthropic import _message_events
 from llm_blueprint.api.errors import anthropic_stream_failure, openai_stream_failure
 from llm_blueprint.api.openai import _chat_chunks
-from llm_blueprint.api.responses import _Echo, _ResponseStream
+from llm_blueprint.api.openai_responses import _ResponseFields, _ResponseStream
 from llm_blueprint.api.sse import ended_anyway
 from llm_blueprint.events import Done, Finish, Heartbeat, TextDelta
 
@@ -33,7 +33,7 @@ def test_anthropic_stream_sends_error_event():
 
 
 def _responses_events(items) -> list[dict]:
-    stream = _ResponseStream(_Echo({"model": "m"}, 1.0, 1.0))
+    stream = _ResponseStream(_ResponseFields({"model": "m"}, 1.0, 1.0))
     chunks = ended_anyway(stream.body(iter(items)), stream.failed)
     return [json.loads(e.split("data: ", 1)[1]) for e in chunks if e.startswith("event:")]
 

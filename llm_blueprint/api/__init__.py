@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint
 from werkzeug.routing import PathConverter
 
-from . import admission, anthropic, openai, openapi, operations, request_log, responses
+from . import admission, anthropic, openai, openai_responses, openapi, operations, request_log
 
 
 class ModelIdConverter(PathConverter):
@@ -25,7 +25,7 @@ def create_blueprint(settings: dict[str, Any]) -> Blueprint:
     admission.register(bp)
     openai.register(bp)
     anthropic.register(bp)
-    responses.register(bp)
+    openai_responses.register(bp)
     operations.register(bp)
     openapi.register(bp)
     origins = settings["LLM_CORS_ORIGINS"]

@@ -24,7 +24,7 @@ from ..events import END_TURN, MAX_TOKENS, STOP_SEQUENCE, TOOL_USE, Done, Finish
 from ..schemas.anthropic import CountTokensSchema, MessagesRequestSchema
 from ..schemas.common import load
 from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
-from .errors import anthropic_stream_failure, speaks
+from .errors import anthropic_stream_failure, error_envelope
 from .sse import event_stream, sse
 
 MESSAGES_SCHEMA = MessagesRequestSchema()
@@ -83,7 +83,7 @@ def _message(meta: dict[str, Any], content: list[dict[str, Any]], stop_reason: s
             "stop_sequence": stop_sequence, "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
 
 
-@speaks("anthropic")
+@error_envelope("anthropic")
 def messages():
     data = load(MESSAGES_SCHEMA, json_body())
     check_model(data["model"])
@@ -172,7 +172,7 @@ def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: i
             yield sse({"type": "message_stop"}, "message_stop")
 
 
-@speaks("anthropic")
+@error_envelope("anthropic")
 def count_tokens():
     data = load(COUNT_SCHEMA, json_body())
     check_model(data["model"])

@@ -111,7 +111,7 @@ def anthropic_stream_failure(exc: Exception, request_id: str | None) -> Iterator
 RENDERERS: dict[str, Callable[[Exception], Response]] = {"openai": openai_error, "anthropic": anthropic_error}
 
 
-def speaks(protocol: str):
+def error_envelope(protocol: str):
     """Decorate a view so every failure is rendered in ``protocol``'s envelope."""
     render = RENDERERS[protocol]
 

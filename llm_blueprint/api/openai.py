@@ -43,7 +43,7 @@ from ..events import (
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
 from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
-from .errors import openai_stream_failure, speaks
+from .errors import error_envelope, openai_stream_failure
 from .sse import KEEPALIVE, event_stream, sse
 
 CHAT_SCHEMA = ChatCompletionRequestSchema()
@@ -51,7 +51,7 @@ COMPLETION_SCHEMA = CompletionRequestSchema()
 FINISH_REASONS = {END_TURN: "stop", STOP_SEQUENCE: "stop", MAX_TOKENS: "length", TOOL_USE: "tool_calls"}
 
 
-def _sampling(data: dict[str, Any]) -> dict[str, Any]:
+def _generation_options(data: dict[str, Any]) -> dict[str, Any]:
     """The request's sampling fields, nulls meaning 'default'."""
     settings = runtime().settings
     n = data.get("n") or 1
@@ -121,14 +121,14 @@ def _chat_message(result: ChoiceResult) -> dict[str, Any]:
     return message
 
 
-@speaks("openai")
+@error_envelope("openai")
 def chat_completions():
     data = load(CHAT_SCHEMA, json_body())
     check_model(data["model"])
     check_limits(len(data["messages"]), data.get("max_completion_tokens") or data.get("max_tokens"), data.get("stop"))
     chat = _chat_request(data)
     want_logprobs = bool(data.get("logprobs"))
-    _, events = start_chat(chat, data.get("max_completion_tokens") or data.get("max_tokens"), logprobs=want_logprobs, **_sampling(data))
+    _, events = start_chat(chat, data.get("max_completion_tokens") or data.get("max_tokens"), logprobs=want_logprobs, **_generation_options(data))
     n = events.request.n
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
     decode = runtime().model.tokenizer.decode
@@ -204,13 +204,13 @@ def _completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...],
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": None, "text_offset": offsets}
 
 
-@speaks("openai")
+@error_envelope("openai")
 def completions():
     data = load(COMPLETION_SCHEMA, json_body())
     check_model(data["model"])
     check_limits(len(data["prompt"]), data.get("max_tokens"), data.get("stop"))
     rt = runtime()
-    sampling = _sampling(data)
+    sampling = _generation_options(data)
     want_logprobs = data.get("logprobs") is not None
     prompts = [_prompt_ids(p) for p in data["prompt"]]
     requests = [GenerationRequest(ids, data.get("max_tokens") or 16, logprobs=want_logprobs, **sampling) for ids, _ in prompts]
@@ -283,12 +283,12 @@ def _model_object(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": runtime().started, "owned_by": "llm-blueprint"}
 
 
-@speaks("openai")
+@error_envelope("openai")
 def list_models():
     return json_response({"object": "list", "data": [_model_object(runtime().model_id)]})
 
 
-@speaks("openai")
+@error_envelope("openai")
 def get_model(model_id: str):
     check_model(model_id, strict=True)
     return json_response(_model_object(model_id))

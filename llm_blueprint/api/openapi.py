@@ -11,7 +11,7 @@ from flask import Blueprint
 from .. import __version__
 from ..schemas import anthropic as anthropic_schemas
 from ..schemas import openai as openai_schemas
-from ..schemas import responses, responses_api
+from ..schemas import openai_responses, response_bodies
 from .common import json_response, runtime
 
 # One Server-Sent Event: OpenAI chat/completions streams send data only; Anthropic and
@@ -47,11 +47,11 @@ def build_spec(prefix: str = "") -> dict[str, Any]:
         ("CompletionRequest", openai_schemas.CompletionRequestSchema),
         ("MessagesRequest", anthropic_schemas.MessagesRequestSchema),
         ("CountTokensRequest", anthropic_schemas.CountTokensSchema),
-        ("OpenAIError", responses.OpenAIError), ("ChatCompletion", responses.ChatCompletion),
-        ("TextCompletion", responses.TextCompletion), ("ModelList", responses.ModelList),
-        ("AnthropicError", responses.AnthropicError), ("AnthropicMessage", responses.AnthropicMessage),
-        ("TokenCount", responses.TokenCount), ("Status", responses.Status),
-        ("ResponsesRequest", responses_api.ResponsesRequestSchema), ("Response", responses.ResponseObject),
+        ("OpenAIError", response_bodies.OpenAIError), ("ChatCompletion", response_bodies.ChatCompletion),
+        ("TextCompletion", response_bodies.TextCompletion), ("ModelList", response_bodies.ModelList),
+        ("AnthropicError", response_bodies.AnthropicError), ("AnthropicMessage", response_bodies.AnthropicMessage),
+        ("TokenCount", response_bodies.TokenCount), ("Status", response_bodies.Status),
+        ("ResponsesRequest", openai_responses.ResponsesRequestSchema), ("Response", response_bodies.ResponseObject),
     ]:
         spec.components.schema(name, schema=schema)
     openai_errors = (400, 401, 404, 413, 429, 503)

@@ -23,9 +23,9 @@ from ..chat.conversation import (
 from ..chat.pipeline import ChoiceResult, collect_chat
 from ..events import MAX_TOKENS, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
 from ..schemas.common import load
-from ..schemas.responses_api import ResponsesRequestSchema
+from ..schemas.openai_responses import ResponsesRequestSchema
 from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
-from .errors import openai_body, speaks
+from .errors import error_envelope, openai_body
 from .sse import KEEPALIVE, event_stream, sse
 
 SCHEMA = ResponsesRequestSchema()
@@ -77,7 +77,7 @@ def _status(finish: Finish) -> str:
     return "incomplete" if finish.ending == MAX_TOKENS else "completed"
 
 
-class _Echo:
+class _ResponseFields:
     """The response object's fields: the request's settings echoed, plus status, output and usage."""
 
     def __init__(self, data: dict[str, Any], temperature: float, top_p: float):
@@ -105,7 +105,7 @@ class _Echo:
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None}
 
 
-@speaks("openai")
+@error_envelope("openai")
 def create_response():
     data = load(SCHEMA, json_body())
     check_model(data["model"])
@@ -116,15 +116,15 @@ def create_response():
     chat = chat_request(_history(data), tools, choice, response_format(fmt.get("type"), fmt.get("schema"), fmt.get("name"), "text.format.schema"))
     check_limits(len(chat.messages), data.get("max_output_tokens"))
     _, events = start_chat(chat, data.get("max_output_tokens"), **sampling_defaults(data))
-    echo = _Echo(data, events.request.temperature, events.request.top_p)
+    fields = _ResponseFields(data, events.request.temperature, events.request.top_p)
     if data.get("stream"):
-        stream = _ResponseStream(echo)
+        stream = _ResponseStream(fields)
         return event_stream(stream.body(events), events, stream.failed)
 
     results, done = collect_chat(events, 1)
     results[0].finish.raise_failure()
     status = _status(results[0].finish)
-    return json_response(echo.response(status, _output(results[0], status), done))
+    return json_response(fields.response(status, _output(results[0], status), done))
 
 
 class _Items:
@@ -195,8 +195,8 @@ class _Items:
 class _ResponseStream:
     """One response's stream: numbered events, and the output items so far (so that it can fail at any point)."""
 
-    def __init__(self, echo: _Echo):
-        self.echo = echo
+    def __init__(self, fields: _ResponseFields):
+        self.fields = fields
         self._sequence = itertools.count()
         self.items = _Items(self.event)
 
@@ -204,9 +204,9 @@ class _ResponseStream:
         return sse({"type": kind, "sequence_number": next(self._sequence), **payload}, kind)
 
     def body(self, events: Iterator[Any]) -> Iterator[str]:
-        echo, items, event = self.echo, self.items, self.event
-        yield event("response.created", response=echo.response("in_progress", [], None))
-        yield event("response.in_progress", response=echo.response("in_progress", [], None))
+        fields, items, event = self.fields, self.items, self.event
+        yield event("response.created", response=fields.response("in_progress", [], None))
+        yield event("response.in_progress", response=fields.response("in_progress", [], None))
         finish: Finish | None = None
         for item in events:
             if isinstance(item, Heartbeat):
@@ -225,13 +225,13 @@ class _ResponseStream:
                 if items.kind is None and not items.done:  # nothing was generated: still one (empty) message
                     yield from items.text("")
                 yield from items.close(status)
-                yield event(f"response.{status}", response=echo.response(status, items.done, item))
+                yield event(f"response.{status}", response=fields.response(status, items.done, item))
 
     def failed(self, exc: Exception, request_id: str | None) -> Iterator[str]:
         """The stream's end after a failure: ``response.failed`` with the items completed so far."""
         error = openai_body(exc, request_id)[1]["error"]
         failure = {"code": error["type"], "message": error["message"]}
-        yield self.event("response.failed", response=self.echo.response("failed", self.items.done, None, error=failure))
+        yield self.event("response.failed", response=self.fields.response("failed", self.items.done, None, error=failure))
 
 
 def register(bp: Blueprint) -> None:
