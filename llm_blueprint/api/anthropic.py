@@ -21,14 +21,16 @@ from ..chat.pipeline import collect_chat
 from ..chat.prompt import render
 from ..errors import InvalidRequest
 from ..events import END_TURN, MAX_TOKENS, STOP_SEQUENCE, TOOL_USE, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
-from ..schemas.anthropic import CountTokensSchema, MessagesRequestSchema
+from ..schemas.anthropic import CountTokensRequestSchema, MessagesRequestSchema
 from ..schemas.common import load
+from ..schemas.response_bodies import AnthropicMessage, TokenCount
 from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
 from .errors import anthropic_stream_failure, error_envelope
+from .openapi import ANTHROPIC_ERRORS, documented
 from .sse import event_stream, sse
 
 MESSAGES_SCHEMA = MessagesRequestSchema()
-COUNT_SCHEMA = CountTokensSchema()
+COUNT_SCHEMA = CountTokensRequestSchema()
 STOP_REASONS = {END_TURN: "end_turn", STOP_SEQUENCE: "stop_sequence", MAX_TOKENS: "max_tokens", TOOL_USE: "tool_use"}
 TOOL_CHOICES = {"auto": "auto", "any": "required", "tool": "required", "none": "none"}
 _PROCESS_KEY = os.urandom(32)
@@ -84,6 +86,7 @@ def _message(meta: dict[str, Any], content: list[dict[str, Any]], stop_reason: s
 
 
 @error_envelope("anthropic")
+@documented("createMessage", AnthropicMessage, body=MessagesRequestSchema, errors=ANTHROPIC_ERRORS, stream=True)
 def messages():
     data = load(MESSAGES_SCHEMA, json_body())
     check_model(data["model"])
@@ -173,6 +176,7 @@ def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: i
 
 
 @error_envelope("anthropic")
+@documented("countTokens", TokenCount, body=CountTokensRequestSchema, errors=ANTHROPIC_ERRORS)
 def count_tokens():
     data = load(COUNT_SCHEMA, json_body())
     check_model(data["model"])

@@ -15,7 +15,6 @@ from ..errors import (
     GenerationFailed,
     InvalidModelOutput,
     InvalidRequest,
-    LLMBlueprintError,
     ModelLoadError,
     ModelNotFound,
     Overloaded,
@@ -120,11 +119,10 @@ def error_envelope(protocol: str):
         def wrapper(*args, **kwargs):
             try:
                 return view(*args, **kwargs)
-            except LLMBlueprintError as exc:
-                return render(exc)
-            except Exception as exc:  # a bug of ours: still the protocol's envelope, never Flask's HTML
+            except Exception as exc:  # ours on purpose, or a bug: the protocol's envelope either way, never Flask's HTML
                 return render(exc)
 
+        wrapper.protocol = protocol  # the OpenAPI document documents its errors in this envelope
         return wrapper
 
     return decorate

@@ -42,8 +42,10 @@ from ..events import (
 )
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
+from ..schemas.response_bodies import ChatCompletion, ModelList, ModelObject, TextCompletion
 from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
 from .errors import error_envelope, openai_stream_failure
+from .openapi import OPENAI_ERRORS, documented
 from .sse import KEEPALIVE, event_stream, sse
 
 CHAT_SCHEMA = ChatCompletionRequestSchema()
@@ -122,6 +124,7 @@ def _chat_message(result: ChoiceResult) -> dict[str, Any]:
 
 
 @error_envelope("openai")
+@documented("createChatCompletion", ChatCompletion, body=ChatCompletionRequestSchema, errors=OPENAI_ERRORS, stream=True)
 def chat_completions():
     data = load(CHAT_SCHEMA, json_body())
     check_model(data["model"])
@@ -205,6 +208,7 @@ def _completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...],
 
 
 @error_envelope("openai")
+@documented("createCompletion", TextCompletion, body=CompletionRequestSchema, errors=OPENAI_ERRORS, stream=True)
 def completions():
     data = load(COMPLETION_SCHEMA, json_body())
     check_model(data["model"])
@@ -284,11 +288,13 @@ def _model_object(model_id: str) -> dict[str, Any]:
 
 
 @error_envelope("openai")
+@documented("listModels", ModelList, errors=(401,))
 def list_models():
     return json_response({"object": "list", "data": [_model_object(runtime().model_id)]})
 
 
 @error_envelope("openai")
+@documented("retrieveModel", ModelObject, errors=(401, 404))
 def get_model(model_id: str):
     check_model(model_id, strict=True)
     return json_response(_model_object(model_id))

@@ -24,8 +24,10 @@ from ..chat.pipeline import ChoiceResult, collect_chat
 from ..events import MAX_TOKENS, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
 from ..schemas.common import load
 from ..schemas.openai_responses import ResponsesRequestSchema
+from ..schemas.response_bodies import Response
 from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
 from .errors import error_envelope, openai_body
+from .openapi import OPENAI_ERRORS, documented
 from .sse import KEEPALIVE, event_stream, sse
 
 SCHEMA = ResponsesRequestSchema()
@@ -106,6 +108,7 @@ class _ResponseFields:
 
 
 @error_envelope("openai")
+@documented("createResponse", Response, body=ResponsesRequestSchema, errors=OPENAI_ERRORS, stream=True)
 def create_response():
     data = load(SCHEMA, json_body())
     check_model(data["model"])
