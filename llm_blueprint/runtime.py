@@ -38,10 +38,6 @@ class Runtime:
         atexit.register(self.shutdown)
 
     @property
-    def loaded(self) -> bool:
-        return self._engine is not None
-
-    @property
     def engine(self) -> Engine:
         """The engine, loading the model on first use."""
         if self._engine is None:

@@ -1,4 +1,4 @@
-"""Request helpers shared by every protocol's routes."""
+"""Helpers shared by every route: the runtime, JSON in and out, the model and limit checks, starting a chat."""
 
 from __future__ import annotations
 

@@ -79,7 +79,8 @@ class ChatRequest:
     tools: list[Tool] = field(default_factory=list)
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     response_format: ResponseFormat | None = None
-    # Whether reasoning (<think>…</think>) is returned to the client; it is always parsed out of the answer.
+    # Whether reasoning (<think>…</think>) is returned to the client; it is parsed out of the answer either way,
+    # unless LLM_REASONING is off (then it stays in the text).
     show_reasoning: bool = True
     template_options: dict[str, Any] = field(default_factory=dict)  # e.g. enable_thinking for Qwen-style templates
 

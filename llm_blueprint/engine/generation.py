@@ -1,8 +1,10 @@
-"""The protocol-neutral generation pipeline: a request in, a stream of events out.
+"""The engine: batches generation requests onto CTranslate2 and streams each one's events.
 
-Every HTTP API builds a :class:`GenerationRequest`, calls
-:meth:`Engine.generate` and formats the events it yields. The engine knows
-nothing of HTTP; the routes know nothing of CTranslate2.
+A :class:`~llm_blueprint.events.GenerationRequest` goes in, an
+:class:`~llm_blueprint.events.EventStream` comes out. Requests arrive through
+``Runtime.generate`` (which adds the metrics), from the chat pipeline
+(chat/pipeline.py) or the completions route; the engine knows nothing of HTTP
+and the routes nothing of CTranslate2.
 
 Token processing (incremental decoding, stop strings, counting) runs inside
 CTranslate2's per-token callback on the engine's native thread, so a
