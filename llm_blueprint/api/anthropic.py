@@ -59,7 +59,7 @@ def _history(data: dict[str, Any]) -> list[Message]:
 
 def _chat_request(data: dict[str, Any]) -> ChatRequest:
     tools = make_tools([(t["name"], t.get("description"), t["input_schema"], f"tools[{i}]") for i, t in enumerate(data.get("tools") or [])],
-                       runtime().settings["LLM_MAX_TOOLS"], schema_field="input_schema")
+                       schema_field="input_schema")
     raw_choice = data.get("tool_choice") or {"type": "auto"}
     choice = ToolChoice(TOOL_CHOICES[raw_choice["type"]], raw_choice.get("name"),
                         parallel=not raw_choice.get("disable_parallel_tool_use"))
@@ -90,7 +90,8 @@ def _message(meta: dict[str, Any], content: list[dict[str, Any]], stop_reason: s
 def messages():
     data = load(MESSAGES_SCHEMA, json_body())
     check_model(data["model"])
-    check_limits(len(data["messages"]), data["max_tokens"], data.get("stop_sequences"), stop_param="stop_sequences")
+    check_limits(len(data["messages"]), data["max_tokens"], data.get("stop_sequences"), stop_param="stop_sequences",
+                 tools=len(data.get("tools") or []))
     chat = _chat_request(data)
     prompt, events = start_chat(chat, data["max_tokens"], stop=data.get("stop_sequences") or [], **sampling_defaults(data))
     meta = {"id": f"msg_{uuid.uuid4().hex}", "model": data["model"]}
@@ -180,7 +181,7 @@ def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: i
 def count_tokens():
     data = load(COUNT_SCHEMA, json_body())
     check_model(data["model"])
-    check_limits(len(data["messages"]))
+    check_limits(len(data["messages"]), tools=len(data.get("tools") or []))
     return json_response({"input_tokens": len(render(runtime().model, _chat_request(data)).ids)})
 
 

@@ -13,7 +13,7 @@ from ..chat.conversation import ChatRequest
 from ..chat.pipeline import ChatStream
 from ..chat.prompt import ChatPrompt, render
 from ..errors import InvalidRequest, ModelNotFound, RequestTooLarge
-from ..events import GenerationRequest
+from ..events import EventStream, GenerationRequest
 from ..runtime import Runtime
 
 log = logging.getLogger("llm_blueprint")
@@ -59,11 +59,19 @@ def check_model(name: str, strict: bool = False) -> None:
 
 
 def check_limits(messages: int | None = None, max_tokens: int | None = None, stop: list[str] | None = None,
-                 stop_param: str = "stop") -> None:
-    """The configured per-request limits, shared by every protocol."""
+                 stop_param: str = "stop", n: int = 1, tools: int = 0) -> None:
+    """The configured per-request limits (LLM_MAX_*), every one checked here, for every protocol.
+
+    What a request may be in any server is its schema's business (schemas/);
+    whether it fits the model's context is the engine's (Engine.validate).
+    """
     settings = runtime().settings
     if messages is not None and messages > settings["LLM_MAX_MESSAGES"]:
         raise InvalidRequest(f"at most {settings['LLM_MAX_MESSAGES']} messages are allowed per request", param="messages")
+    if n > settings["LLM_MAX_N"]:
+        raise InvalidRequest(f"n must be at most {settings['LLM_MAX_N']}", param="n")
+    if tools > settings["LLM_MAX_TOOLS"]:
+        raise InvalidRequest(f"at most {settings['LLM_MAX_TOOLS']} tools are allowed per request", param="tools")
     ceiling = settings["LLM_MAX_TOKENS_LIMIT"]
     if max_tokens is not None and ceiling and max_tokens > ceiling:
         raise InvalidRequest(f"max_tokens must be at most {ceiling} on this server", param="max_tokens")
@@ -89,15 +97,24 @@ def completion_budget(requested: int | None, prompt_ids: list[int]) -> int:
     return max(1, min(rt.settings["LLM_DEFAULT_MAX_TOKENS"], rt.model.context_length - len(prompt_ids)))
 
 
+def start_generations(requests: list[GenerationRequest]) -> list[EventStream]:
+    """Start every generation, or none: one refused (context too long, queue full) closes those already started."""
+    rt, streams = runtime(), []
+    try:
+        for request in requests:
+            streams.append(rt.generate(request))
+    except Exception:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
+
+
 def start_chat(chat: ChatRequest, requested_max_tokens: int | None, **options: Any) -> tuple[ChatPrompt, ChatStream]:
     """Render ``chat``, check it, and start its generation; ``options`` are GenerationRequest fields."""
     rt = runtime()
     prompt = render(rt.model, chat)
     request = GenerationRequest(prompt.ids, completion_budget(requested_max_tokens, prompt.ids), **options)
-    structured = chat.response_format is not None or (chat.tool_choice.forced and chat.active_tools)
-    if structured and request.n > 1:
-        raise InvalidRequest("n > 1 is not supported with a forced tool call or a JSON response_format", param="n")
-    rt.engine.validate(request)
     settings = rt.settings
     stream = ChatStream(rt.engine, rt.generate, chat, prompt, request, reasoning=settings["LLM_REASONING"],
                         attempts=settings["LLM_STRUCTURED_ATTEMPTS"])

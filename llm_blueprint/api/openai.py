@@ -43,7 +43,7 @@ from ..events import (
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
 from ..schemas.response_bodies import ChatCompletion, ModelList, ModelObject, TextCompletion
-from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
+from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat, start_generations
 from .errors import error_envelope, openai_stream_failure
 from .openapi import OPENAI_ERRORS, documented
 from .sse import KEEPALIVE, event_stream, sse
@@ -55,15 +55,11 @@ FINISH_REASONS = {END_TURN: "stop", STOP_SEQUENCE: "stop", MAX_TOKENS: "length",
 
 def _generation_options(data: dict[str, Any]) -> dict[str, Any]:
     """The request's sampling fields, nulls meaning 'default'."""
-    settings = runtime().settings
-    n = data.get("n") or 1
-    if n > settings["LLM_MAX_N"]:
-        raise InvalidRequest(f"n must be at most {settings['LLM_MAX_N']}", param="n")
     return dict(
         **sampling_defaults(data),
         repetition_penalty=data.get("repetition_penalty") or 1.0,
         stop=data.get("stop") or [],
-        n=n,
+        n=data.get("n") or 1,
         seed=data.get("seed"),
         min_tokens=data.get("min_tokens") or 0,
     )
@@ -101,8 +97,7 @@ def _history(raw_messages: list[dict[str, Any]]) -> list[Message]:
 
 def _chat_request(data: dict[str, Any]) -> ChatRequest:
     tools = make_tools([(t["function"]["name"], t["function"].get("description"), t["function"].get("parameters"),
-                         f"tools[{i}].function") for i, t in enumerate(data.get("tools") or [])],
-                       runtime().settings["LLM_MAX_TOOLS"])
+                         f"tools[{i}].function") for i, t in enumerate(data.get("tools") or [])])
     fmt = data.get("response_format") or {}
     spec = fmt.get("json_schema") or {}
     json_format = response_format(fmt.get("type"), spec.get("schema"), spec.get("name"), "response_format.json_schema.schema")
@@ -128,7 +123,8 @@ def _chat_message(result: ChoiceResult) -> dict[str, Any]:
 def chat_completions():
     data = load(CHAT_SCHEMA, json_body())
     check_model(data["model"])
-    check_limits(len(data["messages"]), data.get("max_completion_tokens") or data.get("max_tokens"), data.get("stop"))
+    check_limits(len(data["messages"]), data.get("max_completion_tokens") or data.get("max_tokens"), data.get("stop"),
+                 n=data.get("n") or 1, tools=len(data.get("tools") or []))
     chat = _chat_request(data)
     want_logprobs = bool(data.get("logprobs"))
     _, events = start_chat(chat, data.get("max_completion_tokens") or data.get("max_tokens"), logprobs=want_logprobs, **_generation_options(data))
@@ -212,15 +208,13 @@ def _completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...],
 def completions():
     data = load(COMPLETION_SCHEMA, json_body())
     check_model(data["model"])
-    check_limits(len(data["prompt"]), data.get("max_tokens"), data.get("stop"))
+    check_limits(len(data["prompt"]), data.get("max_tokens"), data.get("stop"), n=data.get("n") or 1)
     rt = runtime()
     sampling = _generation_options(data)
     want_logprobs = data.get("logprobs") is not None
     prompts = [_prompt_ids(p) for p in data["prompt"]]
     requests = [GenerationRequest(ids, data.get("max_tokens") or 16, logprobs=want_logprobs, **sampling) for ids, _ in prompts]
-    for gen in requests:
-        rt.engine.validate(gen)  # every prompt checked before any starts
-    streams = [rt.generate(gen) for gen in requests]
+    streams = start_generations(requests)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
     echo = bool(data.get("echo"))
     n = sampling["n"]

@@ -25,7 +25,7 @@ from ..events import MAX_TOKENS, Done, Finish, Heartbeat, ReasoningDelta, TextDe
 from ..schemas.common import load
 from ..schemas.openai_responses import ResponsesRequestSchema
 from ..schemas.response_bodies import Response
-from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
+from .common import check_limits, check_model, json_body, json_response, sampling_defaults, start_chat
 from .errors import error_envelope, openai_body
 from .openapi import OPENAI_ERRORS, documented
 from .sse import KEEPALIVE, event_stream, sse
@@ -112,12 +112,12 @@ class _ResponseFields:
 def create_response():
     data = load(SCHEMA, json_body())
     check_model(data["model"])
+    messages = _history(data)
+    check_limits(len(messages), data.get("max_output_tokens"), tools=len(data.get("tools") or []))
     fmt = (data.get("text") or {}).get("format") or {}
-    tools = make_tools([(t["name"], t.get("description"), t.get("parameters"), f"tools[{i}]") for i, t in enumerate(data.get("tools") or [])],
-                       runtime().settings["LLM_MAX_TOOLS"])
+    tools = make_tools([(t["name"], t.get("description"), t.get("parameters"), f"tools[{i}]") for i, t in enumerate(data.get("tools") or [])])
     choice = ToolChoice(*(data.get("tool_choice") or ("auto", None)), parallel=data.get("parallel_tool_calls") is not False)
-    chat = chat_request(_history(data), tools, choice, response_format(fmt.get("type"), fmt.get("schema"), fmt.get("name"), "text.format.schema"))
-    check_limits(len(chat.messages), data.get("max_output_tokens"))
+    chat = chat_request(messages, tools, choice, response_format(fmt.get("type"), fmt.get("schema"), fmt.get("name"), "text.format.schema"))
     _, events = start_chat(chat, data.get("max_output_tokens"), **sampling_defaults(data))
     fields = _ResponseFields(data, events.request.temperature, events.request.top_p)
     if data.get("stream"):

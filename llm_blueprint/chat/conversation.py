@@ -105,11 +105,8 @@ def check_json_schema(schema: Any, param: str, object_only: bool = False) -> Non
         raise InvalidRequest(f"'{param}': a tool's parameters must be a JSON Schema of type 'object'", param=param)
 
 
-def make_tools(specs: list[tuple[str, str, Any, str]], max_tools: int, schema_field: str = "parameters") -> list[Tool]:
+def make_tools(specs: list[tuple[str, str, Any, str]], schema_field: str = "parameters") -> list[Tool]:
     """Validated tools from ``(name, description, parameters, param_path)`` tuples."""
-    param = "tools"
-    if len(specs) > max_tools:
-        raise InvalidRequest(f"at most {max_tools} tools are allowed per request", param=param)
     tools, seen = [], set()
     for name, description, parameters, where in specs:
         if not TOOL_NAME.match(name):

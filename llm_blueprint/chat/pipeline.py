@@ -33,6 +33,7 @@ from jsonschema import validators
 from jsonschema.exceptions import best_match
 
 from ..engine.generation import Engine
+from ..errors import InvalidRequest
 from ..events import (
     ChatEvent,
     Done,
@@ -82,6 +83,9 @@ class ChatStream(EventStream[ChatEvent]):
         # as an HTTP error before any byte of a stream.
         forced = bool(chat.tool_choice.forced and chat.active_tools)
         if forced or chat.response_format is not None:
+            if request.n > 1:
+                raise InvalidRequest("n > 1 is not supported with a forced tool call or a JSON response_format", param="n")
+            engine.validate(request)  # the client's own budget must fit: the attempts run a prefilled copy of it
             self._prepare_constrained(forced)
             self._current = generate(self._attempt(0))
             events = self._constrained(forced)
