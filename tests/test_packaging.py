@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
-import time
 import zipfile
 
 import openai
 import requests
-from servers import ROOT, free_port
+from servers import ROOT, free_port, serving
 
 COPY_IGNORES = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                       "test-artifacts")
@@ -67,34 +65,13 @@ def test_wheel_installs_and_serves_outside_the_checkout(default_model_dir, tmp_p
     assert where.startswith(str(tmp_path / "venv")), f"imported from {where}, not from the fresh environment"
 
     port = free_port()
-    log_path = tmp_path / "serve.log"
     server_env = {**env, "LLM_MODEL_PATH": default_model_dir, "LLM_MODEL_ID": "smollm2", "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([os.path.join(os.path.dirname(python), "llm-blueprint"), "serve", "--bind", f"127.0.0.1:{port}"],
-                                   env=server_env, cwd=elsewhere, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, f"llm-blueprint serve exited with {process.returncode}:\n{log_path.read_text()}"
-            try:
-                if requests.get(base + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, f"llm-blueprint serve did not come up:\n{log_path.read_text()}"
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    argv = [os.path.join(os.path.dirname(python), "llm-blueprint"), "serve", "--bind", f"127.0.0.1:{port}"]
+    with serving(argv, server_env, port, str(tmp_path / "serve.log"), "/v1/models", str(elsewhere)) as server:
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
         reply = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=12,
                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
-        metrics = requests.get(base + "/metrics", timeout=10).text  # the shipped gunicorn settings' multiprocess metrics
+        metrics = requests.get(server.base + "/metrics", timeout=10).text  # the shipped gunicorn settings' multiprocess metrics
         assert 'llm_requests_total{route="/v1/chat/completions",status="200"}' in metrics
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, log_path.read_text()
+    assert server.process.returncode == 0, server.log()
