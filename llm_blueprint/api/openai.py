@@ -152,14 +152,21 @@ def chat_completions():
                           "system_fingerprint": None})
 
 
+def _stream_chunk(meta: dict[str, Any], include_usage: bool, choice: dict[str, Any] | None, usage: Done | None = None) -> str:
+    """One chunk of a chat or completion stream: ``meta`` (id, object, created, model) and one choice, or none and the
+    usage (the last chunk, when ``stream_options.include_usage`` asked for it: the others carry ``"usage": null``)."""
+    payload = {**meta, "system_fingerprint": None, "choices": [choice] if choice else []}
+    if include_usage:
+        payload["usage"] = _usage(usage) if usage else None
+    return sse(payload)
+
+
 def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, decode: Decode | None, include_usage: bool) -> Iterator[str]:
     """The chunks of a chat completion stream; logprobs when ``decode`` is given."""
+    meta = {**meta, "object": "chat.completion.chunk"}
+
     def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs=None) -> str:
-        payload = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None,
-                   "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-        if include_usage:
-            payload["usage"] = None
-        return sse(payload)
+        return _stream_chunk(meta, include_usage, {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
 
     for index in range(n):
         yield chunk(index, {"role": "assistant", "content": ""})
@@ -179,7 +186,7 @@ def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, decode: De
             event.raise_failure()  # ended by the stream's wrapper with an error chunk and [DONE]
             yield chunk(event.index, {}, FINISH_REASONS[event.ending])
         elif isinstance(event, Done) and include_usage:
-            yield sse({**meta, "object": "chat.completion.chunk", "system_fingerprint": None, "choices": [], "usage": _usage(event)})
+            yield _stream_chunk(meta, include_usage, None, event)
     yield sse("[DONE]")
 
 
@@ -245,12 +252,10 @@ def completions():
 
 def _completion_chunks(streams, prompt_texts, meta, n, echo, decode: Decode | None, include_usage) -> Iterator[str]:
     """The chunks of a completion stream; logprobs when ``decode`` is given."""
+    meta = {**meta, "object": "text_completion"}
+
     def chunk(index: int, text: str, finish_reason: str | None = None, logprobs=None) -> str:
-        payload = {**meta, "object": "text_completion", "system_fingerprint": None,
-                   "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-        if include_usage:
-            payload["usage"] = None
-        return sse(payload)
+        return _stream_chunk(meta, include_usage, {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
 
     prompt_tokens = completion_tokens = 0
     for p, events in enumerate(streams):
@@ -272,7 +277,7 @@ def _completion_chunks(streams, prompt_texts, meta, n, echo, decode: Decode | No
                 prompt_tokens += event.prompt_tokens
                 completion_tokens += event.completion_tokens
     if include_usage:
-        yield sse({**meta, "object": "text_completion", "choices": [], "usage": _usage(Done(prompt_tokens, completion_tokens))})
+        yield _stream_chunk(meta, include_usage, None, Done(prompt_tokens, completion_tokens))
     yield sse("[DONE]")
 
 
