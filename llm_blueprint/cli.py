@@ -25,8 +25,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Prepare the model once, then exec gunicorn with the gevent worker."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """Prepare the model once, then exec gunicorn with the settings shipped in the package (gevent worker)."""
     # Convert once, before the workers start; they find the result in the cache.
     if not os.environ.get("LLM_MODEL_PATH"):
         from .engine.default_model import prepare_default_model
@@ -37,11 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         prepare_model_dir(os.environ["LLM_MODEL_PATH"], os.environ.get("LLM_CACHE_DIR"),
                           os.environ.get("LLM_COMPUTE_TYPE"))
-    config = os.path.join(here, "gunicorn.conf.py")
-    argv = [sys.executable, "-m", "gunicorn", "--bind", args.bind, "--workers", str(args.workers)]
-    if os.path.isfile(config):
-        argv += ["--config", config]
-    argv += ["--chdir", here, args.app]
+    argv = [sys.executable, "-m", "gunicorn", "--config", "python:llm_blueprint.gunicorn_conf",
+            "--bind", args.bind, "--workers", str(args.workers), args.app]
     os.execvp(argv[0], argv)
     return 0  # not reached
 
@@ -62,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("serve", help="serve wsgi:app with gunicorn -k gevent (default model unless LLM_MODEL_PATH)")
+    p = sub.add_parser("serve", help="serve the API with gunicorn -k gevent (default model unless LLM_MODEL_PATH)")
     p.add_argument("--bind", default=os.environ.get("LLM_BIND", "127.0.0.1:8000"))
     p.add_argument("--workers", type=int, default=int(os.environ.get("LLM_WORKERS", "1")))
-    p.add_argument("--app", default="wsgi:app")
+    p.add_argument("--app", default="llm_blueprint.wsgi:app", help="WSGI app to serve, module:name (found from the current directory)")
     p.set_defaults(func=_serve)
 
     args = parser.parse_args(argv)

@@ -106,5 +106,13 @@ class InvalidModelOutput(LLMBlueprintError):
         self.code = "invalid_model_output"
 
 
+class GenerationFailed(LLMBlueprintError):
+    """The engine failed while generating (a native error); the message says what."""
+
+    def __init__(self, detail: str | None):
+        self.message = f"generation failed: {detail}"
+        super().__init__(self.message)
+
+
 class EngineShutDown(LLMBlueprintError):
     """The engine is stopping or stopped and takes no new work."""

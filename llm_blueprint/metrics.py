@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _multiprocess
 
-from .engine.generation import Done, Engine, Event, TextDelta
+from .engine.generation import Engine
+from .events import Done, Event, EventStream, TextDelta
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -46,53 +46,30 @@ class _BatchSizeReader:
 batch_sizes = _BatchSizeReader()
 
 
-class ObservedStream:
-    """Wraps an engine event stream: in-flight gauge, TTFT, token counters, queue and batch metrics.
+def observe(engine: Engine, stream: EventStream[Event]) -> EventStream[Event]:
+    """Counts a generation in flight until its stream ends (closed before its first event included);
+    time to first token, token counters, queue depth and batch sizes as its events pass."""
+    started = time.monotonic()
+    waiting_for_text = True
+    IN_FLIGHT.inc()
+    QUEUE_DEPTH.set(engine.queued)
 
-    Counted from creation, so a stream closed before its first event is counted out too.
-    """
-
-    def __init__(self, engine: Engine, events: Iterator[Event]):
-        self._engine = engine
-        self._events = events
-        self._started = time.monotonic()
-        self._first = True
-        self._open = True
-        IN_FLIGHT.inc()
-        QUEUE_DEPTH.set(engine.queued)
-
-    def __iter__(self) -> ObservedStream:
-        return self
-
-    def __next__(self) -> Event:
-        try:
-            event = next(self._events)
-        except StopIteration:
-            self.close()
-            raise
-        if self._first and isinstance(event, TextDelta):
-            self._first = False
-            TIME_TO_FIRST_TOKEN.observe(time.monotonic() - self._started)
-            QUEUE_DEPTH.set(self._engine.queued)
+    def on_event(event: Event) -> None:
+        nonlocal waiting_for_text
+        if waiting_for_text and isinstance(event, TextDelta):
+            waiting_for_text = False
+            TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
+            QUEUE_DEPTH.set(engine.queued)
         elif isinstance(event, Done):
             TOKENS.labels("prompt").inc(event.prompt_tokens)
             TOKENS.labels("completion").inc(event.completion_tokens)
-        return event
 
-    def cancel(self) -> None:
-        self._events.cancel()
+    def on_close() -> None:
+        IN_FLIGHT.dec()
+        QUEUE_DEPTH.set(engine.queued)
+        batch_sizes.drain(engine)
 
-    def close(self) -> None:
-        if self._open:
-            self._open = False
-            IN_FLIGHT.dec()
-            QUEUE_DEPTH.set(self._engine.queued)
-            batch_sizes.drain(self._engine)
-        self._events.close()
-
-
-def observe_generation(engine: Engine, events: Iterator[Event]) -> ObservedStream:
-    return ObservedStream(engine, events)
+    return stream.watch(on_event, on_close)
 
 
 def render(engine: Engine | None) -> tuple[bytes, str]:

@@ -12,16 +12,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from . import metrics
 from .engine import EngineOptions, Model
-from .engine.generation import BatchingOptions, Engine, Event, GenerationRequest
+from .engine.generation import BatchingOptions, Engine
 from .engine.handoff import NativeThread, native_sleep, run_on_native_thread
 from .engine.layout import choose as choose_layout
 from .engine.model import DEFAULT_COMPUTE_TYPES, resolve_device
 from .errors import LLMBlueprintError, ModelLoadError
+from .events import Event, EventStream, GenerationRequest
 
 log = logging.getLogger("llm_blueprint")
 
@@ -40,10 +40,6 @@ class Runtime:
         atexit.register(self.shutdown)
 
     @property
-    def loaded(self) -> bool:
-        return self._engine is not None
-
-    @property
     def engine(self) -> Engine:
         """The engine, loading the model on first use."""
         if self._engine is None:
@@ -57,10 +53,10 @@ class Runtime:
         """The engine when loaded, without triggering a load (health checks)."""
         return self._engine
 
-    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+    def generate(self, request: GenerationRequest) -> EventStream[Event]:
         """Start a generation (typed errors raise here, before any work) with its metrics."""
         engine = self.engine
-        return metrics.observe_generation(engine, engine.generate(request))
+        return metrics.observe(engine, engine.generate(request))
 
     @property
     def model(self) -> Model:

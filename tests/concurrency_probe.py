@@ -20,7 +20,8 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 from llm_blueprint.engine import EngineOptions, Model  # noqa: E402
-from llm_blueprint.engine.generation import Engine, Finish, GenerationRequest, TextDelta  # noqa: E402
+from llm_blueprint.engine.generation import Engine  # noqa: E402
+from llm_blueprint.events import Finish, GenerationRequest, TextDelta  # noqa: E402
 
 model = Model(sys.argv[1], EngineOptions(device="cpu", inter_threads=4, intra_threads=1))
 engine = Engine(model)

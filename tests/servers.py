@@ -37,24 +37,29 @@ class LiveServer:
 def gunicorn(app: str, env: dict[str, str], log_path: str, ready_path: str, worker_class: str = "gevent", timeout: float = 120):
     port = free_port()
     environ = {**os.environ, **env, "LLM_BIND": f"127.0.0.1:{port}", "LLM_WORKER_CLASS": worker_class, "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"), "--chdir", ROOT, app]
+    with serving(argv, environ, port, log_path, ready_path, ROOT, timeout) as server:
+        yield server
+
+
+@contextmanager
+def serving(argv: list[str], env: dict[str, str], port: int, log_path: str, ready_path: str, cwd: str, timeout: float = 120):
+    """Run a server listening on ``port`` until ``ready_path`` answers; SIGTERM it (a graceful stop) at the end."""
     log = open(log_path, "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"), "--chdir", ROOT, app],
-        env=environ, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
+    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     server = LiveServer(process, port, log_path)
     deadline = time.monotonic() + timeout
     try:
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log()}")
+                raise RuntimeError(f"{argv[0]} exited with {process.returncode}:\n{server.log()}")
             try:
                 if requests.get(server.base + ready_path, timeout=2).status_code < 500:
                     break
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn did not become ready:\n{server.log()}")
+                raise RuntimeError(f"{argv[0]} did not become ready:\n{server.log()}")
             time.sleep(0.2)
         yield server
     finally:

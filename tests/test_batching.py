@@ -10,8 +10,9 @@ import pytest
 import requests
 
 from llm_blueprint.engine import EngineOptions, Model
-from llm_blueprint.engine.generation import BatchingOptions, Engine, Finish, GenerationRequest, TextDelta, collect
+from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.errors import Overloaded
+from llm_blueprint.events import Finish, GenerationRequest, TextDelta, collect
 
 STORY = "Write a long story about {}."
 

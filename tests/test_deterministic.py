@@ -15,7 +15,8 @@ import pytest
 import requests
 
 from llm_blueprint.engine import EngineOptions, Model
-from llm_blueprint.engine.generation import BatchingOptions, Engine, GenerationRequest, TextDelta, collect
+from llm_blueprint.engine.generation import BatchingOptions, Engine
+from llm_blueprint.events import GenerationRequest, TextDelta, collect
 
 PROBE = [{"role": "user", "content": "What is the capital of France?"}]
 SAME_LENGTH = [{"role": "user", "content": "What is the capital of Spain?"}]

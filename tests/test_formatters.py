@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 
 from llm_blueprint.api.anthropic import _message_events
+from llm_blueprint.api.errors import anthropic_stream_failure, openai_stream_failure
 from llm_blueprint.api.openai import _chat_chunks
-from llm_blueprint.api.responses import _Echo, _response_events
-from llm_blueprint.engine.generation import Done, Finish, Heartbeat, TextDelta
+from llm_blueprint.api.openai_responses import _ResponseFields, _ResponseStream
+from llm_blueprint.api.sse import ended_anyway
+from llm_blueprint.events import Done, Finish, Heartbeat, TextDelta
 
 FAILING = [TextDelta(0, "Hel"), Heartbeat(), Finish(0, "error", 1, error="CUDA out of memory"), Done(5, 1)]
 
 
 def test_openai_stream_sends_error_chunk_then_done():
-    chunks = list(_chat_chunks(iter(FAILING), {"id": "chatcmpl-x", "created": 0, "model": "m"}, 1, False, False))
+    body = _chat_chunks(iter(FAILING), {"id": "chatcmpl-x", "created": 0, "model": "m"}, 1, None, False)
+    chunks = list(ended_anyway(body, openai_stream_failure))
     assert chunks[-1] == "data: [DONE]\n\n"
     assert ": keep-alive\n\n" in chunks
     error = json.loads(chunks[-2][len("data: "):])
@@ -21,7 +24,7 @@ def test_openai_stream_sends_error_chunk_then_done():
 
 
 def test_anthropic_stream_sends_error_event():
-    events = list(_message_events(iter(FAILING), {"id": "msg_x", "model": "m"}, 5, None))
+    events = list(ended_anyway(_message_events(iter(FAILING), {"id": "msg_x", "model": "m"}, 5, None), anthropic_stream_failure))
     assert events[-1].startswith("event: error\n")
     payload = json.loads(events[-1].split("data: ", 1)[1])
     assert payload == {"type": "error", "error": {"type": "api_error", "message": "generation failed: CUDA out of memory"}}
@@ -30,8 +33,9 @@ def test_anthropic_stream_sends_error_event():
 
 
 def _responses_events(items) -> list[dict]:
-    echo = _Echo({"model": "m"}, 1.0, 1.0)
-    return [json.loads(e.split("data: ", 1)[1]) for e in _response_events(iter(items), echo) if e.startswith("event:")]
+    stream = _ResponseStream(_ResponseFields({"model": "m"}, 1.0, 1.0))
+    chunks = ended_anyway(stream.body(iter(items)), stream.failed)
+    return [json.loads(e.split("data: ", 1)[1]) for e in chunks if e.startswith("event:")]
 
 
 def test_responses_stream_ends_with_failed_on_a_generation_error():

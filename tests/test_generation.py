@@ -12,9 +12,10 @@ import pytest
 from outcomes import ended_consistently
 
 from llm_blueprint.engine import EngineOptions, Model
-from llm_blueprint.engine.generation import BatchingOptions, Done, Engine, Finish, GenerationRequest, Heartbeat, TextDelta, collect
+from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.engine.text_stream import IncrementalDecoder
 from llm_blueprint.errors import ContextTooLong, EngineShutDown
+from llm_blueprint.events import Done, Finish, GenerationRequest, Heartbeat, TextDelta, collect
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

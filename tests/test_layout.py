@@ -8,7 +8,8 @@ import time
 
 from llm_blueprint.engine import EngineOptions, Model
 from llm_blueprint.engine import layout as layouts
-from llm_blueprint.engine.generation import BatchingOptions, Engine, GenerationRequest, collect
+from llm_blueprint.engine.generation import BatchingOptions, Engine
+from llm_blueprint.events import GenerationRequest, collect
 
 
 def test_splits_use_the_cores_exactly():

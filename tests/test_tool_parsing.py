@@ -8,9 +8,10 @@ import random
 import pytest
 
 from llm_blueprint.chat.conversation import Tool
-from llm_blueprint.chat.output import OutputParser
+from llm_blueprint.chat.output_parser import OutputParser
 from llm_blueprint.chat.prompt import json_opening
 from llm_blueprint.engine.text_stream import JsonEnd
+from llm_blueprint.events import ReasoningDelta, TextDelta, ToolCall
 
 WEATHER = Tool("get_weather", "Current weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
 TIME = Tool("get_time", "Current time", {"type": "object", "properties": {"timezone": {"type": "string"}, "utc": {"type": "boolean"}}})
@@ -74,9 +75,9 @@ def splits(text: str, how: str) -> list[str]:
 def run(deltas: list[str], tools=TOOLS, **options) -> tuple[list[str], list[str], list[tuple[str, dict]]]:
     parser = OutputParser(tools, **options)
     pieces = [p for d in deltas for p in parser.feed(d)] + parser.finish()
-    texts = [p[1] for p in pieces if p[0] == "text"]
-    reasoning = [p[1] for p in pieces if p[0] == "reasoning"]
-    calls = [(p[1], json.loads(p[2])) for p in pieces if p[0] == "call"]
+    texts = [p.text for p in pieces if isinstance(p, TextDelta)]
+    reasoning = [p.text for p in pieces if isinstance(p, ReasoningDelta)]
+    calls = [(p.name, json.loads(p.arguments)) for p in pieces if isinstance(p, ToolCall)]
     return texts, reasoning, calls
 
 
@@ -102,9 +103,9 @@ def test_no_markup_leaks_into_streamed_text(how):
 def test_text_before_a_call_streams_before_the_call_is_complete():
     parser = OutputParser(TOOLS)
     first = parser.feed("The weather: <tool_ca")
-    assert first == [("text", "The weather:")]  # the partial marker is held, the text before it is not
+    assert first == [TextDelta(0, "The weather:")]  # the partial marker is held, the text before it is not
     assert parser.feed('ll>{"name": "get_weather", "arguments": {"city"') == []
-    assert parser.feed(': "Paris"}}</tool_call>')[0][:2] == ("call", "get_weather")
+    assert parser.feed(': "Paris"}}</tool_call>')[0].name == "get_weather"
 
 
 def test_without_tools_calls_are_plain_text():
@@ -193,10 +194,9 @@ class RecordedStream:
 
 def _free_run(text_deltas: list[str], parallel: bool):
     from llm_blueprint.chat.conversation import ChatRequest, ToolChoice
-    from llm_blueprint.chat.output import ToolCall
     from llm_blueprint.chat.pipeline import ChatStream
     from llm_blueprint.chat.prompt import ChatPrompt
-    from llm_blueprint.engine.generation import Done, Finish, GenerationRequest, TextDelta
+    from llm_blueprint.events import Done, Finish, GenerationRequest
 
     chat = ChatRequest([], TOOLS, ToolChoice("auto", parallel=parallel))
     stream = ChatStream.__new__(ChatStream)  # the pipeline's free mode alone, over recorded engine events

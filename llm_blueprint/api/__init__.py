@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint
 from werkzeug.routing import PathConverter
 
-from . import anthropic, guard, openai, openapi, operations, responses
+from . import admission, anthropic, openai, openai_responses, openapi, operations, request_log
 
 
 class ModelIdConverter(PathConverter):
@@ -21,10 +21,11 @@ def create_blueprint(settings: dict[str, Any]) -> Blueprint:
     """The API blueprint for one app (its CORS policy depends on that app's settings)."""
     bp = Blueprint("llm", __name__)
     bp.record_once(lambda state: state.app.url_map.converters.setdefault("llm_model_id", ModelIdConverter))
-    guard.register(bp)
+    request_log.register(bp)  # first: every later hook and view has the request id
+    admission.register(bp)
     openai.register(bp)
     anthropic.register(bp)
-    responses.register(bp)
+    openai_responses.register(bp)
     operations.register(bp)
     openapi.register(bp)
     origins = settings["LLM_CORS_ORIGINS"]

@@ -16,22 +16,22 @@ from typing import Any
 
 from flask import Blueprint
 
-from ..chat.conversation import ChatRequest, Message, ToolCallRecord, ToolChoice, check_choice, check_tool_history, make_tools
-from ..chat.output import ReasoningDelta, ToolCall
+from ..chat.conversation import ChatRequest, Message, ToolCallRecord, ToolChoice, chat_request, check_tool_history, make_tools
 from ..chat.pipeline import collect_chat
 from ..chat.prompt import render
-from ..engine.generation import Done, Finish, Heartbeat, TextDelta
 from ..errors import InvalidRequest
-from ..schemas.anthropic import CountTokensSchema, MessagesRequestSchema
+from ..events import END_TURN, MAX_TOKENS, STOP_SEQUENCE, TOOL_USE, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
+from ..schemas.anthropic import CountTokensRequestSchema, MessagesRequestSchema
 from ..schemas.common import load
-from ..sse import event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
-from .errors import speaks
+from ..schemas.response_bodies import AnthropicMessage, TokenCount
+from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
+from .errors import anthropic_stream_failure, error_envelope
+from .openapi import ANTHROPIC_ERRORS, documented
+from .sse import event_stream, sse
 
 MESSAGES_SCHEMA = MessagesRequestSchema()
-COUNT_SCHEMA = CountTokensSchema()
-STOP_REASONS = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens", "cancelled": "end_turn",
-                "tool_calls": "tool_use"}
+COUNT_SCHEMA = CountTokensRequestSchema()
+STOP_REASONS = {END_TURN: "end_turn", STOP_SEQUENCE: "stop_sequence", MAX_TOKENS: "max_tokens", TOOL_USE: "tool_use"}
 TOOL_CHOICES = {"auto": "auto", "any": "required", "tool": "required", "none": "none"}
 _PROCESS_KEY = os.urandom(32)
 
@@ -59,13 +59,12 @@ def _history(data: dict[str, Any]) -> list[Message]:
 
 def _chat_request(data: dict[str, Any]) -> ChatRequest:
     tools = make_tools([(t["name"], t.get("description"), t["input_schema"], f"tools[{i}]") for i, t in enumerate(data.get("tools") or [])],
-                       runtime().settings["LLM_MAX_TOOLS"], schema_field="input_schema")
+                       schema_field="input_schema")
     raw_choice = data.get("tool_choice") or {"type": "auto"}
     choice = ToolChoice(TOOL_CHOICES[raw_choice["type"]], raw_choice.get("name"),
                         parallel=not raw_choice.get("disable_parallel_tool_use"))
-    check_choice(choice, tools)
     thinking = (data.get("thinking") or {}).get("type") in ("enabled", "adaptive")
-    return ChatRequest(_history(data), tools, choice, show_reasoning=thinking, template_options={"enable_thinking": thinking})
+    return chat_request(_history(data), tools, choice, show_reasoning=thinking, template_options={"enable_thinking": thinking})
 
 
 def _signer() -> Callable[[str], str]:
@@ -86,21 +85,23 @@ def _message(meta: dict[str, Any], content: list[dict[str, Any]], stop_reason: s
             "stop_sequence": stop_sequence, "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
 
 
-@speaks("anthropic")
+@error_envelope("anthropic")
+@documented("createMessage", AnthropicMessage, body=MessagesRequestSchema, errors=ANTHROPIC_ERRORS, stream=True)
 def messages():
     data = load(MESSAGES_SCHEMA, json_body())
     check_model(data["model"])
-    check_limits(len(data["messages"]), data["max_tokens"], data.get("stop_sequences"), stop_param="stop_sequences")
+    check_limits(len(data["messages"]), data["max_tokens"], data.get("stop_sequences"), stop_param="stop_sequences",
+                 tools=len(data.get("tools") or []))
     chat = _chat_request(data)
     prompt, events = start_chat(chat, data["max_tokens"], stop=data.get("stop_sequences") or [], **sampling_defaults(data))
     meta = {"id": f"msg_{uuid.uuid4().hex}", "model": data["model"]}
     if data.get("stream"):
         sign = _signer() if chat.show_reasoning else None
-        return event_stream(closing(events, _message_events(events, meta, len(prompt.ids), sign)))
+        return event_stream(_message_events(events, meta, len(prompt.ids), sign), events, anthropic_stream_failure)
 
     results, done = collect_chat(events, 1)
     result = results[0]
-    raise_if_failed([result.finish])
+    result.finish.raise_failure()
     content: list[dict[str, Any]] = []
     if result.reasoning and chat.show_reasoning:
         content.append({"type": "thinking", "thinking": result.reasoning, "signature": _signer()(result.reasoning)})
@@ -108,7 +109,7 @@ def messages():
         content.append({"type": "text", "text": result.text})
     content += [{"type": "tool_use", "id": _tool_use_id(c), "name": c.name, "input": json.loads(c.arguments)} for c in result.tool_calls]
     finish = result.finish
-    return json_response(_message(meta, content, STOP_REASONS[finish.reason], finish.stop_sequence,
+    return json_response(_message(meta, content, STOP_REASONS[finish.ending], finish.stop_sequence,
                                   done.prompt_tokens, done.completion_tokens))
 
 
@@ -165,25 +166,22 @@ def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: i
             yield from blocks.close()
         elif isinstance(event, Finish):
             finish = event
-            if event.failed:
-                kind = "invalid_model_output" if event.reason == "invalid_output" else "api_error"
-                message = event.error if event.reason == "invalid_output" else f"generation failed: {event.error}"
-                yield sse({"type": "error", "error": {"type": kind, "message": message}}, "error")
-                return
+            event.raise_failure()  # ended by the stream's wrapper with an error event
         elif isinstance(event, Done) and finish is not None:
             yield from blocks.close()
             delta = {"type": "message_delta",
-                     "delta": {"stop_reason": STOP_REASONS[finish.reason], "stop_sequence": finish.stop_sequence},
+                     "delta": {"stop_reason": STOP_REASONS[finish.ending], "stop_sequence": finish.stop_sequence},
                      "usage": {"input_tokens": event.prompt_tokens, "output_tokens": event.completion_tokens}}
             yield sse(delta, "message_delta")
             yield sse({"type": "message_stop"}, "message_stop")
 
 
-@speaks("anthropic")
+@error_envelope("anthropic")
+@documented("countTokens", TokenCount, body=CountTokensRequestSchema, errors=ANTHROPIC_ERRORS)
 def count_tokens():
     data = load(COUNT_SCHEMA, json_body())
     check_model(data["model"])
-    check_limits(len(data["messages"]))
+    check_limits(len(data["messages"]), tools=len(data.get("tools") or []))
     return json_response({"input_tokens": len(render(runtime().model, _chat_request(data)).ids)})
 
 

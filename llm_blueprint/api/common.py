@@ -1,24 +1,32 @@
-"""Request helpers shared by every protocol's routes."""
+"""Helpers shared by every route: the runtime, JSON in and out, the model and limit checks, starting a chat."""
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
-from flask import current_app, g, request
+from flask import Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .. import metrics
 from ..chat.conversation import ChatRequest
 from ..chat.pipeline import ChatStream
 from ..chat.prompt import ChatPrompt, render
-from ..engine.generation import GenerationRequest
-from ..errors import InvalidModelOutput, InvalidRequest, LLMBlueprintError, ModelNotFound, RequestTooLarge
+from ..errors import InvalidRequest, ModelNotFound, RequestTooLarge
+from ..events import EventStream, GenerationRequest
 from ..runtime import Runtime
 
 log = logging.getLogger("llm_blueprint")
+
+
+def dumps(payload: Any) -> str:
+    """Compact JSON text, as every body and event of the API is written."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """JSON serialized by us, so the host app's JSON provider settings neither affect nor are affected."""
+    return Response(dumps(payload), status=status, mimetype="application/json", headers=headers)
 
 
 def runtime() -> Runtime:
@@ -50,48 +58,20 @@ def check_model(name: str, strict: bool = False) -> None:
         raise ModelNotFound(name, rt.model_id)
 
 
-def closing(events, body):
-    """Yield ``body``; close the engine stream(s) whatever ends the HTTP stream (client gone included).
-
-    Also records the stream's total duration and its log line, which only
-    its end can know.
-    """
-    # Read the request context now: the stream body runs after the view returned.
-    route = request.url_rule.rule if request.url_rule else request.path
-    return _closing(events, body, route, g.get("llm_started"), g.get("llm_request_id"))
-
-
-def _closing(events, body, route, started, request_id):
-    completed = False
-    try:
-        yield from body
-        completed = True
-    finally:
-        for stream in events if isinstance(events, list) else [events]:
-            stream.close()
-        if started is not None:
-            elapsed = time.monotonic() - started
-            metrics.DURATION.labels(route).observe(elapsed)
-            log.info("stream %s %s after %.3fs", route, "completed" if completed else "closed by the client",
-                     elapsed, extra={"request_id": request_id, "route": route, "latency_s": round(elapsed, 4),
-                                     "stream": True, "completed": completed})
-
-
-def raise_if_failed(finishes) -> None:
-    """A non-streaming response whose generation failed is a server error."""
-    for finish in finishes:
-        if finish.reason == "invalid_output":
-            raise InvalidModelOutput(finish.error)
-        if finish.reason == "error":
-            raise LLMBlueprintError(f"generation failed: {finish.error}")
-
-
 def check_limits(messages: int | None = None, max_tokens: int | None = None, stop: list[str] | None = None,
-                 stop_param: str = "stop") -> None:
-    """The configured per-request limits, shared by every protocol."""
+                 stop_param: str = "stop", n: int = 1, tools: int = 0) -> None:
+    """The configured per-request limits (LLM_MAX_*), every one checked here, for every protocol.
+
+    What a request may be in any server is its schema's business (schemas/);
+    whether it fits the model's context is the engine's (Engine.validate).
+    """
     settings = runtime().settings
     if messages is not None and messages > settings["LLM_MAX_MESSAGES"]:
         raise InvalidRequest(f"at most {settings['LLM_MAX_MESSAGES']} messages are allowed per request", param="messages")
+    if n > settings["LLM_MAX_N"]:
+        raise InvalidRequest(f"n must be at most {settings['LLM_MAX_N']}", param="n")
+    if tools > settings["LLM_MAX_TOOLS"]:
+        raise InvalidRequest(f"at most {settings['LLM_MAX_TOOLS']} tools are allowed per request", param="tools")
     ceiling = settings["LLM_MAX_TOKENS_LIMIT"]
     if max_tokens is not None and ceiling and max_tokens > ceiling:
         raise InvalidRequest(f"max_tokens must be at most {ceiling} on this server", param="max_tokens")
@@ -117,15 +97,24 @@ def completion_budget(requested: int | None, prompt_ids: list[int]) -> int:
     return max(1, min(rt.settings["LLM_DEFAULT_MAX_TOKENS"], rt.model.context_length - len(prompt_ids)))
 
 
+def start_generations(requests: list[GenerationRequest]) -> list[EventStream]:
+    """Start every generation, or none: one refused (context too long, queue full) closes those already started."""
+    rt, streams = runtime(), []
+    try:
+        for request in requests:
+            streams.append(rt.generate(request))
+    except Exception:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
+
+
 def start_chat(chat: ChatRequest, requested_max_tokens: int | None, **options: Any) -> tuple[ChatPrompt, ChatStream]:
     """Render ``chat``, check it, and start its generation; ``options`` are GenerationRequest fields."""
     rt = runtime()
     prompt = render(rt.model, chat)
     request = GenerationRequest(prompt.ids, completion_budget(requested_max_tokens, prompt.ids), **options)
-    structured = chat.response_format is not None or (chat.tool_choice.forced and chat.active_tools)
-    if structured and request.n > 1:
-        raise InvalidRequest("n > 1 is not supported with a forced tool call or a JSON response_format", param="n")
-    rt.engine.validate(request)
     settings = rt.settings
     stream = ChatStream(rt.engine, rt.generate, chat, prompt, request, reasoning=settings["LLM_REASONING"],
                         attempts=settings["LLM_STRUCTURED_ATTEMPTS"])

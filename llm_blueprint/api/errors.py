@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from flask import Response, g, has_request_context
+from flask import Response
 
 from .. import metrics
 from ..errors import (
     EngineShutDown,
+    GenerationFailed,
     InvalidModelOutput,
     InvalidRequest,
-    LLMBlueprintError,
     ModelLoadError,
     ModelNotFound,
     Overloaded,
@@ -21,12 +22,15 @@ from ..errors import (
     RequestTooLarge,
     Unauthorized,
 )
-from ..sse import json_response
+from . import request_log
+from .common import json_response
+from .sse import sse
 
 log = logging.getLogger("llm_blueprint")
 
 
-# Exception type → (status, error type) per protocol; the first matching row wins.
+# Exception type → (status, error type) per protocol; the first matching row wins. An error with a
+# row is one we raise on purpose, and its message is for the client; anything else is a bug of ours.
 STATUS_TABLE: list[tuple[type[Exception] | tuple[type[Exception], ...], dict[str, tuple[int, str]]]] = [
     (Unauthorized, {"openai": (401, "authentication_error"), "anthropic": (401, "authentication_error")}),
     (RequestTooLarge, {"openai": (413, "invalid_request_error"), "anthropic": (413, "request_too_large")}),
@@ -36,17 +40,9 @@ STATUS_TABLE: list[tuple[type[Exception] | tuple[type[Exception], ...], dict[str
     (Overloaded, {"openai": (429, "rate_limit_error"), "anthropic": (529, "overloaded_error")}),
     (RateLimited, {"openai": (429, "rate_limit_error"), "anthropic": (429, "rate_limit_error")}),
     ((EngineShutDown, ModelLoadError), {"openai": (503, "service_unavailable"), "anthropic": (529, "overloaded_error")}),
+    (GenerationFailed, {"openai": (500, "server_error"), "anthropic": (500, "api_error")}),
 ]
 INTERNAL = {"openai": (500, "server_error"), "anthropic": (500, "api_error")}
-
-
-def current_request_id() -> str:
-    """This request's id (see api/guard.py), or a fresh one outside a request."""
-    if has_request_context() and getattr(g, "llm_request_id", None):
-        return g.llm_request_id
-    import uuid
-
-    return f"req_{uuid.uuid4().hex}"
 
 
 def protocol_of(endpoint: str | None) -> str:
@@ -54,42 +50,67 @@ def protocol_of(endpoint: str | None) -> str:
     return "anthropic" if endpoint and endpoint.split(".")[-1].startswith("anthropic_") else "openai"
 
 
-def _classify(exc: Exception, protocol: str) -> tuple[int, str, str, dict[str, str]]:
-    """Status, error type, client-facing message and extra headers for ``exc``."""
-    status, kind = next((row[protocol] for types, row in STATUS_TABLE if isinstance(exc, types)), INTERNAL[protocol])
+def _classify(exc: Exception, protocol: str, request_id: str | None = None) -> tuple[int, str, str, dict[str, str]]:
+    """Status, error type, client-facing message and extra headers for ``exc``; logged or counted."""
+    known = next((row[protocol] for types, row in STATUS_TABLE if isinstance(exc, types)), None)
+    status, kind = known or INTERNAL[protocol]
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, (Overloaded, RateLimited)) else {}
     message = getattr(exc, "message", None) or str(exc)
-    if status == 500:
-        log.error("internal error", exc_info=exc)
-        message = "The server had an error while processing your request."
+    if status == 500:  # ours: a bug, or the engine failing
+        log.error("internal error" if known is None else message, exc_info=exc if known is None else None,
+                  extra={"request_id": request_id})
     else:
         metrics.REJECTIONS.labels(getattr(exc, "code", None) or type(exc).__name__).inc()
+    if known is None:  # a bug of ours: the details stay in the log
+        message = "The server had an error while processing your request."
     return status, kind, message, headers
+
+
+def openai_body(exc: Exception, request_id: str | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, ``{"error": {"message", "type", "param", "code"}}`` and headers for ``exc``."""
+    status, kind, message, headers = _classify(exc, "openai", request_id)
+    body = {"error": {"message": message, "type": kind, "param": getattr(exc, "param", None), "code": getattr(exc, "code", None)}}
+    return status, body, headers
+
+
+def anthropic_body(exc: Exception, request_id: str | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, ``{"type": "error", "error": {"type", "message"}}`` and headers for ``exc``."""
+    status, kind, message, headers = _classify(exc, "anthropic", request_id)
+    param = getattr(exc, "param", None)
+    if param and isinstance(exc, InvalidRequest) and not message.startswith("Invalid value"):
+        message = f"{param}: {message}"
+    return status, {"type": "error", "error": {"type": kind, "message": message}}, headers
 
 
 def openai_error(exc: Exception) -> Response:
     """``{"error": {"message", "type", "param", "code"}}`` with the OpenAI status."""
-    status, kind, message, headers = _classify(exc, "openai")
-    body = {"error": {"message": message, "type": kind, "param": getattr(exc, "param", None), "code": getattr(exc, "code", None)}}
+    status, body, headers = openai_body(exc)
     return json_response(body, status=status, headers=headers)
 
 
 def anthropic_error(exc: Exception) -> Response:
     """``{"type": "error", "error": {"type", "message"}, "request_id"}`` with the Anthropic status."""
-    status, kind, message, headers = _classify(exc, "anthropic")
-    param = getattr(exc, "param", None)
-    if param and isinstance(exc, InvalidRequest) and not message.startswith("Invalid value"):
-        message = f"{param}: {message}"
-    request_id = current_request_id()
+    status, body, headers = anthropic_body(exc)
+    request_id = request_log.request_id()
     headers["request-id"] = request_id
-    body = {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}
-    return json_response(body, status=status, headers=headers)
+    return json_response({**body, "request_id": request_id}, status=status, headers=headers)
+
+
+def openai_stream_failure(exc: Exception, request_id: str | None) -> Iterator[str]:
+    """The end of an OpenAI stream that failed after its first byte: an error chunk, then ``[DONE]``."""
+    yield sse(openai_body(exc, request_id)[1])
+    yield sse("[DONE]")
+
+
+def anthropic_stream_failure(exc: Exception, request_id: str | None) -> Iterator[str]:
+    """The end of an Anthropic stream that failed after its first byte: an ``error`` event."""
+    yield sse(anthropic_body(exc, request_id)[1], "error")
 
 
 RENDERERS: dict[str, Callable[[Exception], Response]] = {"openai": openai_error, "anthropic": anthropic_error}
 
 
-def speaks(protocol: str):
+def error_envelope(protocol: str):
     """Decorate a view so every failure is rendered in ``protocol``'s envelope."""
     render = RENDERERS[protocol]
 
@@ -98,11 +119,10 @@ def speaks(protocol: str):
         def wrapper(*args, **kwargs):
             try:
                 return view(*args, **kwargs)
-            except LLMBlueprintError as exc:
-                return render(exc)
-            except Exception as exc:  # a bug of ours: still the protocol's envelope, never Flask's HTML
+            except Exception as exc:  # ours on purpose, or a bug: the protocol's envelope either way, never Flask's HTML
                 return render(exc)
 
+        wrapper.protocol = protocol  # the OpenAPI document documents its errors in this envelope
         return wrapper
 
     return decorate

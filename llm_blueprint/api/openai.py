@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint
@@ -15,42 +15,51 @@ from flask import Blueprint
 from ..chat.conversation import (
     ChatRequest,
     Message,
-    ResponseFormat,
-    Tool,
     ToolCallRecord,
     ToolChoice,
     arguments_object,
-    check_choice,
-    check_json_schema,
+    chat_request,
     check_tool_history,
     make_tools,
+    response_format,
 )
-from ..chat.output import ReasoningDelta, ToolCall
 from ..chat.pipeline import ChoiceResult, collect_chat
-from ..engine.generation import Done, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob, collect
 from ..errors import InvalidRequest
+from ..events import (
+    END_TURN,
+    MAX_TOKENS,
+    STOP_SEQUENCE,
+    TOOL_USE,
+    Done,
+    Finish,
+    GenerationRequest,
+    Heartbeat,
+    ReasoningDelta,
+    TextDelta,
+    TokenLogprob,
+    ToolCall,
+    collect,
+)
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
-from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
-from .errors import speaks
+from ..schemas.response_bodies import ChatCompletion, ModelList, ModelObject, TextCompletion
+from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat, start_generations
+from .errors import error_envelope, openai_stream_failure
+from .openapi import OPENAI_ERRORS, documented
+from .sse import KEEPALIVE, event_stream, sse
 
 CHAT_SCHEMA = ChatCompletionRequestSchema()
 COMPLETION_SCHEMA = CompletionRequestSchema()
-FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length", "cancelled": "stop", "tool_calls": "tool_calls"}
+FINISH_REASONS = {END_TURN: "stop", STOP_SEQUENCE: "stop", MAX_TOKENS: "length", TOOL_USE: "tool_calls"}
 
 
-def _sampling(data: dict[str, Any]) -> dict[str, Any]:
+def _generation_options(data: dict[str, Any]) -> dict[str, Any]:
     """The request's sampling fields, nulls meaning 'default'."""
-    settings = runtime().settings
-    n = data.get("n") or 1
-    if n > settings["LLM_MAX_N"]:
-        raise InvalidRequest(f"n must be at most {settings['LLM_MAX_N']}", param="n")
     return dict(
         **sampling_defaults(data),
         repetition_penalty=data.get("repetition_penalty") or 1.0,
         stop=data.get("stop") or [],
-        n=n,
+        n=data.get("n") or 1,
         seed=data.get("seed"),
         min_tokens=data.get("min_tokens") or 0,
     )
@@ -61,22 +70,15 @@ def _usage(done: Done) -> dict[str, int]:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-def _token_text(token_id: int) -> str:
-    return runtime().model.tokenizer.decode([token_id])
+Decode = Callable[[list[int]], str]  # the tokenizer's decode, resolved in the view: a stream's body runs outside the app context
 
 
-def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> dict[str, Any]:
+def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], decode: Decode) -> dict[str, Any]:
     content = []
     for entry in entries:
-        text = _token_text(entry.token_id)
+        text = decode([entry.token_id])
         content.append({"token": text, "logprob": entry.logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": []})
     return {"content": content, "refusal": None}
-
-
-def _error_payload(finish: Finish) -> dict[str, Any]:
-    if finish.reason == "invalid_output":
-        return {"error": {"message": finish.error, "type": "invalid_model_output", "param": None, "code": "invalid_model_output"}}
-    return {"error": {"message": f"generation failed: {finish.error}", "type": "server_error", "param": None, "code": None}}
 
 
 # ----------------------------------------------------------------------------- chat completions
@@ -93,35 +95,14 @@ def _history(raw_messages: list[dict[str, Any]]) -> list[Message]:
     return messages
 
 
-def response_format(kind: str | None, schema: dict[str, Any] | None, name: str | None, param: str) -> ResponseFormat | None:
-    """``text`` (None), ``json_object`` or ``json_schema`` with a checked schema."""
-    if kind in (None, "text"):
-        return None
-    if kind == "json_object":
-        return ResponseFormat("json_object", {"type": "object"})
-    check_json_schema(schema, param)
-    return ResponseFormat("json_schema", schema, name)
-
-
-def chat_request(messages: list[Message], tools: list[Tool], choice: tuple[str, str | None] | None, parallel: bool | None,
-                 fmt: ResponseFormat | None) -> ChatRequest:
-    """The neutral request shared by chat completions and responses, with its cross-field checks."""
-    mode, name = choice or ("auto", None)
-    tool_choice = ToolChoice(mode, name, parallel=parallel is not False)
-    check_choice(tool_choice, tools)
-    if fmt is not None and tool_choice.forced:
-        raise InvalidRequest("a JSON response format cannot be combined with a forced tool call", param="tool_choice")
-    return ChatRequest(messages, tools, tool_choice, fmt)
-
-
 def _chat_request(data: dict[str, Any]) -> ChatRequest:
     tools = make_tools([(t["function"]["name"], t["function"].get("description"), t["function"].get("parameters"),
-                         f"tools[{i}].function") for i, t in enumerate(data.get("tools") or [])],
-                       runtime().settings["LLM_MAX_TOOLS"])
+                         f"tools[{i}].function") for i, t in enumerate(data.get("tools") or [])])
     fmt = data.get("response_format") or {}
     spec = fmt.get("json_schema") or {}
     json_format = response_format(fmt.get("type"), spec.get("schema"), spec.get("name"), "response_format.json_schema.schema")
-    return chat_request(_history(data["messages"]), tools, data.get("tool_choice"), data.get("parallel_tool_calls"), json_format)
+    choice = ToolChoice(*(data.get("tool_choice") or ("auto", None)), parallel=data.get("parallel_tool_calls") is not False)
+    return chat_request(_history(data["messages"]), tools, choice, json_format)
 
 
 def _tool_call_json(call: ToolCall) -> dict[str, Any]:
@@ -137,28 +118,33 @@ def _chat_message(result: ChoiceResult) -> dict[str, Any]:
     return message
 
 
-@speaks("openai")
+@error_envelope("openai")
+@documented("createChatCompletion", ChatCompletion, body=ChatCompletionRequestSchema, errors=OPENAI_ERRORS, stream=True)
 def chat_completions():
     data = load(CHAT_SCHEMA, json_body())
     check_model(data["model"])
-    check_limits(len(data["messages"]), data.get("max_completion_tokens") or data.get("max_tokens"), data.get("stop"))
+    check_limits(len(data["messages"]), data.get("max_completion_tokens") or data.get("max_tokens"), data.get("stop"),
+                 n=data.get("n") or 1, tools=len(data.get("tools") or []))
     chat = _chat_request(data)
     want_logprobs = bool(data.get("logprobs"))
-    _, events = start_chat(chat, data.get("max_completion_tokens") or data.get("max_tokens"), logprobs=want_logprobs, **_sampling(data))
+    _, events = start_chat(chat, data.get("max_completion_tokens") or data.get("max_tokens"), logprobs=want_logprobs, **_generation_options(data))
     n = events.request.n
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
+    decode = runtime().model.tokenizer.decode
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return event_stream(closing(events, _chat_chunks(events, meta, n, want_logprobs, include_usage)))
+        body = _chat_chunks(events, meta, n, decode if want_logprobs else None, include_usage)
+        return event_stream(body, events, openai_stream_failure)
 
     results, done = collect_chat(events, n)
-    raise_if_failed([r.finish for r in results])
+    for result in results:
+        result.finish.raise_failure()
     choices = [
         {
             "index": i,
             "message": _chat_message(result),
-            "logprobs": _chat_logprobs(result.logprobs) if want_logprobs else None,
-            "finish_reason": FINISH_REASONS[result.finish.reason],
+            "logprobs": _chat_logprobs(result.logprobs, decode) if want_logprobs else None,
+            "finish_reason": FINISH_REASONS[result.finish.ending],
         }
         for i, result in enumerate(results)
     ]
@@ -166,13 +152,21 @@ def chat_completions():
                           "system_fingerprint": None})
 
 
-def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, want_logprobs: bool, include_usage: bool) -> Iterator[str]:
+def _stream_chunk(meta: dict[str, Any], include_usage: bool, choice: dict[str, Any] | None, usage: Done | None = None) -> str:
+    """One chunk of a chat or completion stream: ``meta`` (id, object, created, model) and one choice, or none and the
+    usage (the last chunk, when ``stream_options.include_usage`` asked for it: the others carry ``"usage": null``)."""
+    payload = {**meta, "system_fingerprint": None, "choices": [choice] if choice else []}
+    if include_usage:
+        payload["usage"] = _usage(usage) if usage else None
+    return sse(payload)
+
+
+def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, decode: Decode | None, include_usage: bool) -> Iterator[str]:
+    """The chunks of a chat completion stream; logprobs when ``decode`` is given."""
+    meta = {**meta, "object": "chat.completion.chunk"}
+
     def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs=None) -> str:
-        payload = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None,
-                   "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-        if include_usage:
-            payload["usage"] = None
-        return sse(payload)
+        return _stream_chunk(meta, include_usage, {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
 
     for index in range(n):
         yield chunk(index, {"role": "assistant", "content": ""})
@@ -180,7 +174,7 @@ def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, want_logpr
         if isinstance(event, Heartbeat):
             yield KEEPALIVE
         elif isinstance(event, TextDelta):
-            yield chunk(event.index, {"content": event.text}, logprobs=_chat_logprobs(event.logprobs) if want_logprobs else None)
+            yield chunk(event.index, {"content": event.text}, logprobs=_chat_logprobs(event.logprobs, decode) if decode else None)
         elif isinstance(event, ReasoningDelta):
             yield chunk(event.index, {"reasoning_content": event.text})
         elif isinstance(event, ToolCall):
@@ -189,12 +183,10 @@ def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, want_logpr
             for fragment in event.fragments:
                 yield chunk(event.index, {"tool_calls": [{"index": event.call_index, "function": {"arguments": fragment}}]})
         elif isinstance(event, Finish):
-            if event.failed:
-                yield sse(_error_payload(event))
-                break
-            yield chunk(event.index, {}, FINISH_REASONS[event.reason])
+            event.raise_failure()  # ended by the stream's wrapper with an error chunk and [DONE]
+            yield chunk(event.index, {}, FINISH_REASONS[event.ending])
         elif isinstance(event, Done) and include_usage:
-            yield sse({**meta, "object": "chat.completion.chunk", "system_fingerprint": None, "choices": [], "usage": _usage(event)})
+            yield _stream_chunk(meta, include_usage, None, event)
     yield sse("[DONE]")
 
 
@@ -208,41 +200,42 @@ def _prompt_ids(prompt: str | list[int]) -> tuple[list[int], str]:
     return list(prompt), model.tokenizer.decode(prompt)
 
 
-def _completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int) -> dict[str, Any]:
+def _completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int, decode: Decode) -> dict[str, Any]:
     tokens, offsets = [], []
     for entry in entries:
         offsets.append(offset)
-        text = _token_text(entry.token_id)
+        text = decode([entry.token_id])
         tokens.append(text)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": None, "text_offset": offsets}
 
 
-@speaks("openai")
+@error_envelope("openai")
+@documented("createCompletion", TextCompletion, body=CompletionRequestSchema, errors=OPENAI_ERRORS, stream=True)
 def completions():
     data = load(COMPLETION_SCHEMA, json_body())
     check_model(data["model"])
-    check_limits(len(data["prompt"]), data.get("max_tokens"), data.get("stop"))
+    check_limits(len(data["prompt"]), data.get("max_tokens"), data.get("stop"), n=data.get("n") or 1)
     rt = runtime()
-    sampling = _sampling(data)
+    sampling = _generation_options(data)
     want_logprobs = data.get("logprobs") is not None
     prompts = [_prompt_ids(p) for p in data["prompt"]]
     requests = [GenerationRequest(ids, data.get("max_tokens") or 16, logprobs=want_logprobs, **sampling) for ids, _ in prompts]
-    for gen in requests:
-        rt.engine.validate(gen)  # every prompt checked before any starts
-    streams = [rt.generate(gen) for gen in requests]
+    streams = start_generations(requests)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
     echo = bool(data.get("echo"))
     n = sampling["n"]
+    decode = rt.model.tokenizer.decode
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        body = _completion_chunks(streams, [text for _, text in prompts], meta, n, echo, want_logprobs, include_usage)
-        return event_stream(closing(streams, body))
+        body = _completion_chunks(streams, [text for _, text in prompts], meta, n, echo, decode if want_logprobs else None, include_usage)
+        return event_stream(body, streams, openai_stream_failure)
 
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for p, events in enumerate(streams):
         texts, finishes, done, logprobs = collect(events, n)
-        raise_if_failed(finishes)
+        for finish in finishes:
+            finish.raise_failure()
         prompt_tokens += done.prompt_tokens
         completion_tokens += done.completion_tokens
         prefix = prompts[p][1] if echo else ""
@@ -250,20 +243,19 @@ def completions():
             choices.append({
                 "index": p * n + j,
                 "text": prefix + texts[j],
-                "logprobs": _completion_logprobs(logprobs[j], len(prefix)) if want_logprobs else None,
-                "finish_reason": FINISH_REASONS[finishes[j].reason],
+                "logprobs": _completion_logprobs(logprobs[j], len(prefix), decode) if want_logprobs else None,
+                "finish_reason": FINISH_REASONS[finishes[j].ending],
             })
     usage = _usage(Done(prompt_tokens, completion_tokens))
     return json_response({**meta, "object": "text_completion", "choices": choices, "usage": usage, "system_fingerprint": None})
 
 
-def _completion_chunks(streams, prompt_texts, meta, n, echo, want_logprobs, include_usage) -> Iterator[str]:
+def _completion_chunks(streams, prompt_texts, meta, n, echo, decode: Decode | None, include_usage) -> Iterator[str]:
+    """The chunks of a completion stream; logprobs when ``decode`` is given."""
+    meta = {**meta, "object": "text_completion"}
+
     def chunk(index: int, text: str, finish_reason: str | None = None, logprobs=None) -> str:
-        payload = {**meta, "object": "text_completion", "system_fingerprint": None,
-                   "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-        if include_usage:
-            payload["usage"] = None
-        return sse(payload)
+        return _stream_chunk(meta, include_usage, {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
 
     prompt_tokens = completion_tokens = 0
     for p, events in enumerate(streams):
@@ -275,20 +267,17 @@ def _completion_chunks(streams, prompt_texts, meta, n, echo, want_logprobs, incl
             if isinstance(event, Heartbeat):
                 yield KEEPALIVE
             elif isinstance(event, TextDelta):
-                logprobs = _completion_logprobs(event.logprobs, offsets[event.index]) if want_logprobs else None
+                logprobs = _completion_logprobs(event.logprobs, offsets[event.index], decode) if decode else None
                 offsets[event.index] += len(event.text)
                 yield chunk(p * n + event.index, event.text, logprobs=logprobs)
             elif isinstance(event, Finish):
-                if event.failed:
-                    yield sse(_error_payload(event))
-                    yield sse("[DONE]")
-                    return
-                yield chunk(p * n + event.index, "", FINISH_REASONS[event.reason])
+                event.raise_failure()  # ended by the stream's wrapper with an error chunk and [DONE]
+                yield chunk(p * n + event.index, "", FINISH_REASONS[event.ending])
             elif isinstance(event, Done):
                 prompt_tokens += event.prompt_tokens
                 completion_tokens += event.completion_tokens
     if include_usage:
-        yield sse({**meta, "object": "text_completion", "choices": [], "usage": _usage(Done(prompt_tokens, completion_tokens))})
+        yield _stream_chunk(meta, include_usage, None, Done(prompt_tokens, completion_tokens))
     yield sse("[DONE]")
 
 
@@ -297,12 +286,14 @@ def _model_object(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": runtime().started, "owned_by": "llm-blueprint"}
 
 
-@speaks("openai")
+@error_envelope("openai")
+@documented("listModels", ModelList, errors=(401,))
 def list_models():
     return json_response({"object": "list", "data": [_model_object(runtime().model_id)]})
 
 
-@speaks("openai")
+@error_envelope("openai")
+@documented("retrieveModel", ModelObject, errors=(401, 404))
 def get_model(model_id: str):
     check_model(model_id, strict=True)
     return json_response(_model_object(model_id))

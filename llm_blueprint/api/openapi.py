@@ -1,24 +1,57 @@
-"""The OpenAPI document of the API, generated from the marshmallow schemas (apispec)."""
+"""The OpenAPI document of the API, generated from the blueprint's routes and the marshmallow schemas (apispec).
+
+A view states its own operation with :func:`documented`; the document lists
+every route of the blueprint that does, at the path it is really registered
+under, so routes and document cannot drift apart. Routes without it
+(``/metrics``, this document) are left out on purpose.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint
+from flask import Blueprint, current_app, request
+from marshmallow import Schema
 
 from .. import __version__
-from ..schemas import anthropic as anthropic_schemas
-from ..schemas import openai as openai_schemas
-from ..schemas import responses, responses_api
-from ..sse import json_response
-from .common import runtime
+from ..schemas.response_bodies import AnthropicError, OpenAIError
+from .common import json_response, runtime
 
+OPENAI_ERRORS = (400, 401, 404, 413, 429, 503)
+ANTHROPIC_ERRORS = (400, 401, 404, 413, 529)
+ERROR_BODIES: dict[str, type[Schema]] = {"openai": OpenAIError, "anthropic": AnthropicError}  # by the view's error_envelope
 # One Server-Sent Event: OpenAI chat/completions streams send data only; Anthropic and
 # Responses streams name each event; data is JSON text (or "[DONE]").
 SSE = {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
     "event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}}}
+PATH_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")  # werkzeug's <converter:name>
+
+
+@dataclass(frozen=True)
+class Operation:
+    operation_id: str
+    ok: type[Schema]
+    body: type[Schema] | None
+    errors: tuple[int, ...]
+    stream: bool
+    error: type[Schema] | None
+
+
+def documented(operation_id: str, ok: type[Schema], *, body: type[Schema] | None = None, errors: tuple[int, ...] = (),
+               stream: bool = False, error: type[Schema] | None = None) -> Callable:
+    """Describe a view's operation: its request ``body``, its 200 (JSON, or also SSE when it can ``stream``) and the
+    statuses of its ``errors``, in ``error``'s shape (default: the envelope of the view's protocol)."""
+
+    def decorate(view: Callable) -> Callable:
+        view.openapi = Operation(operation_id, ok, body, errors, stream, error)
+        return view
+
+    return decorate
 
 
 def _openapi_of_custom_fields(self, field, **kwargs) -> dict[str, Any]:
@@ -26,71 +59,45 @@ def _openapi_of_custom_fields(self, field, **kwargs) -> dict[str, Any]:
     return dict(getattr(field, "openapi", {}))
 
 
-def _responses(ok: str | None, error: str, statuses: tuple[int, ...], stream: bool = False) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    if ok:
-        content: dict[str, Any] = {"application/json": {"schema": ok}}
-        if stream:
-            content.update(SSE)
-        result["200"] = {"description": "OK", "content": content}
-    for status in statuses:
-        result[str(status)] = {"description": "error", "content": {"application/json": {"schema": error}}}
+def _operation(operation: Operation, error: type[Schema] | None, arguments: list[str]) -> dict[str, Any]:
+    ok: dict[str, Any] = {"application/json": {"schema": operation.ok}}
+    if operation.stream:
+        ok.update(SSE)
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": ok}}
+    for status in operation.errors:
+        responses[str(status)] = {"description": "error", "content": {"application/json": {"schema": operation.error or error}}}
+    result: dict[str, Any] = {"operationId": operation.operation_id, "responses": responses}
+    if operation.body is not None:
+        result["requestBody"] = {"required": True, "content": {"application/json": {"schema": operation.body}}}
+    if arguments:
+        result["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in arguments]
     return result
 
 
-def build_spec(prefix: str = "") -> dict[str, Any]:
+def build_spec(routes: list[tuple[str, list[str], Callable]], prefix: str = "") -> dict[str, Any]:
+    """The document of ``routes``: (rule as registered, methods, view) of every route of the blueprint."""
     plugin = MarshmallowPlugin()
     spec = APISpec(title="llm-blueprint", version=__version__, openapi_version="3.0.3", plugins=[plugin],
                    servers=[{"url": prefix or "/"}])
     plugin.converter.add_attribute_function(_openapi_of_custom_fields)
-    for name, schema in [
-        ("ChatCompletionRequest", openai_schemas.ChatCompletionRequestSchema),
-        ("CompletionRequest", openai_schemas.CompletionRequestSchema),
-        ("MessagesRequest", anthropic_schemas.MessagesRequestSchema),
-        ("CountTokensRequest", anthropic_schemas.CountTokensSchema),
-        ("OpenAIError", responses.OpenAIError), ("ChatCompletion", responses.ChatCompletion),
-        ("TextCompletion", responses.TextCompletion), ("ModelList", responses.ModelList),
-        ("AnthropicError", responses.AnthropicError), ("AnthropicMessage", responses.AnthropicMessage),
-        ("TokenCount", responses.TokenCount), ("Status", responses.Status),
-        ("ResponsesRequest", responses_api.ResponsesRequestSchema), ("Response", responses.ResponseObject),
-    ]:
-        spec.components.schema(name, schema=schema)
-    openai_errors = (400, 401, 404, 413, 429, 503)
-    anthropic_errors = (400, 401, 404, 413, 529)
-
-    def body(name: str) -> dict[str, Any]:
-        return {"required": True, "content": {"application/json": {"schema": name}}}
-
-    spec.path("/v1/chat/completions", operations={"post": {
-        "operationId": "createChatCompletion", "requestBody": body("ChatCompletionRequest"),
-        "responses": _responses("ChatCompletion", "OpenAIError", openai_errors, stream=True)}})
-    spec.path("/v1/completions", operations={"post": {
-        "operationId": "createCompletion", "requestBody": body("CompletionRequest"),
-        "responses": _responses("TextCompletion", "OpenAIError", openai_errors, stream=True)}})
-    spec.path("/v1/responses", operations={"post": {
-        "operationId": "createResponse", "requestBody": body("ResponsesRequest"),
-        "responses": _responses("Response", "OpenAIError", openai_errors, stream=True)}})
-    spec.path("/v1/models", operations={"get": {
-        "operationId": "listModels", "responses": _responses("ModelList", "OpenAIError", (401,))}})
-    spec.path("/v1/models/{model_id}", operations={"get": {
-        "operationId": "retrieveModel",
-        "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-        "responses": _responses("ModelObject", "OpenAIError", (401, 404))}})
-    spec.path("/v1/messages", operations={"post": {
-        "operationId": "createMessage", "requestBody": body("MessagesRequest"),
-        "responses": _responses("AnthropicMessage", "AnthropicError", anthropic_errors, stream=True)}})
-    spec.path("/v1/messages/count_tokens", operations={"post": {
-        "operationId": "countTokens", "requestBody": body("CountTokensRequest"),
-        "responses": _responses("TokenCount", "AnthropicError", anthropic_errors)}})
-    spec.path("/healthz", operations={"get": {"operationId": "healthz", "responses": _responses("Status", "Status", ())}})
-    spec.path("/readyz", operations={"get": {"operationId": "readyz", "responses": _responses("Status", "Status", (503,))}})
+    for rule, methods, view in routes:
+        operation = getattr(view, "openapi", None)
+        if operation is None:
+            continue
+        path = PATH_ARGUMENT.sub(r"{\1}", rule[len(prefix):] if prefix and rule.startswith(prefix) else rule)
+        error = ERROR_BODIES.get(getattr(view, "protocol", ""))
+        spec.path(path, operations={method.lower(): _operation(operation, error, PATH_ARGUMENT.findall(rule))
+                                    for method in methods})
     return spec.to_dict()
 
 
 def openapi_view():
     rt = runtime()
     if rt.openapi is None:
-        rt.openapi = build_spec(rt.settings["LLM_URL_PREFIX"])
+        blueprint = f"{request.blueprint}."
+        routes = [(rule.rule, sorted(rule.methods - {"HEAD", "OPTIONS"}), current_app.view_functions[rule.endpoint])
+                  for rule in current_app.url_map.iter_rules() if rule.endpoint.startswith(blueprint)]
+        rt.openapi = build_spec(routes, rt.settings["LLM_URL_PREFIX"])
     return json_response(rt.openapi)
 
 

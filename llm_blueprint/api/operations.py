@@ -7,14 +7,17 @@ import hmac
 from flask import Blueprint, Response, request
 
 from .. import metrics
-from ..sse import json_response
-from .common import runtime
+from ..schemas.response_bodies import Status
+from .common import json_response, runtime
+from .openapi import documented
 
 
+@documented("healthz", Status)
 def healthz():
     return json_response({"status": "ok"})
 
 
+@documented("readyz", Status, errors=(503,), error=Status)
 def readyz():
     rt = runtime()
     engine = rt.engine_if_loaded

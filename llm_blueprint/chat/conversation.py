@@ -79,7 +79,8 @@ class ChatRequest:
     tools: list[Tool] = field(default_factory=list)
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     response_format: ResponseFormat | None = None
-    # Whether reasoning (<think>…</think>) is returned to the client; it is always parsed out of the answer.
+    # Whether reasoning (<think>…</think>) is returned to the client; it is parsed out of the answer either way,
+    # unless LLM_REASONING is off (then it stays in the text).
     show_reasoning: bool = True
     template_options: dict[str, Any] = field(default_factory=dict)  # e.g. enable_thinking for Qwen-style templates
 
@@ -104,11 +105,8 @@ def check_json_schema(schema: Any, param: str, object_only: bool = False) -> Non
         raise InvalidRequest(f"'{param}': a tool's parameters must be a JSON Schema of type 'object'", param=param)
 
 
-def make_tools(specs: list[tuple[str, str, Any, str]], max_tools: int, schema_field: str = "parameters") -> list[Tool]:
+def make_tools(specs: list[tuple[str, str, Any, str]], schema_field: str = "parameters") -> list[Tool]:
     """Validated tools from ``(name, description, parameters, param_path)`` tuples."""
-    param = "tools"
-    if len(specs) > max_tools:
-        raise InvalidRequest(f"at most {max_tools} tools are allowed per request", param=param)
     tools, seen = [], set()
     for name, description, parameters, where in specs:
         if not TOOL_NAME.match(name):
@@ -122,7 +120,27 @@ def make_tools(specs: list[tuple[str, str, Any, str]], max_tools: int, schema_fi
     return tools
 
 
+def response_format(kind: str | None, schema: dict[str, Any] | None, name: str | None, param: str) -> ResponseFormat | None:
+    """``text`` (None), ``json_object`` or ``json_schema`` with a checked schema."""
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object", {"type": "object"})
+    check_json_schema(schema, param)
+    return ResponseFormat("json_schema", schema, name)
+
+
+def chat_request(messages: list[Message], tools: list[Tool], choice: ToolChoice, fmt: ResponseFormat | None = None,
+                 **options: Any) -> ChatRequest:
+    """The neutral request every protocol builds, with its cross-field checks; ``options``: other ChatRequest fields."""
+    check_choice(choice, tools)
+    if fmt is not None and choice.forced:
+        raise InvalidRequest("a JSON response format cannot be combined with a forced tool call", param="tool_choice")
+    return ChatRequest(messages, tools, choice, fmt, **options)
+
+
 def check_choice(choice: ToolChoice, tools: list[Tool], param: str = "tool_choice") -> None:
+    """The tool choice names an available tool, and forces a call only when there are tools."""
     if choice.forced and not tools:
         raise InvalidRequest("tool_choice requires a tool call, but no tools were given", param=param)
     if choice.name is not None and all(t.name != choice.name for t in tools):

@@ -32,13 +32,27 @@ from typing import Any
 from jsonschema import validators
 from jsonschema.exceptions import best_match
 
-from ..engine.generation import Done, Engine, Event, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob
+from ..engine.generation import Engine
+from ..errors import InvalidRequest
+from ..events import (
+    ChatEvent,
+    Done,
+    Event,
+    EventStream,
+    Finish,
+    GenerationRequest,
+    Heartbeat,
+    ReasoningDelta,
+    TextDelta,
+    TokenLogprob,
+    ToolCall,
+    new_call_id,
+)
 from .conversation import ChatRequest
-from .output import THINK_CLOSE, OutputParser, ReasoningDelta, ToolCall, new_call_id
+from .output_parser import THINK_CLOSE, OutputParser, Piece
 from .prompt import ChatPrompt, call_opening, json_opening
 
 RETRY_TEMPERATURE = 0.7
-ChatEvent = Event | ReasoningDelta | ToolCall
 
 
 def schema_problem(value: Any, schema: dict[str, Any] | None) -> str | None:
@@ -52,11 +66,11 @@ def schema_problem(value: Any, schema: dict[str, Any] | None) -> str | None:
     return f"{error.message} (at /{where})" if where else error.message
 
 
-class ChatStream:
-    """The events of one chat request. ``close()`` stops whatever generation is running,
-    even before the first event was read."""
+class ChatStream(EventStream[ChatEvent]):
+    """The events of one chat request. Closing or cancelling it acts on whichever generation is
+    running (a structured answer may take several), even before the first event was read."""
 
-    def __init__(self, engine: Engine, generate: Callable[[GenerationRequest], Iterator[Event]], chat: ChatRequest,
+    def __init__(self, engine: Engine, generate: Callable[[GenerationRequest], EventStream[Event]], chat: ChatRequest,
                  prompt: ChatPrompt, request: GenerationRequest, reasoning: bool = True, attempts: int = 3):
         self.engine = engine
         self._generate = generate
@@ -69,53 +83,45 @@ class ChatStream:
         # as an HTTP error before any byte of a stream.
         forced = bool(chat.tool_choice.forced and chat.active_tools)
         if forced or chat.response_format is not None:
+            if request.n > 1:
+                raise InvalidRequest("n > 1 is not supported with a forced tool call or a JSON response_format", param="n")
+            engine.validate(request)  # the client's own budget must fit: the attempts run a prefilled copy of it
             self._prepare_constrained(forced)
             self._current = generate(self._attempt(0))
-            self._events = self._constrained(forced)
+            events = self._constrained(forced)
         else:
             self._current = generate(request)
-            self._events = self._free(self._current)
-
-    def __iter__(self) -> ChatStream:
-        return self
-
-    def __next__(self) -> ChatEvent:
-        return next(self._events)
-
-    def close(self) -> None:
-        if self._current is not None:
-            self._current.close()
-        self._events.close()
+            events = self._free(self._current)
+        super().__init__(events, cancel=lambda: self._current.cancel())
+        self.watch(on_close=lambda: self._current.close())
 
     # Free generation ---------------------------------------------------------
     def _free(self, stream) -> Iterator[ChatEvent]:
-        chat, n = self.chat, self.request.n
-        parsers = [OutputParser(chat.active_tools, self.reasoning, self.prompt.in_reasoning) for _ in range(n)]
-        calls = [0] * n
+        chat = self.chat
+        parsers = [OutputParser(chat.active_tools, self.reasoning, self.prompt.in_reasoning, index) for index in range(self.request.n)]
         for event in stream:
             if isinstance(event, TextDelta):
-                yield from self._pieces(event.index, parsers[event.index].feed(event.text), event.logprobs, calls, stream)
+                yield from self._pieces(parsers[event.index].feed(event.text), event.logprobs, stream)
             elif isinstance(event, Finish):
-                yield from self._pieces(event.index, parsers[event.index].finish(), (), calls, stream)
-                if calls[event.index] and event.reason in ("stop", "stop_sequence", "cancelled"):
-                    event = dataclasses.replace(event, reason="tool_calls")
-                yield event
+                parser = parsers[event.index]
+                yield from self._pieces(parser.finish(), (), stream)
+                yield event.after_tool_calls() if parser.calls else event
             else:
                 yield event
 
-    def _pieces(self, index: int, pieces, logprobs: tuple[TokenLogprob, ...], calls: list[int], stream) -> Iterator[ChatEvent]:
+    def _pieces(self, pieces: list[Piece], logprobs: tuple[TokenLogprob, ...], stream) -> Iterator[ChatEvent]:
+        parallel = self.chat.tool_choice.parallel
         for piece in pieces:
-            if piece[0] == "text":
-                yield TextDelta(index, piece[1], logprobs)
+            if isinstance(piece, TextDelta):
+                yield dataclasses.replace(piece, logprobs=logprobs)  # the delta's tokens go with its first text
                 logprobs = ()
-            elif piece[0] == "reasoning":
-                yield ReasoningDelta(index, piece[1])
-            elif self.chat.tool_choice.parallel or not calls[index]:
-                name, arguments = piece[1], piece[2]
-                yield ToolCall(index, calls[index], new_call_id(), name, arguments, (arguments,))
-                calls[index] += 1
-                if not self.chat.tool_choice.parallel and self.request.n == 1:
-                    stream.cancel()  # one call was asked for: stop generating
+            elif isinstance(piece, ToolCall):
+                if parallel or piece.call_index == 0:
+                    yield piece
+                    if not parallel and self.request.n == 1:
+                        stream.cancel()  # one call was asked for: stop generating
+            else:
+                yield piece
 
     # Forced call or JSON output ------------------------------------------------
     def _prepare_constrained(self, forced: bool) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..engine.model import Model
 from .conversation import ChatRequest, Message, Tool
-from .output import CALL_OPEN, THINK_CLOSE, THINK_OPEN
+from .output_parser import CALL_OPEN, THINK_CLOSE, THINK_OPEN
 
 DEFAULT_TOOL_PROMPT = """You may call functions to help with the user's request. The functions are described as JSON within <tools></tools>:
 <tools>

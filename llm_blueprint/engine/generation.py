@@ -1,8 +1,10 @@
-"""The protocol-neutral generation pipeline: a request in, a stream of events out.
+"""The engine: batches generation requests onto CTranslate2 and streams each one's events.
 
-Every HTTP API builds a :class:`GenerationRequest`, calls
-:meth:`Engine.generate` and formats the events it yields. The engine knows
-nothing of HTTP; the routes know nothing of CTranslate2.
+A :class:`~llm_blueprint.events.GenerationRequest` goes in, an
+:class:`~llm_blueprint.events.EventStream` comes out. Requests arrive through
+``Runtime.generate`` (which adds the metrics), from the chat pipeline
+(chat/pipeline.py) or the completions route; the engine knows nothing of HTTP
+and the routes nothing of CTranslate2.
 
 Token processing (incremental decoding, stop strings, counting) runs inside
 CTranslate2's per-token callback on the engine's native thread, so a
@@ -15,9 +17,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import ContextTooLong, EngineShutDown, InvalidRequest, Overloaded
+from ..events import Done, Event, EventStream, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob
 from .handoff import Channel, Empty, NativeThread, WorkQueue, allocate_native_lock, native_sleep, run_on_native_thread
 from .model import Model
 from .text_stream import IncrementalDecoder, JsonEnd, StopMatcher
@@ -25,79 +28,6 @@ from .text_stream import IncrementalDecoder, JsonEnd, StopMatcher
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 2**32 - 1  # CTranslate2's "no seed": random_device on next use
-
-
-# ----------------------------------------------------------------------------- requests and events
-@dataclass
-class GenerationRequest:
-    """What to generate, independent of any wire protocol."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    end_token_ids: list[int] = field(default_factory=list)
-    n: int = 1
-    seed: int | None = None
-    logprobs: bool = False
-    min_tokens: int = 0
-    # Not None: stop (reason "stop") as soon as the JSON object/array that this
-    # prefill text opened (or that the output opens) is closed.
-    json_prefix: str | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    """New text of completion ``index``; ``logprobs`` covers the tokens that produced it."""
-
-    index: int
-    text: str
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclass(frozen=True)
-class Finish:
-    """Completion ``index`` ended. ``reason``: stop, length, stop_sequence, cancelled, error;
-    the chat pipeline adds tool_calls and invalid_output (structured output that never validated)."""
-
-    index: int
-    reason: str
-    completion_tokens: int
-    stop_sequence: str | None = None
-    error: str | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.reason in ("error", "invalid_output")
-
-
-@dataclass(frozen=True)
-class Done:
-    """The whole request ended; exact token counts over all completions."""
-
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """Nothing new for a while; lets a stream write a keep-alive."""
-
-
-Event = TextDelta | Finish | Done | Heartbeat
 
 
 # ----------------------------------------------------------------------------- one running request
@@ -201,6 +131,10 @@ class _Job:
         sampling = ("greedy",) if r.greedy else (r.temperature, r.top_p, r.top_k)
         return (*sampling, r.repetition_penalty, r.min_tokens, tuple(sorted(self.end_ids)))
 
+    def cancel(self) -> None:
+        """Every entry ends ("cancelled") at its next step; waiting ones when a worker reaches them."""
+        self.cancelled = True
+
     def entry_finished(self) -> None:
         with self._count_lock:
             self._unfinished -= 1
@@ -213,30 +147,6 @@ class _Job:
 class _BatchState:
     restart: bool = False
     checked_step: int = -1
-
-
-class EventStream:
-    """The events of one request. ``close()`` cancels the generation, even when
-    the stream was never iterated (a client gone before its first byte): a
-    generator's own ``finally`` would not run in that case."""
-
-    def __init__(self, job: _Job, events: Iterator[Event]):
-        self._job = job
-        self._events = events
-
-    def __iter__(self) -> EventStream:
-        return self
-
-    def __next__(self) -> Event:
-        return next(self._events)
-
-    def cancel(self) -> None:
-        """Stop generating but keep the stream readable: its entries finish "cancelled", then Done."""
-        self._job.cancelled = True
-
-    def close(self) -> None:
-        self._job.cancelled = True
-        self._events.close()
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -318,7 +228,7 @@ class Engine:
         if len(request.prompt_ids) + request.max_tokens > self.model.context_length:
             raise ContextTooLong(len(request.prompt_ids), request.max_tokens, self.model.context_length)
 
-    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+    def generate(self, request: GenerationRequest) -> EventStream[Event]:
         """Validate, enqueue, and return the event iterator.
 
         Raises :class:`Overloaded` at once when the queue is full. Closing the
@@ -334,7 +244,7 @@ class Engine:
         with self._pending_lock:
             self._pending.extend(job.entries)
         self._wakeup.put(True)
-        return EventStream(job, self._events(job))
+        return EventStream(self._events(job), cancel=job.cancel)
 
     def score_continuations(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
         """Log-probability of each continuation after the prompt (one engine pass, off the event loop).
@@ -564,21 +474,4 @@ class Engine:
             del generator
         finally:
             release()
-
-
-def collect(events: Iterator[Event], n: int) -> tuple[list[str], list[Finish], Done, list[list[TokenLogprob]]]:
-    """Drain an event stream into texts, finishes, totals and logprobs (non-streaming responses)."""
-    texts = [[] for _ in range(n)]
-    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    finishes: list[Finish | None] = [None] * n
-    done = None
-    for event in events:
-        if isinstance(event, TextDelta):
-            texts[event.index].append(event.text)
-            logprobs[event.index].extend(event.logprobs)
-        elif isinstance(event, Finish):
-            finishes[event.index] = event
-        elif isinstance(event, Done):
-            done = event
-    return ["".join(t) for t in texts], finishes, done, logprobs
 

@@ -107,9 +107,6 @@ class WorkQueue:
     def get(self) -> Any:
         return self._queue.get()
 
-    def qsize(self) -> int:
-        return self._queue.qsize()
-
 
 class Channel:
     """Single-consumer channel: ``put`` from any thread, ``get`` from the consumer.

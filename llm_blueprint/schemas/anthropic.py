@@ -131,7 +131,7 @@ class ThinkingSchema(RequestSchema):
     budget_tokens = StrictInt(validate=validate.Range(1))
 
 
-class CountTokensSchema(RequestSchema):
+class CountTokensRequestSchema(RequestSchema):
     model = StrictStr(required=True)
     messages = fields.List(fields.Nested(MessageSchema), required=True, validate=validate.Length(min=1))
     system = SystemPrompt(allow_none=True)
@@ -140,7 +140,7 @@ class CountTokensSchema(RequestSchema):
     thinking = fields.Nested(ThinkingSchema, allow_none=True)
 
 
-class MessagesRequestSchema(CountTokensSchema):
+class MessagesRequestSchema(CountTokensRequestSchema):
     max_tokens = StrictInt(required=True, validate=validate.Range(1))
     stop_sequences = fields.List(StrictStr(), allow_none=True)
     temperature = StrictFloat(allow_none=True, validate=validate.Range(0, 1))

@@ -1,4 +1,5 @@
-"""What every API request goes through before and after its route: request id, size limit, auth, metrics, log line.
+"""Whether an API request is let in: not while draining, not too large, with an accepted key (or the host
+app's approval), within the rate limit.
 
 Registered on the blueprint only (never app-wide), so the host app's own
 routes are untouched.
@@ -8,20 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
-import re
 import time
-import uuid
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, request
 
-from .. import metrics
 from ..errors import EngineShutDown, RateLimited, RequestTooLarge, Unauthorized
 from .errors import RENDERERS, protocol_of
-
-log = logging.getLogger("llm_blueprint")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-OPEN_ENDPOINTS = {"healthz", "readyz", "metrics", "openapi"}  # no API key; /metrics has its own token
+from .request_log import OPEN_ENDPOINTS
 
 
 def _api_key() -> str | None:
@@ -73,10 +67,7 @@ def authorize() -> None:
         raise Unauthorized("Not authorized by the host application.")
 
 
-def _before() -> Response | None:
-    given = request.headers.get("X-Request-Id", "")
-    g.llm_request_id = given if REQUEST_ID.match(given) else f"req_{uuid.uuid4().hex}"
-    g.llm_started = time.monotonic()
+def _admit() -> Response | None:
     endpoint = (request.endpoint or "").split(".")[-1]
     if request.method == "OPTIONS" or endpoint in OPEN_ENDPOINTS:
         return None
@@ -94,23 +85,5 @@ def _before() -> Response | None:
     return None
 
 
-def _after(response: Response) -> Response:
-    request_id = getattr(g, "llm_request_id", None)
-    if request_id:
-        response.headers["X-Request-Id"] = request_id
-    endpoint = (request.endpoint or "").split(".")[-1]
-    if endpoint in OPEN_ENDPOINTS:
-        return response
-    route = request.url_rule.rule if request.url_rule else request.path
-    metrics.REQUESTS.labels(route, str(response.status_code)).inc()
-    if not response.is_streamed:
-        elapsed = time.monotonic() - g.get("llm_started", time.monotonic())
-        metrics.DURATION.labels(route).observe(elapsed)
-        log.info("%s %s %d %.3fs", request.method, route, response.status_code, elapsed,
-                 extra={"route": route, "status": response.status_code, "latency_s": round(elapsed, 4)})
-    return response
-
-
 def register(bp: Blueprint) -> None:
-    bp.before_request(_before)
-    bp.after_request(_after)
+    bp.before_request(_admit)

@@ -119,7 +119,7 @@ class Status(ResponseSchema):
     running = fields.Integer()
 
 
-class ResponseObject(ResponseSchema):
+class Response(ResponseSchema):
     """``/v1/responses`` result."""
 
     id = fields.String(required=True)

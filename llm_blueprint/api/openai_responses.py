@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,19 +10,27 @@ from typing import Any
 
 from flask import Blueprint
 
-from ..chat.conversation import Message, ToolCallRecord, arguments_object, check_tool_history, make_tools
-from ..chat.output import ReasoningDelta, ToolCall
+from ..chat.conversation import (
+    Message,
+    ToolCallRecord,
+    ToolChoice,
+    arguments_object,
+    chat_request,
+    check_tool_history,
+    make_tools,
+    response_format,
+)
 from ..chat.pipeline import ChoiceResult, collect_chat
-from ..engine.generation import Done, Finish, Heartbeat, TextDelta
+from ..events import MAX_TOKENS, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
 from ..schemas.common import load
-from ..schemas.responses_api import ResponsesRequestSchema
-from ..sse import KEEPALIVE, event_stream, json_response, sse
-from .common import check_limits, check_model, closing, json_body, raise_if_failed, runtime, sampling_defaults, start_chat
-from .errors import speaks
-from .openai import chat_request, response_format
+from ..schemas.openai_responses import ResponsesRequestSchema
+from ..schemas.response_bodies import Response
+from .common import check_limits, check_model, json_body, json_response, sampling_defaults, start_chat
+from .errors import error_envelope, openai_body
+from .openapi import OPENAI_ERRORS, documented
+from .sse import KEEPALIVE, event_stream, sse
 
 SCHEMA = ResponsesRequestSchema()
-log = logging.getLogger("llm_blueprint")
 
 
 def _history(data: dict[str, Any]) -> list[Message]:
@@ -68,10 +76,10 @@ def _output(result: ChoiceResult, status: str) -> list[dict[str, Any]]:
 
 
 def _status(finish: Finish) -> str:
-    return "incomplete" if finish.reason == "length" else "completed"
+    return "incomplete" if finish.ending == MAX_TOKENS else "completed"
 
 
-class _Echo:
+class _ResponseFields:
     """The response object's fields: the request's settings echoed, plus status, output and usage."""
 
     def __init__(self, data: dict[str, Any], temperature: float, top_p: float):
@@ -99,25 +107,27 @@ class _Echo:
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None}
 
 
-@speaks("openai")
+@error_envelope("openai")
+@documented("createResponse", Response, body=ResponsesRequestSchema, errors=OPENAI_ERRORS, stream=True)
 def create_response():
     data = load(SCHEMA, json_body())
     check_model(data["model"])
+    messages = _history(data)
+    check_limits(len(messages), data.get("max_output_tokens"), tools=len(data.get("tools") or []))
     fmt = (data.get("text") or {}).get("format") or {}
-    tools = make_tools([(t["name"], t.get("description"), t.get("parameters"), f"tools[{i}]") for i, t in enumerate(data.get("tools") or [])],
-                       runtime().settings["LLM_MAX_TOOLS"])
-    chat = chat_request(_history(data), tools, data.get("tool_choice"), data.get("parallel_tool_calls"),
-                        response_format(fmt.get("type"), fmt.get("schema"), fmt.get("name"), "text.format.schema"))
-    check_limits(len(chat.messages), data.get("max_output_tokens"))
+    tools = make_tools([(t["name"], t.get("description"), t.get("parameters"), f"tools[{i}]") for i, t in enumerate(data.get("tools") or [])])
+    choice = ToolChoice(*(data.get("tool_choice") or ("auto", None)), parallel=data.get("parallel_tool_calls") is not False)
+    chat = chat_request(messages, tools, choice, response_format(fmt.get("type"), fmt.get("schema"), fmt.get("name"), "text.format.schema"))
     _, events = start_chat(chat, data.get("max_output_tokens"), **sampling_defaults(data))
-    echo = _Echo(data, events.request.temperature, events.request.top_p)
+    fields = _ResponseFields(data, events.request.temperature, events.request.top_p)
     if data.get("stream"):
-        return event_stream(closing(events, _response_events(events, echo)))
+        stream = _ResponseStream(fields)
+        return event_stream(stream.body(events), events, stream.failed)
 
     results, done = collect_chat(events, 1)
-    raise_if_failed([results[0].finish])
+    results[0].finish.raise_failure()
     status = _status(results[0].finish)
-    return json_response(echo.response(status, _output(results[0], status), done))
+    return json_response(fields.response(status, _output(results[0], status), done))
 
 
 class _Items:
@@ -185,47 +195,46 @@ class _Items:
         self.kind, self.parts = None, []
 
 
-def _response_events(events: Iterator[Any], echo: _Echo) -> Iterator[str]:
-    sequence = iter(range(1_000_000_000))
+class _ResponseStream:
+    """One response's stream: numbered events, and the output items so far (so that it can fail at any point)."""
 
-    def event(kind: str, **payload: Any) -> str:
-        return sse({"type": kind, "sequence_number": next(sequence), **payload}, kind)
+    def __init__(self, fields: _ResponseFields):
+        self.fields = fields
+        self._sequence = itertools.count()
+        self.items = _Items(self.event)
 
-    items = _Items(event)
-    yield event("response.created", response=echo.response("in_progress", [], None))
-    yield event("response.in_progress", response=echo.response("in_progress", [], None))
-    try:
-        yield from _items_events(events, echo, items, event)
-    except Exception:  # a bug of ours mid-stream: the client still gets a terminal event
-        log.exception("responses stream failed")
-        error = {"code": "server_error", "message": "The server had an error while processing your request."}
-        yield event("response.failed", response=echo.response("failed", items.done, None, error=error))
+    def event(self, kind: str, **payload: Any) -> str:
+        return sse({"type": kind, "sequence_number": next(self._sequence), **payload}, kind)
 
+    def body(self, events: Iterator[Any]) -> Iterator[str]:
+        fields, items, event = self.fields, self.items, self.event
+        yield event("response.created", response=fields.response("in_progress", [], None))
+        yield event("response.in_progress", response=fields.response("in_progress", [], None))
+        finish: Finish | None = None
+        for item in events:
+            if isinstance(item, Heartbeat):
+                yield KEEPALIVE
+            elif isinstance(item, TextDelta):
+                yield from items.text(item.text)
+            elif isinstance(item, ReasoningDelta):
+                yield from items.reasoning(item.text)
+            elif isinstance(item, ToolCall):
+                yield from items.call(item)
+            elif isinstance(item, Finish):
+                item.raise_failure()  # ended with response.failed by the stream's wrapper
+                finish = item
+            elif isinstance(item, Done) and finish is not None:
+                status = _status(finish)
+                if items.kind is None and not items.done:  # nothing was generated: still one (empty) message
+                    yield from items.text("")
+                yield from items.close(status)
+                yield event(f"response.{status}", response=fields.response(status, items.done, item))
 
-def _items_events(events: Iterator[Any], echo: _Echo, items: _Items, event) -> Iterator[str]:
-    finish: Finish | None = None
-    for item in events:
-        if isinstance(item, Heartbeat):
-            yield KEEPALIVE
-        elif isinstance(item, TextDelta):
-            yield from items.text(item.text)
-        elif isinstance(item, ReasoningDelta):
-            yield from items.reasoning(item.text)
-        elif isinstance(item, ToolCall):
-            yield from items.call(item)
-        elif isinstance(item, Finish):
-            finish = item
-            if item.failed:
-                code = "invalid_model_output" if item.reason == "invalid_output" else "server_error"
-                error = {"code": code, "message": item.error if item.reason == "invalid_output" else f"generation failed: {item.error}"}
-                yield event("response.failed", response=echo.response("failed", items.done, None, error=error))
-                return
-        elif isinstance(item, Done) and finish is not None:
-            status = _status(finish)
-            if items.kind is None and not items.done:  # nothing was generated: still one (empty) message
-                yield from items.text("")
-            yield from items.close(status)
-            yield event(f"response.{status}", response=echo.response(status, items.done, item))
+    def failed(self, exc: Exception, request_id: str | None) -> Iterator[str]:
+        """The stream's end after a failure: ``response.failed`` with the items completed so far."""
+        error = openai_body(exc, request_id)[1]["error"]
+        failure = {"code": error["type"], "message": error["message"]}
+        yield self.event("response.failed", response=self.fields.response("failed", self.items.done, None, error=failure))
 
 
 def register(bp: Blueprint) -> None:

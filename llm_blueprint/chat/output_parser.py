@@ -19,47 +19,16 @@ from __future__ import annotations
 
 import ast
 import json
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
+from ..events import ReasoningDelta, TextDelta, ToolCall, new_call_id
 from .conversation import Tool
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 CODE_OPEN, CODE_CLOSE = "```tool_code", "```"
 
-
-@dataclass(frozen=True)
-class ReasoningDelta:
-    """New reasoning ("thinking") text of completion ``index``."""
-
-    index: int
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """A complete, validated tool call of completion ``index``.
-
-    ``arguments`` is JSON text of an object; ``fragments`` are pieces that
-    join to it, in the order the model wrote them (for streaming).
-    """
-
-    index: int
-    call_index: int
-    id: str
-    name: str
-    arguments: str
-    fragments: tuple[str, ...]
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-# Parsed pieces: ("text", str) | ("reasoning", str) | ("call", name, arguments_json)
-Piece = tuple
+Piece = TextDelta | ReasoningDelta | ToolCall  # what the parser makes of the text, as the pipeline's own events
 
 
 def _held_suffix(buffer: str, markers: list[str]) -> int:
@@ -132,14 +101,15 @@ def parse_tool_code(code: str, tools: dict[str, Tool]) -> tuple[str, str] | None
 
 
 class OutputParser:
-    """Incremental parser for one completion; feed it text deltas, then call ``finish``.
+    """Incremental parser for completion ``index``; feed it text deltas, then call ``finish``.
 
     ``tools``: the callable tools (none: calls are not parsed); ``reasoning``:
     whether ``<think>`` blocks are parsed; ``in_reasoning``: the prompt already
-    opened one.
+    opened one. ``calls`` counts the tool calls parsed so far.
     """
 
-    def __init__(self, tools: list[Tool], reasoning: bool = True, in_reasoning: bool = False):
+    def __init__(self, tools: list[Tool], reasoning: bool = True, in_reasoning: bool = False, index: int = 0):
+        self.index = index
         self.tools = {t.name: t for t in tools}
         self.reasoning = reasoning
         self.state = "reasoning" if in_reasoning and reasoning else "start"
@@ -160,7 +130,7 @@ class OutputParser:
     def finish(self) -> list[Piece]:
         pieces = self._drain(final=True)
         if self.pending_space and not self.calls:
-            pieces.append(("text", self.pending_space))
+            pieces.append(TextDelta(self.index, self.pending_space))
         self.pending_space = ""
         return pieces
 
@@ -252,11 +222,11 @@ class OutputParser:
     # Output ------------------------------------------------------------------
     def _reasoning(self, pieces: list[Piece], text: str) -> None:
         if text:
-            pieces.append(("reasoning", text))
+            pieces.append(ReasoningDelta(self.index, text))
 
     def _calls(self, pieces: list[Piece], calls: list[tuple[str, str]]) -> None:
         for name, arguments in calls:
-            pieces.append(("call", name, arguments))
+            pieces.append(ToolCall(self.index, self.calls, new_call_id(), name, arguments, (arguments,)))
             self.calls += 1
         self.after_block = True
 
@@ -272,5 +242,5 @@ class OutputParser:
         if not stripped:
             self.pending_space += text
             return
-        pieces.append(("text", self.pending_space + stripped))
+        pieces.append(TextDelta(self.index, self.pending_space + stripped))
         self.pending_space = text[len(stripped):]

@@ -1,0 +1,221 @@
+"""The protocol-neutral vocabulary every layer shares: a generation request, and the events of its answer.
+
+The engine turns a :class:`GenerationRequest` into :class:`TextDelta`,
+:class:`Finish`, :class:`Done` and :class:`Heartbeat` events; the chat
+pipeline adds :class:`ReasoningDelta` and :class:`ToolCall`, parsed out of the
+text. Each protocol formats these events and nothing else. An
+:class:`EventStream` is the one way such a stream is ended and observed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
+
+from .errors import GenerationFailed, InvalidModelOutput
+
+
+# ----------------------------------------------------------------------------- the request
+@dataclass
+class GenerationRequest:
+    """What to generate, independent of any wire protocol."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    end_token_ids: list[int] = field(default_factory=list)
+    n: int = 1
+    seed: int | None = None
+    logprobs: bool = False
+    min_tokens: int = 0
+    # Not None: stop (reason "stop") as soon as the JSON object/array that this
+    # prefill text opened (or that the output opens) is closed.
+    json_prefix: str | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+# ----------------------------------------------------------------------------- the events
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New answer text of completion ``index``; ``logprobs`` covers the tokens that produced it."""
+
+    index: int
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """New reasoning ("thinking") text of completion ``index``."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A complete, validated tool call of completion ``index``.
+
+    ``arguments`` is JSON text of an object; ``fragments`` are pieces that
+    join to it, in the order the model wrote them (for streaming).
+    """
+
+    index: int
+    call_index: int
+    id: str
+    name: str
+    arguments: str
+    fragments: tuple[str, ...]
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+# Why an answer ended, in the neutral words each protocol then names (OpenAI's finish_reason,
+# Anthropic's stop_reason, the Responses status). Decided here, once, for every protocol.
+END_TURN = "end_turn"  # the model ended its turn (or the client or the server cancelled it)
+STOP_SEQUENCE = "stop_sequence"  # one of the request's stop strings
+MAX_TOKENS = "max_tokens"  # the completion budget ran out
+TOOL_USE = "tool_use"  # the answer calls tools, for the client to run
+ENDINGS = {"stop": END_TURN, "cancelled": END_TURN, "stop_sequence": STOP_SEQUENCE, "length": MAX_TOKENS, "tool_calls": TOOL_USE}
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Completion ``index`` ended. ``reason``: stop, length, stop_sequence, cancelled, error;
+    the chat pipeline adds tool_calls and invalid_output (structured output that never validated)."""
+
+    index: int
+    reason: str
+    completion_tokens: int
+    stop_sequence: str | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.reason in ("error", "invalid_output")
+
+    @property
+    def ending(self) -> str:
+        """Why a completion that did not fail ended: END_TURN, STOP_SEQUENCE, MAX_TOKENS or TOOL_USE."""
+        return ENDINGS[self.reason]
+
+    def after_tool_calls(self) -> Finish:
+        """The finish of a completion that made tool calls: it ended for the client to run them, unless cut or failed."""
+        return replace(self, reason="tool_calls") if self.reason in ("stop", "stop_sequence", "cancelled") else self
+
+    def raise_failure(self) -> None:
+        """A failed completion raises the error every protocol renders: before the first byte as an HTTP
+        error, mid-stream as its error event (structured output that never validated is the model's failure)."""
+        if self.reason == "invalid_output":
+            raise InvalidModelOutput(self.error or "invalid output")
+        if self.reason == "error":
+            raise GenerationFailed(self.error)
+
+
+@dataclass(frozen=True)
+class Done:
+    """The whole request ended; exact token counts over all completions."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Nothing new for a while; lets a stream write a keep-alive."""
+
+
+Event = TextDelta | Finish | Done | Heartbeat  # what the engine yields
+ChatEvent = Event | ReasoningDelta | ToolCall  # what the chat pipeline yields
+
+
+# ----------------------------------------------------------------------------- streams of events
+E = TypeVar("E")
+
+
+class EventStream(Generic[E]):
+    """A stream of events, and the one way to end and observe it.
+
+    ``close()`` stops the work behind the stream (``cancel``), also when the
+    stream was never iterated (a client gone before its first byte), which a
+    generator's own ``finally`` cannot do. ``cancel()`` asks the work to stop
+    early but keeps the stream readable to its final events. ``watch()``
+    observes it (metrics) without wrapping it. A stream read to its end closes
+    itself.
+    """
+
+    def __init__(self, events: Iterator[E], cancel: Callable[[], None] = lambda: None):
+        self._events = events
+        self._cancel = cancel
+        self._watchers: list[Callable[[E], None]] = []
+        self._on_close: list[Callable[[], None]] = []
+        self._closed = False
+
+    def __iter__(self) -> EventStream[E]:
+        return self
+
+    def __next__(self) -> E:
+        try:
+            event = next(self._events)
+        except StopIteration:
+            self.close()
+            raise
+        for watcher in self._watchers:
+            watcher(event)
+        return event
+
+    def watch(self, on_event: Callable[[E], None] | None = None, on_close: Callable[[], None] | None = None) -> EventStream[E]:
+        """Call ``on_event`` with every event read, and ``on_close`` once when the stream ends."""
+        if on_event is not None:
+            self._watchers.append(on_event)
+        if on_close is not None:
+            self._on_close.append(on_close)
+        return self
+
+    def cancel(self) -> None:
+        self._cancel()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel()
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
+        for on_close in self._on_close:
+            on_close()
+
+
+def collect(events: Iterator[Event], n: int) -> tuple[list[str], list[Finish], Done, list[list[TokenLogprob]]]:
+    """Drain an event stream into texts, finishes, totals and logprobs (non-streaming responses)."""
+    texts = [[] for _ in range(n)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    finishes: list[Finish | None] = [None] * n
+    done = None
+    for event in events:
+        if isinstance(event, TextDelta):
+            texts[event.index].append(event.text)
+            logprobs[event.index].extend(event.logprobs)
+        elif isinstance(event, Finish):
+            finishes[event.index] = event
+        elif isinstance(event, Done):
+            done = event
+    return ["".join(t) for t in texts], finishes, done, logprobs
