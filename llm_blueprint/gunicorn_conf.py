@@ -14,8 +14,8 @@ Choices:
   streams in progress time to finish on SIGTERM.
 - never ``preload_app``: the engine's native threads must be created in the
   worker, after the fork.
-- CPU-only hosts: ``OMP_WAIT_POLICY=PASSIVE`` below; size ``LLM_INTRA_THREADS``
-  × ``LLM_INTER_THREADS`` × workers to the physical cores.
+- CPU-only hosts: ``OMP_WAIT_POLICY=PASSIVE`` below; each worker's engine measures its
+  thread layout over the cores available / ``LLM_WORKERS`` (or ``LLM_CORES``).
 
 docs/deploy.md covers CUDA, systemd, nginx and scaling out.
 """
