@@ -43,7 +43,7 @@ class LLM:
                 "NO API KEYS CONFIGURED: the LLM API under %r is open to anyone who can reach this server; "
                 "set LLM_API_KEYS, LLM_API_KEYS_FILE or LLM_AUTH_HOOK", settings["LLM_URL_PREFIX"] or "/")
         if settings["LLM_EAGER_LOAD"]:
-            runtime.engine  # noqa: B018 - loads the model now
+            runtime.start_loading()  # in the background: the worker boots and answers /healthz meanwhile
         return runtime
 
     @staticmethod

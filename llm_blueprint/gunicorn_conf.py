@@ -24,6 +24,8 @@ import os
 import shutil
 import tempfile
 
+# The model loads when the worker starts (in the background; /readyz turns 200 when it is in), not on the first request.
+os.environ.setdefault("LLM_EAGER_LOAD", "1")
 # OpenMP threads spin-waiting between batches fight the gevent hub for CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Prometheus metrics from every worker, aggregated on /metrics (prometheus_client multiprocess mode).

@@ -17,7 +17,7 @@ from typing import Any
 from . import metrics
 from .engine import EngineOptions, Model
 from .engine.generation import BatchingOptions, Engine
-from .engine.handoff import NativeThread, native_sleep, run_on_native_thread
+from .engine.handoff import NativeThread, gevent_patched, native_sleep, run_on_native_thread
 from .engine.layout import choose as choose_layout
 from .engine.model import DEFAULT_COMPUTE_TYPES, resolve_device
 from .errors import LLMBlueprintError, ModelLoadError
@@ -34,6 +34,8 @@ class Runtime:
         self.started = int(time.time())
         self._lock = threading.Lock()  # a greenlet lock under gevent, a thread lock otherwise
         self._engine: Engine | None = None
+        self._loading = False  # a background load is under way
+        self.load_error: str | None = None  # why the last load failed, for /readyz
         self.draining = False
         self.openapi: dict[str, Any] | None = None
         self.rate_limiter = None  # (limiter, limit item), made on first use
@@ -47,6 +49,32 @@ class Runtime:
                 if self._engine is None:
                     self._engine = self._load_off_the_hub()
         return self._engine
+
+    def start_loading(self) -> None:
+        """Load the model in the background (eager start, or a readiness probe in lazy mode): returns at once.
+        A request arriving meanwhile waits for this load rather than starting another."""
+        if self._engine is not None or self._loading:
+            return
+        self._loading = True
+
+        def load() -> None:
+            try:
+                self.engine  # noqa: B018 - loads under the runtime's lock
+            except Exception as exc:  # logged and shown by /readyz; the next request tries again
+                log.error("loading the model failed: %s", exc)
+            finally:
+                self._loading = False
+
+        if gevent_patched():
+            import gevent
+
+            gevent.spawn(load)  # a greenlet: the load itself runs on a native thread (_load_off_the_hub)
+        else:
+            NativeThread(load, "llm-model-preloader").start()
+
+    @property
+    def loading(self) -> bool:
+        return self._loading
 
     @property
     def engine_if_loaded(self) -> Engine | None:
@@ -77,11 +105,15 @@ class Runtime:
 
     def _load_off_the_hub(self) -> Engine:
         try:
-            return run_on_native_thread(self._load, "llm-model-loader")
-        except LLMBlueprintError:
+            engine = run_on_native_thread(self._load, "llm-model-loader")
+        except LLMBlueprintError as exc:
+            self.load_error = str(exc)
             raise
         except Exception as exc:
+            self.load_error = str(exc)
             raise ModelLoadError(str(exc)) from exc
+        self.load_error = None
+        return engine
 
     def _load(self) -> Engine:
         settings = self.settings

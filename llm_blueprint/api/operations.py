@@ -21,10 +21,20 @@ def healthz():
 def readyz():
     rt = runtime()
     engine = rt.engine_if_loaded
-    if engine is None or not engine.alive or rt.draining:
-        status = "draining" if rt.draining else "loading" if engine is None else "engine stopped"
-        return json_response({"status": status, "model": rt.model_id}, status=503)
-    return json_response({"status": "ready", "model": rt.model_id, "queued": engine.queued, "running": engine.running})
+    if engine is None and not rt.draining and rt.load_error is None:
+        rt.start_loading()  # lazy mode: readiness converges without waiting for traffic (a failed load waits for a request)
+    if rt.draining:
+        status = "draining"
+    elif engine is None:
+        status = "load failed" if rt.load_error and not rt.loading else "loading"
+    elif not engine.alive:
+        status = "engine stopped"
+    else:
+        return json_response({"status": "ready", "model": rt.model_id, "queued": engine.queued, "running": engine.running})
+    body = {"status": status, "model": rt.model_id}
+    if status == "load failed":
+        body["error"] = rt.load_error
+    return json_response(body, status=503)
 
 
 def metrics_view():

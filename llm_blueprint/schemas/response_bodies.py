@@ -117,6 +117,7 @@ class Status(ResponseSchema):
     model = fields.String()
     queued = fields.Integer()
     running = fields.Integer()
+    error = fields.String(metadata={"description": "why the last model load failed (status 'load failed')"})
 
 
 class Response(ResponseSchema):
