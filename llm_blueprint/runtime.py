@@ -19,11 +19,14 @@ from .engine import EngineOptions, Model
 from .engine.generation import BatchingOptions, Engine
 from .engine.handoff import NativeThread, gevent_patched, native_sleep, run_on_native_thread
 from .engine.layout import choose as choose_layout
-from .engine.model import DEFAULT_COMPUTE_TYPES, resolve_device
+from .engine.model import DEFAULT_COMPUTE_TYPES, SAMPLING_KEYS, resolve_device
 from .errors import LLMBlueprintError, ModelLoadError
 from .events import Event, EventStream, GenerationRequest
 
 log = logging.getLogger("llm_blueprint")
+
+# What the OpenAI and Anthropic APIs do when a request names no sampling field (top_k 0: off).
+API_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
 class Runtime:
@@ -36,6 +39,7 @@ class Runtime:
         self._engine: Engine | None = None
         self._loading = False  # a background load is under way
         self.load_error: str | None = None  # why the last load failed, for /readyz
+        self.sampling_defaults: dict[str, float] = dict(API_SAMPLING_DEFAULTS)  # set at load (model, settings)
         self.draining = False
         self.openapi: dict[str, Any] | None = None
         self.rate_limiter = None  # (limiter, limit item), made on first use
@@ -146,6 +150,7 @@ class Runtime:
                 chat_template=settings["LLM_CHAT_TEMPLATE"],
             ),
         )
+        self.sampling_defaults = self._sampling_defaults(model)
         log.info("model %s ready as %r (pid %d)", model.path, self.model_id, os.getpid())
         batching = BatchingOptions(
             max_batch_size=layout.max_batch_size,
@@ -155,6 +160,22 @@ class Runtime:
             deterministic=settings["LLM_DETERMINISTIC"],
         )
         return Engine(model, heartbeat_interval=settings["LLM_KEEPALIVE_SECONDS"], batching=batching)
+
+    def _sampling_defaults(self, model: Model) -> dict[str, float]:
+        """What a request that gives no sampling field gets: the setting, else the model's recommendation, else the
+        APIs' own default; logged once with where each came from."""
+        chosen, origins = {}, []
+        for key in SAMPLING_KEYS:
+            configured = self.settings[f"LLM_DEFAULT_{key.upper()}"]
+            if configured is not None:
+                chosen[key], origin = configured, "setting"
+            elif key in model.sampling:
+                chosen[key], origin = model.sampling[key], "model's generation_config.json"
+            else:
+                chosen[key], origin = API_SAMPLING_DEFAULTS[key], "API default"
+            origins.append(f"{key} {chosen[key]:g} ({origin})")
+        log.info("sampling when a request gives none: %s", ", ".join(origins))
+        return chosen
 
     def start_draining(self, deadline: float) -> None:
         """Graceful stop: refuse new API requests (503/529); generations still running at

@@ -22,6 +22,10 @@ def _optional_int(value: Any) -> int | None:
     return None if value in (None, "") else int(value)
 
 
+def _optional_float(value: Any) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
 def _optional_str(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
 
@@ -76,6 +80,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_CHAT_TEMPLATE", None, _optional_str, "override chat template: Jinja2 text or a path to a .jinja file"),
     Setting("LLM_EAGER_LOAD", False, _bool, "load the model when the app starts instead of on the first request"),
     Setting("LLM_KEEPALIVE_SECONDS", 2.0, float, "SSE keep-alive interval while the model works"),
+    Setting("LLM_DEFAULT_TEMPERATURE", None, _optional_float,
+            "temperature of requests that give none; default: the model's generation_config.json, else 1.0"),
+    Setting("LLM_DEFAULT_TOP_P", None, _optional_float, "top_p of requests that give none; default: the model's, else 1.0"),
+    Setting("LLM_DEFAULT_TOP_K", None, _optional_int, "top_k of requests that give none; default: the model's, else off"),
+    Setting("LLM_DEFAULT_REPETITION_PENALTY", None, _optional_float,
+            "repetition penalty of requests that give none; default: the model's, else 1.0 (off)"),
     Setting("LLM_DEFAULT_MAX_TOKENS", 1024, int, "completion budget when a chat request gives no max_tokens"),
     Setting("LLM_MAX_N", 8, int, "largest n (completions per request) accepted"),
     Setting("LLM_MAX_TOOLS", 128, int, "most tools in one request"),

