@@ -33,6 +33,7 @@ class GenerationRequest:
     n: int = 1
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token (with logprobs): read from the step's whole-vocabulary logits
     min_tokens: int = 0
     # Not None: stop (reason "stop") as soon as the JSON object/array that this
     # prefill text opened (or that the output opens) is closed.
@@ -48,6 +49,7 @@ class GenerationRequest:
 class TokenLogprob:
     token_id: int
     logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the likeliest (token id, logprob) of the step, best first
 
 
 @dataclass(frozen=True)

@@ -245,3 +245,38 @@ def test_client_disconnect_cancels_generation(api_server):
                           json={"model": "smollm2", "messages": FRANCE, "max_tokens": 5, "temperature": 0})
     assert reply.status_code == 200
     assert time.monotonic() - started < 5  # 1000-token generations would take far longer
+
+
+def test_top_logprobs_are_real_alternatives(openai_client):
+    reply = openai_client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=8, logprobs=True,
+                                                  top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for entry in content:
+        top = entry.top_logprobs
+        assert len(top) == 3 and top[0].token == entry.token  # greedy: the chosen token is the likeliest
+        assert abs(top[0].logprob - entry.logprob) < 1e-3
+        assert [t.logprob for t in top] == sorted((t.logprob for t in top), reverse=True) and top[2].logprob < 0
+        assert len({t.token for t in top}) == 3 or len({tuple(t.bytes) for t in top}) == 3
+    assert bytes(b for entry in content for b in entry.bytes).decode("utf-8") == reply.choices[0].message.content
+    chunks = list(openai_client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=8,
+                                                        logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [[t.token for t in e.top_logprobs] for e in streamed] == [[t.token for t in e.top_logprobs] for e in content]
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.chat.completions.create(model="smollm2", messages=FRANCE, max_tokens=2, top_logprobs=2)
+    assert info.value.body["param"] == "top_logprobs"
+
+
+def test_completion_top_logprobs(openai_client):
+    reply = openai_client.completions.create(model="smollm2", prompt="The sky is", temperature=0, max_tokens=5, logprobs=2,
+                                             extra_body={"min_tokens": 5})
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.top_logprobs) == 5
+    for token, chosen, alternatives in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert len(alternatives) == 2 and max(alternatives, key=alternatives.get) == token
+        assert abs(alternatives[token] - chosen) < 1e-3
+    streamed = [lp for c in openai_client.completions.create(model="smollm2", prompt="The sky is", temperature=0, max_tokens=5,
+                                                             logprobs=2, stream=True, extra_body={"min_tokens": 5})
+                if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.top_logprobs]
+    assert streamed == logprobs.top_logprobs

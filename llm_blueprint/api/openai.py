@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint
@@ -24,6 +24,7 @@ from ..chat.conversation import (
     response_format,
 )
 from ..chat.pipeline import ChoiceResult, collect_chat
+from ..engine.tokenizer import Tokenizer
 from ..errors import InvalidRequest
 from ..events import (
     END_TURN,
@@ -69,14 +70,16 @@ def _usage(done: Done) -> dict[str, int]:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-Decode = Callable[[list[int]], str]  # the tokenizer's decode, resolved in the view: a stream's body runs outside the app context
+# The tokenizer is resolved in the view and handed to the formatters: a stream's body runs outside the app context.
 
 
-def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], decode: Decode) -> dict[str, Any]:
-    content = []
-    for entry in entries:
-        text = decode([entry.token_id])
-        content.append({"token": text, "logprob": entry.logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": []})
+def _token_logprob(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict[str, Any]:
+    return {"token": tokenizer.decode([token_id]), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token_id))}
+
+
+def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], tokenizer: Tokenizer) -> dict[str, Any]:
+    content = [{**_token_logprob(tokenizer, entry.token_id, entry.logprob),
+                "top_logprobs": [_token_logprob(tokenizer, i, lp) for i, lp in entry.top]} for entry in entries]
     return {"content": content, "refusal": None}
 
 
@@ -126,13 +129,16 @@ def chat_completions():
                  n=data.get("n") or 1, tools=len(data.get("tools") or []))
     chat = _chat_request(data)
     want_logprobs = bool(data.get("logprobs"))
-    _, events = start_chat(chat, data.get("max_completion_tokens") or data.get("max_tokens"), logprobs=want_logprobs, **_generation_options(data))
+    if data.get("top_logprobs") and not want_logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    _, events = start_chat(chat, data.get("max_completion_tokens") or data.get("max_tokens"), logprobs=want_logprobs,
+                           top_logprobs=data.get("top_logprobs") or 0, **_generation_options(data))
     n = events.request.n
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
-    decode = runtime().model.tokenizer.decode
+    tokenizer = runtime().model.tokenizer
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        body = _chat_chunks(events, meta, n, decode if want_logprobs else None, include_usage)
+        body = _chat_chunks(events, meta, n, tokenizer if want_logprobs else None, include_usage)
         return event_stream(body, events, openai_stream_failure)
 
     results, done = collect_chat(events, n)
@@ -142,7 +148,7 @@ def chat_completions():
         {
             "index": i,
             "message": _chat_message(result),
-            "logprobs": _chat_logprobs(result.logprobs, decode) if want_logprobs else None,
+            "logprobs": _chat_logprobs(result.logprobs, tokenizer) if want_logprobs else None,
             "finish_reason": FINISH_REASONS[result.finish.ending],
         }
         for i, result in enumerate(results)
@@ -160,8 +166,9 @@ def _stream_chunk(meta: dict[str, Any], include_usage: bool, choice: dict[str, A
     return sse(payload)
 
 
-def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, decode: Decode | None, include_usage: bool) -> Iterator[str]:
-    """The chunks of a chat completion stream; logprobs when ``decode`` is given."""
+def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, tokenizer: Tokenizer | None,
+                 include_usage: bool) -> Iterator[str]:
+    """The chunks of a chat completion stream; logprobs when ``tokenizer`` is given."""
     meta = {**meta, "object": "chat.completion.chunk"}
 
     def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs=None) -> str:
@@ -173,7 +180,7 @@ def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, decode: De
         if isinstance(event, Heartbeat):
             yield KEEPALIVE
         elif isinstance(event, TextDelta):
-            yield chunk(event.index, {"content": event.text}, logprobs=_chat_logprobs(event.logprobs, decode) if decode else None)
+            yield chunk(event.index, {"content": event.text}, logprobs=_chat_logprobs(event.logprobs, tokenizer) if tokenizer else None)
         elif isinstance(event, ReasoningDelta):
             yield chunk(event.index, {"reasoning_content": event.text})
         elif isinstance(event, ToolCall):
@@ -199,14 +206,16 @@ def _prompt_ids(prompt: str | list[int]) -> tuple[list[int], str]:
     return list(prompt), model.tokenizer.decode(prompt)
 
 
-def _completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int, decode: Decode) -> dict[str, Any]:
+def _completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int, tokenizer: Tokenizer,
+                         top: int) -> dict[str, Any]:
     tokens, offsets = [], []
     for entry in entries:
         offsets.append(offset)
-        text = decode([entry.token_id])
+        text = tokenizer.decode([entry.token_id])
         tokens.append(text)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": None, "text_offset": offsets}
+    alternatives = [{tokenizer.decode([i]): lp for i, lp in entry.top} for entry in entries] if top else None
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": alternatives, "text_offset": offsets}
 
 
 @error_envelope("openai")
@@ -218,16 +227,19 @@ def completions():
     rt = runtime()
     sampling = _generation_options(data)
     want_logprobs = data.get("logprobs") is not None
+    top = data.get("logprobs") or 0
     prompts = [_prompt_ids(p) for p in data["prompt"]]
-    requests = [GenerationRequest(ids, data.get("max_tokens") or 16, logprobs=want_logprobs, **sampling) for ids, _ in prompts]
+    requests = [GenerationRequest(ids, data.get("max_tokens") or 16, logprobs=want_logprobs, top_logprobs=top, **sampling)
+                for ids, _ in prompts]
     streams = start_generations(requests)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
     echo = bool(data.get("echo"))
     n = sampling["n"]
-    decode = rt.model.tokenizer.decode
+    tokenizer = rt.model.tokenizer
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        body = _completion_chunks(streams, [text for _, text in prompts], meta, n, echo, decode if want_logprobs else None, include_usage)
+        body = _completion_chunks(streams, [text for _, text in prompts], meta, n, echo, tokenizer if want_logprobs else None,
+                                  top, include_usage)
         return event_stream(body, streams, openai_stream_failure)
 
     choices, prompt_tokens, completion_tokens = [], 0, 0
@@ -242,15 +254,16 @@ def completions():
             choices.append({
                 "index": p * n + j,
                 "text": prefix + texts[j],
-                "logprobs": _completion_logprobs(logprobs[j], len(prefix), decode) if want_logprobs else None,
+                "logprobs": _completion_logprobs(logprobs[j], len(prefix), tokenizer, top) if want_logprobs else None,
                 "finish_reason": FINISH_REASONS[finishes[j].ending],
             })
     usage = _usage(Done(prompt_tokens, completion_tokens))
     return json_response({**meta, "object": "text_completion", "choices": choices, "usage": usage, "system_fingerprint": None})
 
 
-def _completion_chunks(streams, prompt_texts, meta, n, echo, decode: Decode | None, include_usage) -> Iterator[str]:
-    """The chunks of a completion stream; logprobs when ``decode`` is given."""
+def _completion_chunks(streams, prompt_texts, meta, n, echo, tokenizer: Tokenizer | None, top: int,
+                       include_usage) -> Iterator[str]:
+    """The chunks of a completion stream; logprobs when ``tokenizer`` is given."""
     meta = {**meta, "object": "text_completion"}
 
     def chunk(index: int, text: str, finish_reason: str | None = None, logprobs=None) -> str:
@@ -266,7 +279,7 @@ def _completion_chunks(streams, prompt_texts, meta, n, echo, decode: Decode | No
             if isinstance(event, Heartbeat):
                 yield KEEPALIVE
             elif isinstance(event, TextDelta):
-                logprobs = _completion_logprobs(event.logprobs, offsets[event.index], decode) if decode else None
+                logprobs = _completion_logprobs(event.logprobs, offsets[event.index], tokenizer, top) if tokenizer else None
                 offsets[event.index] += len(event.text)
                 yield chunk(p * n + event.index, event.text, logprobs=logprobs)
             elif isinstance(event, Finish):

@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import ContextTooLong, EngineShutDown, InvalidRequest, Overloaded
 from ..events import Done, Event, EventStream, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob
 from .handoff import Channel, Empty, NativeThread, WorkQueue, allocate_native_lock, native_sleep, run_on_native_thread
@@ -76,7 +78,8 @@ class _Entry:
         self.tokens += 1
         self.generated.append(token_id)
         if request.logprobs:
-            self.pending_logprobs.append(TokenLogprob(token_id, float(step.log_prob or 0.0)))
+            top = _top_logprobs(step.logits, request.top_logprobs) if request.top_logprobs else ()
+            self.pending_logprobs.append(TokenLogprob(token_id, float(step.log_prob or 0.0), top))
         text = self.decoder.push(token_id)
         if text:
             visible, matched = self.stops.feed(text)
@@ -109,6 +112,17 @@ class _Entry:
         self.finished = True
         self.job.channel.put(Finish(self.index, reason, self.tokens, stop_sequence, error))
         self.job.entry_finished()
+
+
+def _top_logprobs(logits, k: int) -> tuple[tuple[int, float], ...]:
+    """The ``k`` likeliest tokens of one step and their log-probabilities, from its raw logits (~0.2 ms a step for a
+    49k vocabulary, on the engine thread, only for entries that asked)."""
+    row = np.asarray(logits).reshape(-1)
+    peak = float(row.max())
+    log_total = peak + float(np.log(np.exp(row - peak).sum(dtype=np.float64)))
+    best = np.argpartition(row, -k)[-k:] if k < row.size else np.arange(row.size)
+    best = best[np.argsort(-row[best], kind="stable")]
+    return tuple((int(i), float(row[i]) - log_total) for i in best)
 
 
 class _Job:
@@ -424,6 +438,8 @@ class Engine:
             end_token=tokenizer.ids_to_tokens(sorted(batch[0].job.end_ids)),
             repetition_penalty=first.repetition_penalty,
             return_scores=any(e.job.request.logprobs for e in batch),
+            # A vocabulary-sized copy per token and entry: only when an entry asked for alternatives.
+            return_logits_vocab=any(e.job.request.logprobs and e.job.request.top_logprobs for e in batch),
             callback=callback,
         )
         if first.greedy:

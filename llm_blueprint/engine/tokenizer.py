@@ -14,6 +14,22 @@ from collections.abc import Sequence
 from ..errors import ModelLoadError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte ↔ printable character table (byte-level BPE vocabularies are written in it)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()
 
 
 class Tokenizer:
@@ -35,6 +51,14 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Decode ids to text, special tokens dropped."""
         raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a part of a multi-byte character stays that part)."""
+        piece = self.vocabulary[token_id]
+        byte = _BYTE_PIECE.fullmatch(piece)
+        if byte:  # SentencePiece / Metaspace byte fallback
+            return bytes([int(byte.group(1), 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     # Shared ------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -71,6 +95,9 @@ class HFTokenizer(Tokenizer):
         super().__init__(vocabulary, bos_token, add_bos_token)
         self._tokenizer = _Tokenizer.from_file(path)
         self._has_post_processor = self._tokenizer.post_processor is not None
+        with open(path, encoding="utf-8") as f:
+            decoder = json.load(f).get("decoder") or {}
+        self._byte_level = "ByteLevel" in json.dumps(decoder)  # GPT-2 style: each byte is one printable character
 
     def _encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -82,6 +109,13 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self._byte_level:
+            piece = self.vocabulary[token_id]
+            if all(ch in _UNICODE_TO_BYTE for ch in piece):
+                return bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
+        return super().token_bytes(token_id)
 
 
 class SentencePieceTokenizer(Tokenizer):
