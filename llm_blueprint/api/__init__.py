@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint
 from werkzeug.routing import PathConverter
 
-from . import admission, anthropic, openai, openai_responses, openapi, operations, request_log
+from . import admission, anthropic, openai, openai_responses, openapi, operations, request_log, tokenize
 
 
 class ModelIdConverter(PathConverter):
@@ -26,6 +26,7 @@ def create_blueprint(settings: dict[str, Any]) -> Blueprint:
     openai.register(bp)
     anthropic.register(bp)
     openai_responses.register(bp)
+    tokenize.register(bp)
     operations.register(bp)
     openapi.register(bp)
     origins = settings["LLM_CORS_ORIGINS"]

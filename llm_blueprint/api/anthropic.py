@@ -16,7 +16,16 @@ from typing import Any
 
 from flask import Blueprint
 
-from ..chat.conversation import ChatRequest, Message, ToolCallRecord, ToolChoice, chat_request, check_tool_history, make_tools
+from ..chat.conversation import (
+    ChatRequest,
+    Message,
+    ToolCallRecord,
+    ToolChoice,
+    chat_request,
+    check_tool_history,
+    make_tools,
+    response_format,
+)
 from ..chat.pipeline import collect_chat
 from ..chat.prompt import render
 from ..errors import InvalidRequest
@@ -64,7 +73,9 @@ def _chat_request(data: dict[str, Any]) -> ChatRequest:
     choice = ToolChoice(TOOL_CHOICES[raw_choice["type"]], raw_choice.get("name"),
                         parallel=not raw_choice.get("disable_parallel_tool_use"))
     thinking = (data.get("thinking") or {}).get("type") in ("enabled", "adaptive")
-    return chat_request(_history(data), tools, choice, show_reasoning=thinking, template_options={"enable_thinking": thinking})
+    output_format = (data.get("output_config") or {}).get("format")
+    fmt = response_format("json_schema", output_format["schema"], None, "output_config.format.schema") if output_format else None
+    return chat_request(_history(data), tools, choice, fmt, show_reasoning=thinking, template_options={"enable_thinking": thinking})
 
 
 def _signer() -> Callable[[str], str]:
@@ -79,10 +90,17 @@ def _tool_use_id(call: ToolCall) -> str:
     return "toolu_" + call.id.removeprefix("call_")
 
 
+def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    """The usage fields of the SDK 2.x ``Usage`` type. Nothing is read from or written to a prompt cache yet."""
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0, "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+            "server_tool_use": None, "service_tier": "standard"}
+
+
 def _message(meta: dict[str, Any], content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None,
              input_tokens: int, output_tokens: int) -> dict[str, Any]:
     return {**meta, "type": "message", "role": "assistant", "content": content, "stop_reason": stop_reason,
-            "stop_sequence": stop_sequence, "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+            "stop_sequence": stop_sequence, "usage": _usage(input_tokens, output_tokens)}
 
 
 @error_envelope("anthropic")
@@ -171,7 +189,7 @@ def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: i
             yield from blocks.close()
             delta = {"type": "message_delta",
                      "delta": {"stop_reason": STOP_REASONS[finish.ending], "stop_sequence": finish.stop_sequence},
-                     "usage": {"input_tokens": event.prompt_tokens, "output_tokens": event.completion_tokens}}
+                     "usage": _usage(event.prompt_tokens, event.completion_tokens)}
             yield sse(delta, "message_delta")
             yield sse({"type": "message_stop"}, "message_stop")
 

@@ -131,6 +131,17 @@ class ThinkingSchema(RequestSchema):
     budget_tokens = StrictInt(validate=validate.Range(1))
 
 
+class OutputFormatSchema(RequestSchema):
+    type = StrictStr(required=True, validate=validate.OneOf(["json_schema"]))
+    schema = fields.Dict(required=True)
+
+
+class OutputConfigSchema(RequestSchema):
+    # effort: accepted; a local model has one way to answer (documented in the README).
+    effort = StrictStr(allow_none=True, validate=validate.OneOf(["low", "medium", "high", "xhigh", "max"]))
+    format = fields.Nested(OutputFormatSchema, allow_none=True)
+
+
 class CountTokensRequestSchema(RequestSchema):
     model = StrictStr(required=True)
     messages = fields.List(fields.Nested(MessageSchema), required=True, validate=validate.Length(min=1))
@@ -138,6 +149,7 @@ class CountTokensRequestSchema(RequestSchema):
     tools = fields.List(fields.Nested(ToolSchema), allow_none=True)
     tool_choice = fields.Nested(ToolChoiceSchema, allow_none=True)
     thinking = fields.Nested(ThinkingSchema, allow_none=True)
+    output_config = fields.Nested(OutputConfigSchema, allow_none=True)
 
 
 class MessagesRequestSchema(CountTokensRequestSchema):

@@ -92,9 +92,19 @@ class TextBlock(ResponseSchema):
     text = fields.String(required=True)
 
 
+class AnthropicCacheCreation(ResponseSchema):
+    ephemeral_5m_input_tokens = fields.Integer(required=True)
+    ephemeral_1h_input_tokens = fields.Integer(required=True)
+
+
 class AnthropicUsage(ResponseSchema):
     input_tokens = fields.Integer(required=True)
     output_tokens = fields.Integer(required=True)
+    cache_creation_input_tokens = fields.Integer(allow_none=True)
+    cache_read_input_tokens = fields.Integer(allow_none=True)
+    cache_creation = fields.Nested(AnthropicCacheCreation, allow_none=True)
+    server_tool_use = fields.Dict(allow_none=True)
+    service_tier = fields.String(allow_none=True)
 
 
 class AnthropicMessage(ResponseSchema):
@@ -106,6 +116,17 @@ class AnthropicMessage(ResponseSchema):
     stop_reason = fields.String(required=True, allow_none=True)
     stop_sequence = fields.String(required=True, allow_none=True)
     usage = fields.Nested(AnthropicUsage, required=True)
+
+
+class TokenizeResult(ResponseSchema):
+    count = fields.Integer(required=True)
+    max_model_len = fields.Integer(required=True)
+    tokens = fields.List(fields.Integer(), required=True)
+    token_strs = fields.List(fields.String())
+
+
+class DetokenizeResult(ResponseSchema):
+    prompt = fields.String(required=True)
 
 
 class TokenCount(ResponseSchema):
