@@ -94,8 +94,9 @@ def _cache_key(path: str, device: str, compute_type: str, cores: int, fixed) -> 
 
     weights = os.path.join(path, "model.bin")
     stat = os.stat(weights)
+    backend = [os.environ.get(name) for name in ("CT2_USE_MKL", "CT2_FORCE_CPU_ISA", "CT2_USE_EXPERIMENTAL_PACKED_GEMM")]
     parts = [os.path.abspath(path), stat.st_size, int(stat.st_mtime), device, compute_type, cores, ctranslate2.__version__,
-             LAYOUT_VERSION, fixed]
+             backend, LAYOUT_VERSION, fixed]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
