@@ -215,3 +215,13 @@ def test_a_silent_storage_times_out_quickly_without_blocking_the_gevent_hub():
     elapsed, ticks = out.stdout.split()
     assert float(elapsed) < 1.0  # the default socket timeout (0.25 s), no retries
     assert int(ticks) >= 10  # another greenlet ran all along
+
+
+def test_a_wrong_storage_uri_stops_the_app_at_start():
+    from flask import Flask
+    from limits.errors import ConfigurationError
+
+    from llm_blueprint import LLM
+
+    with pytest.raises(ConfigurationError, match="unknown storage scheme"):
+        LLM(Flask("wrong"), LLM_RATE_LIMIT="10/minute", LLM_RATE_LIMIT_STORAGE="redis-typo://127.0.0.1:6379")
