@@ -16,7 +16,10 @@ setup(
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={
+        # LLM_RATE_LIMIT_STORAGE=redis://... (memcached:// needs pymemcache, mongodb:// pymongo)
+        "redis": ["redis>=4"],
         "test": [
+            "redis>=4",
             "pytest>=8",
             "openai>=1.40",
             "anthropic>=0.40",

@@ -97,6 +97,16 @@ class RateLimited(LLMBlueprintError):
         super().__init__(self.message)
 
 
+class RateLimitUnavailable(LLMBlueprintError):
+    """The rate limit could not be checked (its storage failed) and LLM_RATE_LIMIT_FAIL_OPEN is off."""
+
+    def __init__(self, retry_after: int = 1):
+        self.message = f"The rate limit cannot be checked right now; retry in {retry_after} s."
+        self.retry_after = retry_after
+        self.code = "rate_limit_unavailable"
+        super().__init__(self.message)
+
+
 class InvalidModelOutput(LLMBlueprintError):
     """The model did not produce the structured output (forced tool call, JSON) asked for, within the retries."""
 

@@ -27,6 +27,9 @@ QUEUE_DEPTH = Gauge("llm_queue_depth", "Completions waiting for an engine batch"
 IN_FLIGHT = Gauge("llm_in_flight_requests", "Generations queued or running", multiprocess_mode="livesum")
 BATCH_SIZE = Histogram("llm_batch_size", "Completions per engine batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
 REJECTIONS = Counter("llm_rejections_total", "Requests refused before generation, by reason", ["reason"])
+RATE_LIMIT_UNCHECKED = Counter("llm_rate_limit_unchecked_total",
+                               "Requests whose rate limit could not be checked (its storage failed), by what was done: "
+                               "admitted (fail open) or refused (fail closed)", ["action"])
 
 
 class _BatchSizeReader:

@@ -22,6 +22,7 @@ from .engine.layout import choose as choose_layout
 from .engine.model import DEFAULT_COMPUTE_TYPES, SAMPLING_KEYS, resolve_device
 from .errors import LLMBlueprintError, ModelLoadError
 from .events import Event, EventStream, GenerationRequest
+from .rate_limit import RateLimit
 
 log = logging.getLogger("llm_blueprint")
 
@@ -42,7 +43,10 @@ class Runtime:
         self.sampling_defaults: dict[str, float] = dict(API_SAMPLING_DEFAULTS)  # set at load (model, settings)
         self.draining = False
         self.openapi: dict[str, Any] | None = None
-        self.rate_limiter = None  # (limiter, limit item), made on first use
+        self.rate_limit: RateLimit | None = None
+        if settings["LLM_RATE_LIMIT"]:
+            self.rate_limit = RateLimit(settings["LLM_RATE_LIMIT"], settings["LLM_RATE_LIMIT_STORAGE"],
+                                        settings["LLM_RATE_LIMIT_FAIL_OPEN"])
         atexit.register(self.shutdown)
 
     @property

@@ -104,7 +104,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_MAX_STOP_SEQUENCES", 16, int, "most stop strings in one request"),
     Setting("LLM_MAX_STOP_LENGTH", 256, int, "longest stop string, in characters"),
     Setting("LLM_RATE_LIMIT", None, _optional_str,
-            "per-key request rate limit in `limits` notation, e.g. '60/minute' (per worker process); none = off"),
+            "per-key request rate limit in `limits` notation, e.g. '60/minute', counted in LLM_RATE_LIMIT_STORAGE; "
+            "none = off"),
+    Setting("LLM_RATE_LIMIT_STORAGE", "memory://", str,
+            "where LLM_RATE_LIMIT counts: memory:// (each worker process on its own), or a storage every worker and "
+            "host shares: redis://host:6379 (the `redis` extra), memcached://, mongodb:// (see README)"),
+    Setting("LLM_RATE_LIMIT_FAIL_OPEN", True, _bool,
+            "when the rate limit storage fails: serve the request unchecked (true) or refuse it, OpenAI 503 / "
+            "Anthropic 529 (false); either way logged and counted in llm_rate_limit_unchecked_total"),
     Setting("LLM_CORS_ORIGINS", None, _key_list, "origins allowed to call the API from browsers; none = CORS off"),
     Setting("LLM_METRICS_TOKEN", None, _optional_str, "bearer token required on /metrics; none = open"),
     Setting("LLM_LOG_JSON", False, _bool, "log one JSON object per line (llm_blueprint logger only)"),

@@ -7,13 +7,11 @@ routes are untouched.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import time
 
 from flask import Blueprint, Response, current_app, request
 
-from ..errors import EngineShutDown, RateLimited, RequestTooLarge, Unauthorized
+from ..errors import EngineShutDown, RateLimited, RateLimitUnavailable, RequestTooLarge, Unauthorized
 from .errors import RENDERERS, protocol_of
 from .request_log import OPEN_ENDPOINTS
 
@@ -36,21 +34,10 @@ def key_matches(given: str | None, accepted: list[str]) -> bool:
 
 
 def rate_limit() -> None:
-    """Per API key (or client address when the API is open), with the `limits` library."""
-    runtime = current_app.extensions["llm"]
-    limit = runtime.settings["LLM_RATE_LIMIT"]
-    if not limit:
-        return
-    if runtime.rate_limiter is None:
-        from limits import parse, storage, strategies
-
-        runtime.rate_limiter = (strategies.MovingWindowRateLimiter(storage.MemoryStorage()), parse(limit))
-    limiter, item = runtime.rate_limiter
-    key = _api_key() or request.remote_addr or "-"
-    identity = hashlib.sha256(key.encode()).hexdigest()  # keys are never kept in memory as they are
-    if not limiter.hit(item, identity):
-        reset = limiter.get_window_stats(item, identity).reset_time
-        raise RateLimited(limit, max(1, int(reset - time.time()) + 1))
+    """Per API key (or client address when the API is open), counted where LLM_RATE_LIMIT_STORAGE says."""
+    limiter = current_app.extensions["llm"].rate_limit
+    if limiter is not None:
+        limiter.check(_api_key() or request.remote_addr or "-")
 
 
 def authorize() -> None:
@@ -80,7 +67,7 @@ def _admit() -> Response | None:
             raise RequestTooLarge(limit)
         authorize()
         rate_limit()
-    except (Unauthorized, RequestTooLarge, EngineShutDown, RateLimited) as exc:
+    except (Unauthorized, RequestTooLarge, EngineShutDown, RateLimited, RateLimitUnavailable) as exc:
         return RENDERERS[protocol_of(request.endpoint)](exc)
     return None
 

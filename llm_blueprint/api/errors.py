@@ -19,6 +19,7 @@ from ..errors import (
     ModelNotFound,
     Overloaded,
     RateLimited,
+    RateLimitUnavailable,
     RequestTooLarge,
     Unauthorized,
 )
@@ -39,7 +40,7 @@ STATUS_TABLE: list[tuple[type[Exception] | tuple[type[Exception], ...], dict[str
     (InvalidModelOutput, {"openai": (422, "invalid_model_output"), "anthropic": (422, "api_error")}),
     (Overloaded, {"openai": (429, "rate_limit_error"), "anthropic": (529, "overloaded_error")}),
     (RateLimited, {"openai": (429, "rate_limit_error"), "anthropic": (429, "rate_limit_error")}),
-    ((EngineShutDown, ModelLoadError), {"openai": (503, "service_unavailable"), "anthropic": (529, "overloaded_error")}),
+    ((EngineShutDown, ModelLoadError, RateLimitUnavailable), {"openai": (503, "service_unavailable"), "anthropic": (529, "overloaded_error")}),
     (GenerationFailed, {"openai": (500, "server_error"), "anthropic": (500, "api_error")}),
 ]
 INTERNAL = {"openai": (500, "server_error"), "anthropic": (500, "api_error")}
@@ -54,7 +55,8 @@ def _classify(exc: Exception, protocol: str, request_id: str | None = None) -> t
     """Status, error type, client-facing message and extra headers for ``exc``; logged or counted."""
     known = next((row[protocol] for types, row in STATUS_TABLE if isinstance(exc, types)), None)
     status, kind = known or INTERNAL[protocol]
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, (Overloaded, RateLimited)) else {}
+    retry_after = getattr(exc, "retry_after", None) if known else None
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}
     message = getattr(exc, "message", None) or str(exc)
     if status == 500:  # ours: a bug, or the engine failing
         log.error("internal error" if known is None else message, exc_info=exc if known is None else None,

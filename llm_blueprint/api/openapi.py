@@ -23,7 +23,7 @@ from ..schemas.response_bodies import AnthropicError, OpenAIError
 from .common import json_response, runtime
 
 OPENAI_ERRORS = (400, 401, 404, 413, 429, 503)
-ANTHROPIC_ERRORS = (400, 401, 404, 413, 529)
+ANTHROPIC_ERRORS = (400, 401, 404, 413, 429, 529)  # 429: LLM_RATE_LIMIT
 ERROR_BODIES: dict[str, type[Schema]] = {"openai": OpenAIError, "anthropic": AnthropicError}  # by the view's error_envelope
 # One Server-Sent Event: OpenAI chat/completions streams send data only; Anthropic and
 # Responses streams name each event; data is JSON text (or "[DONE]").
