@@ -191,7 +191,7 @@ def test_error_envelopes(api_server, method, path, body, status):
 RESPONSE_MODES = {
     "plain": {},
     "instructions": {"instructions": "Answer in one word."},
-    "logprobs": {"top_logprobs": 2, "include": ["message.output_text.logprobs"]},
+    "logprobs": {"top_logprobs": 2, "include": ["message.output_text.logprobs"], "temperature": 0},
     "json_schema": {"text": {"format": {"type": "json_schema", "name": "city", "schema": CITY, "strict": True}}},
     "tools_auto": {"tools": [{"type": "function", **WEATHER["function"]}]},
     "tools_forced": {"tools": [{"type": "function", **WEATHER["function"]}], "tool_choice": {"type": "function", "name": "get_weather"}},
@@ -216,6 +216,7 @@ def test_response_body(api_server, mode):
     if mode == "logprobs":
         entries = _response_logprobs(body)
         assert entries and all(len(e["top_logprobs"]) == 2 for e in entries)
+        assert all(e["top_logprobs"][0]["token"] == e["token"] for e in entries)  # greedy: the likeliest is chosen
     elif _response_logprobs(body):
         pytest.fail("logprobs given though not asked for")
 
