@@ -8,6 +8,7 @@ other requests meanwhile.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import os
 import threading
@@ -30,6 +31,20 @@ log = logging.getLogger("llm_blueprint")
 API_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
+def system_fingerprint(model: Model, deterministic: bool) -> str:
+    """OpenAI's ``system_fingerprint``: what, besides the request and its seed, decides the output. The model's files
+    (config.json's bytes and model.bin's size: no read of the weights), the device, compute type, deterministic
+    batching and the CTranslate2 version; stable across restarts, new when any of them changes."""
+    import ctranslate2
+
+    digest = hashlib.sha256()
+    with open(os.path.join(model.path, "config.json"), "rb") as f:
+        digest.update(f.read())
+    weights = os.path.getsize(os.path.join(model.path, "model.bin"))
+    digest.update(f"|{weights}|{model.device}|{model.compute_type}|{int(deterministic)}|{ctranslate2.__version__}".encode())
+    return "fp_" + digest.hexdigest()[:10]
+
+
 class Runtime:
     """Holds the settings, and lazily the :class:`Model` and :class:`Engine`."""
 
@@ -41,6 +56,7 @@ class Runtime:
         self._loading = False  # a background load is under way
         self.load_error: str | None = None  # why the last load failed, for /readyz
         self.sampling_defaults: dict[str, float] = dict(API_SAMPLING_DEFAULTS)  # set at load (model, settings)
+        self.system_fingerprint = ""  # set at load: OpenAI's ``system_fingerprint``
         self.draining = False
         self.openapi: dict[str, Any] | None = None
         self.rate_limit: RateLimit | None = None
@@ -155,6 +171,7 @@ class Runtime:
             ),
         )
         self.sampling_defaults = self._sampling_defaults(model)
+        self.system_fingerprint = system_fingerprint(model, settings["LLM_DETERMINISTIC"])
         log.info("model %s ready as %r (pid %d)", model.path, self.model_id, os.getpid())
         batching = BatchingOptions(
             max_batch_size=layout.max_batch_size,

@@ -118,7 +118,9 @@ def test_completions_with_list_prompt(openai_client):
     alone = openai_client.completions.create(model="smollm2", prompt="Once upon a time", temperature=0, max_tokens=6)
     echoed = openai_client.completions.create(model="smollm2", prompt="Once upon a time", temperature=0, max_tokens=6, echo=True, logprobs=1)
     assert echoed.choices[0].text == "Once upon a time" + alone.choices[0].text
-    assert len(echoed.choices[0].logprobs.token_logprobs) == alone.usage.completion_tokens
+    # echo lists the prompt's tokens first (the first with a null logprob), then the completion's
+    assert len(echoed.choices[0].logprobs.token_logprobs) == alone.usage.prompt_tokens + alone.usage.completion_tokens
+    assert echoed.choices[0].logprobs.token_logprobs[0] is None
     default = openai_client.completions.create(model="smollm2", prompt="Count: 1, 2, 3,", temperature=0)
     assert default.usage.completion_tokens <= 16
 

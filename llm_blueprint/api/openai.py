@@ -77,10 +77,14 @@ def _token_logprob(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict[
     return {"token": tokenizer.decode([token_id]), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token_id))}
 
 
+def token_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], tokenizer: Tokenizer) -> list[dict[str, Any]]:
+    """Chat's (and Responses') log-probability entries: token, logprob, bytes and the ``top_logprobs`` alternatives."""
+    return [{**_token_logprob(tokenizer, entry.token_id, entry.logprob),
+             "top_logprobs": [_token_logprob(tokenizer, i, lp) for i, lp in entry.top]} for entry in entries]
+
+
 def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], tokenizer: Tokenizer) -> dict[str, Any]:
-    content = [{**_token_logprob(tokenizer, entry.token_id, entry.logprob),
-                "top_logprobs": [_token_logprob(tokenizer, i, lp) for i, lp in entry.top]} for entry in entries]
-    return {"content": content, "refusal": None}
+    return {"content": token_logprobs(entries, tokenizer), "refusal": None}
 
 
 # ----------------------------------------------------------------------------- chat completions
@@ -134,7 +138,8 @@ def chat_completions():
     _, events = start_chat(chat, data.get("max_completion_tokens") or data.get("max_tokens"), logprobs=want_logprobs,
                            top_logprobs=data.get("top_logprobs") or 0, **_generation_options(data))
     n = events.request.n
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"],
+            "system_fingerprint": runtime().system_fingerprint}
     tokenizer = runtime().model.tokenizer
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
@@ -153,14 +158,13 @@ def chat_completions():
         }
         for i, result in enumerate(results)
     ]
-    return json_response({**meta, "object": "chat.completion", "choices": choices, "usage": _usage(done),
-                          "system_fingerprint": None})
+    return json_response({**meta, "object": "chat.completion", "choices": choices, "usage": _usage(done)})
 
 
 def _stream_chunk(meta: dict[str, Any], include_usage: bool, choice: dict[str, Any] | None, usage: Done | None = None) -> str:
     """One chunk of a chat or completion stream: ``meta`` (id, object, created, model) and one choice, or none and the
     usage (the last chunk, when ``stream_options.include_usage`` asked for it: the others carry ``"usage": null``)."""
-    payload = {**meta, "system_fingerprint": None, "choices": [choice] if choice else []}
+    payload = {**meta, "choices": [choice] if choice else []}
     if include_usage:
         payload["usage"] = _usage(usage) if usage else None
     return sse(payload)
@@ -207,15 +211,33 @@ def _prompt_ids(prompt: str | list[int]) -> tuple[list[int], str]:
 
 
 def _completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int, tokenizer: Tokenizer,
-                         top: int) -> dict[str, Any]:
+                         top: int, first_id: int | None = None) -> dict[str, Any]:
+    """The legacy ``logprobs`` object of ``entries``, whose text starts at ``offset``; ``first_id`` is an echoed
+    prompt's first token, listed first with null (nothing comes before it to score it by), as the API does."""
+    ids = ([first_id] if first_id is not None else []) + [e.token_id for e in entries]
     tokens, offsets = [], []
-    for entry in entries:
+    for token_id in ids:
         offsets.append(offset)
-        text = tokenizer.decode([entry.token_id])
+        text = tokenizer.decode([token_id])
         tokens.append(text)
         offset += len(text)
-    alternatives = [{tokenizer.decode([i]): lp for i, lp in entry.top} for entry in entries] if top else None
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": alternatives, "text_offset": offsets}
+    head: list[Any] = [None] if first_id is not None else []
+    alternatives = head + [{tokenizer.decode([i]): lp for i, lp in e.top} for e in entries] if top else None
+    return {"tokens": tokens, "token_logprobs": head + [e.logprob for e in entries], "top_logprobs": alternatives,
+            "text_offset": offsets}
+
+
+def _echo_logprobs(prompt_ids: list[int], top: int, tokenizer: Tokenizer) -> dict[str, Any]:
+    """An echoed prompt's tokens, scored by the model's own prompt log-probabilities."""
+    if not prompt_ids:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [] if top else None, "text_offset": []}
+    return _completion_logprobs(runtime().engine.prompt_logprobs(prompt_ids, top), 0, tokenizer, top, prompt_ids[0])
+
+
+def _joined(prompt: dict[str, Any] | None, generated: dict[str, Any]) -> dict[str, Any]:
+    if prompt is None:
+        return generated
+    return {key: (prompt[key] + generated[key]) if prompt[key] is not None else None for key in generated}
 
 
 @error_envelope("openai")
@@ -232,14 +254,16 @@ def completions():
     requests = [GenerationRequest(ids, data.get("max_tokens") or 16, logprobs=want_logprobs, top_logprobs=top, **sampling)
                 for ids, _ in prompts]
     streams = start_generations(requests)
-    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"]}
+    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"],
+            "system_fingerprint": rt.system_fingerprint}
     echo = bool(data.get("echo"))
     n = sampling["n"]
     tokenizer = rt.model.tokenizer
+    echoed = [_echo_logprobs(ids, top, tokenizer) if echo and want_logprobs else None for ids, _ in prompts]
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         body = _completion_chunks(streams, [text for _, text in prompts], meta, n, echo, tokenizer if want_logprobs else None,
-                                  top, include_usage)
+                                  top, include_usage, echoed)
         return event_stream(body, streams, openai_stream_failure)
 
     choices, prompt_tokens, completion_tokens = [], 0, 0
@@ -254,16 +278,17 @@ def completions():
             choices.append({
                 "index": p * n + j,
                 "text": prefix + texts[j],
-                "logprobs": _completion_logprobs(logprobs[j], len(prefix), tokenizer, top) if want_logprobs else None,
+                "logprobs": _joined(echoed[p], _completion_logprobs(logprobs[j], len(prefix), tokenizer, top))
+                if want_logprobs else None,
                 "finish_reason": FINISH_REASONS[finishes[j].ending],
             })
     usage = _usage(Done(prompt_tokens, completion_tokens))
-    return json_response({**meta, "object": "text_completion", "choices": choices, "usage": usage, "system_fingerprint": None})
+    return json_response({**meta, "object": "text_completion", "choices": choices, "usage": usage})
 
 
 def _completion_chunks(streams, prompt_texts, meta, n, echo, tokenizer: Tokenizer | None, top: int,
-                       include_usage) -> Iterator[str]:
-    """The chunks of a completion stream; logprobs when ``tokenizer`` is given."""
+                       include_usage, echoed: list[dict[str, Any] | None]) -> Iterator[str]:
+    """The chunks of a completion stream; logprobs when ``tokenizer`` is given (``echoed``: each echoed prompt's)."""
     meta = {**meta, "object": "text_completion"}
 
     def chunk(index: int, text: str, finish_reason: str | None = None, logprobs=None) -> str:
@@ -274,7 +299,7 @@ def _completion_chunks(streams, prompt_texts, meta, n, echo, tokenizer: Tokenize
         offsets = [len(prompt_texts[p]) if echo else 0] * n
         if echo:
             for j in range(n):
-                yield chunk(p * n + j, prompt_texts[p])
+                yield chunk(p * n + j, prompt_texts[p], logprobs=echoed[p])
         for event in events:
             if isinstance(event, Heartbeat):
                 yield KEEPALIVE

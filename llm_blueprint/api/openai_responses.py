@@ -21,16 +21,19 @@ from ..chat.conversation import (
     response_format,
 )
 from ..chat.pipeline import ChoiceResult, collect_chat
+from ..engine.tokenizer import Tokenizer
 from ..events import MAX_TOKENS, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
 from ..schemas.common import load
 from ..schemas.openai_responses import ResponsesRequestSchema
 from ..schemas.response_bodies import Response
-from .common import check_limits, check_model, json_body, json_response, sampling_defaults, start_chat
+from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
 from .errors import error_envelope, openai_body
+from .openai import token_logprobs
 from .openapi import OPENAI_ERRORS, documented
 from .sse import KEEPALIVE, event_stream, sse
 
 SCHEMA = ResponsesRequestSchema()
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
 def _history(data: dict[str, Any]) -> list[Message]:
@@ -54,8 +57,8 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+def _message_item(item_id: str, text: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
@@ -68,10 +71,11 @@ def _call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[
             "arguments": call.arguments if status == "completed" else ""}
 
 
-def _output(result: ChoiceResult, status: str) -> list[dict[str, Any]]:
+def _output(result: ChoiceResult, status: str, tokenizer: Tokenizer | None) -> list[dict[str, Any]]:
     items = [_reasoning_item(_new_id("rs"), result.reasoning, "completed")] if result.reasoning else []
     if result.text or not result.tool_calls:
-        items.append(_message_item(_new_id("msg"), result.text, status))
+        logprobs = token_logprobs(result.logprobs, tokenizer) if tokenizer else None
+        items.append(_message_item(_new_id("msg"), result.text, status, logprobs))
     return items + [_call_item(_new_id("fc"), call) for call in result.tool_calls]
 
 
@@ -93,14 +97,14 @@ class _ResponseFields:
             "tool_choice": {"type": "function", "name": name} if name else mode,
             "tools": [{"type": "function", "name": t["name"], "description": t.get("description"),
                        "parameters": t.get("parameters"), "strict": t.get("strict")} for t in data.get("tools") or []],
-            "store": False, "text": {"format": fmt},
+            "store": False, "text": {"format": fmt}, "top_logprobs": data.get("top_logprobs"),
         }
 
     def response(self, status: str, output: list[dict[str, Any]], done: Done | None,
                  error: dict[str, str] | None = None) -> dict[str, Any]:
         usage = None
         if done is not None:
-            usage = {"input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            usage = {"input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                      "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": done.prompt_tokens + done.completion_tokens}
         return {**self.meta, "object": "response", "status": status, "output": output, "usage": usage, "error": error,
@@ -118,33 +122,40 @@ def create_response():
     tools = make_tools([(t["name"], t.get("description"), t.get("parameters"), f"tools[{i}]") for i, t in enumerate(data.get("tools") or [])])
     choice = ToolChoice(*(data.get("tool_choice") or ("auto", None)), parallel=data.get("parallel_tool_calls") is not False)
     chat = chat_request(messages, tools, choice, response_format(fmt.get("type"), fmt.get("schema"), fmt.get("name"), "text.format.schema"))
-    _, events = start_chat(chat, data.get("max_output_tokens"), **sampling_defaults(data))
+    # Logprobs when `include` asks for them or `top_logprobs` is given (either alone is enough here).
+    top = data.get("top_logprobs") or 0
+    want_logprobs = LOGPROBS_INCLUDE in (data.get("include") or []) or data.get("top_logprobs") is not None
+    _, events = start_chat(chat, data.get("max_output_tokens"), logprobs=want_logprobs, top_logprobs=top,
+                           **sampling_defaults(data))
     fields = _ResponseFields(data, events.request.temperature, events.request.top_p)
+    tokenizer = runtime().model.tokenizer if want_logprobs else None  # resolved here: a stream runs outside the app
     if data.get("stream"):
-        stream = _ResponseStream(fields)
+        stream = _ResponseStream(fields, tokenizer)
         return event_stream(stream.body(events), events, stream.failed)
 
     results, done = collect_chat(events, 1)
     results[0].finish.raise_failure()
     status = _status(results[0].finish)
-    return json_response(fields.response(status, _output(results[0], status), done))
+    return json_response(fields.response(status, _output(results[0], status, tokenizer), done))
 
 
 class _Items:
     """The stream's output items, each opened when its first delta arrives and closed when another kind starts."""
 
-    def __init__(self, event):
+    def __init__(self, event, tokenizer: Tokenizer | None):
         self.event = event  # makes one numbered SSE event
+        self.tokenizer = tokenizer  # given when the request asked for logprobs
         self.done: list[dict[str, Any]] = []
         self.kind: str | None = None
         self.item_id = ""
         self.parts: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []
 
     @property
     def index(self) -> int:
         return len(self.done)
 
-    def text(self, delta: str) -> Iterator[str]:
+    def text(self, delta: str, logprobs=()) -> Iterator[str]:
         if self.kind != "message":
             yield from self.close()
             self.kind, self.item_id = "message", _new_id("msg")
@@ -153,8 +164,10 @@ class _Items:
             yield self.event("response.content_part.added", item_id=self.item_id, output_index=self.index, content_index=0,
                              part=_message_item("", "", "")["content"][0])
         self.parts.append(delta)
+        entries = token_logprobs(logprobs, self.tokenizer) if self.tokenizer else []
+        self.logprobs.extend(entries)
         yield self.event("response.output_text.delta", item_id=self.item_id, output_index=self.index, content_index=0,
-                         delta=delta, logprobs=[])
+                         delta=delta, logprobs=entries)
 
     def reasoning(self, delta: str) -> Iterator[str]:
         if self.kind != "reasoning":
@@ -182,9 +195,9 @@ class _Items:
             return
         text, index = "".join(self.parts), self.index
         if self.kind == "message":
-            item = _message_item(self.item_id, text, status)
+            item = _message_item(self.item_id, text, status, self.logprobs)
             yield self.event("response.output_text.done", item_id=self.item_id, output_index=index, content_index=0,
-                             text=text, logprobs=[])
+                             text=text, logprobs=self.logprobs)
             yield self.event("response.content_part.done", item_id=self.item_id, output_index=index, content_index=0,
                              part=item["content"][0])
         else:
@@ -192,16 +205,16 @@ class _Items:
             yield self.event("response.reasoning_text.done", item_id=self.item_id, output_index=index, content_index=0, text=text)
         yield self.event("response.output_item.done", output_index=index, item=item)
         self.done.append(item)
-        self.kind, self.parts = None, []
+        self.kind, self.parts, self.logprobs = None, [], []
 
 
 class _ResponseStream:
     """One response's stream: numbered events, and the output items so far (so that it can fail at any point)."""
 
-    def __init__(self, fields: _ResponseFields):
+    def __init__(self, fields: _ResponseFields, tokenizer: Tokenizer | None = None):
         self.fields = fields
         self._sequence = itertools.count()
-        self.items = _Items(self.event)
+        self.items = _Items(self.event, tokenizer)
 
     def event(self, kind: str, **payload: Any) -> str:
         return sse({"type": kind, "sequence_number": next(self._sequence), **payload}, kind)
@@ -215,7 +228,7 @@ class _ResponseStream:
             if isinstance(item, Heartbeat):
                 yield KEEPALIVE
             elif isinstance(item, TextDelta):
-                yield from items.text(item.text)
+                yield from items.text(item.text, item.logprobs)
             elif isinstance(item, ReasoningDelta):
                 yield from items.reasoning(item.text)
             elif isinstance(item, ToolCall):

@@ -276,6 +276,31 @@ class Engine:
         first = len(prompt_ids) - 1
         return [sum(r.log_probs[first:]) for r in result]
 
+    def prompt_logprobs(self, prompt_ids: list[int], top: int = 0) -> list[TokenLogprob]:
+        """The model's log-probability of each prompt token after the ones before it (the first has none, so the list
+        is one shorter than the prompt), with the ``top`` likeliest alternatives at each position; one engine pass
+        off the event loop. Alternatives need the whole vocabulary's log-probabilities at every position
+        (``forward_batch``: prompt length x vocabulary floats, ~200 KB a token here), so they are computed only
+        when asked."""
+        if self._closed:
+            raise EngineShutDown("the engine is shutting down")
+        tokens = [[self.model.vocabulary[t] for t in prompt_ids]]
+        generator = self.model.generator
+        if not top:
+            scores = run_on_native_thread(lambda: generator.score_batch(tokens)[0].log_probs, "llm-engine-score")
+            return [TokenLogprob(t, float(lp)) for t, lp in zip(prompt_ids[1:], scores, strict=True)]
+
+        def forward():
+            out = generator.forward_batch(tokens, return_log_probs=True)
+            if getattr(out, "device", "cpu") != "cpu":
+                import ctranslate2
+
+                out = out.to_device(ctranslate2.Device.cpu)
+            return np.asarray(out)[0]
+
+        rows = run_on_native_thread(forward, "llm-engine-score")
+        return [TokenLogprob(t, float(rows[i, t]), _top_logprobs(rows[i], top)) for i, t in enumerate(prompt_ids[1:])]
+
     @property
     def alive(self) -> bool:
         return not self._closed and all(t.alive for t in self._threads)

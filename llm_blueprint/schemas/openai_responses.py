@@ -131,6 +131,8 @@ class ResponsesRequestSchema(RequestSchema):
     text = fields.Nested(TextSchema, allow_none=True)
     metadata = fields.Dict(allow_none=True)
     user = StrictStr(allow_none=True)
+    top_logprobs = StrictInt(allow_none=True, validate=validate.Range(0, 20))
+    include = fields.List(StrictStr(), allow_none=True)
 
     @validates_schema
     def _stateless(self, data, **kwargs):
