@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -21,20 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from throughput import drive, free_port, stop, wait_ready  # noqa: E402
-
-
-def start(model_dir: str, log_dir: str, deterministic: bool) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "LLM_MODEL_PATH": model_dir, "LLM_MODEL_ID": "bench", "LLM_EAGER_LOAD": "1",
-           "LLM_BIND": f"127.0.0.1:{port}", "LLM_MAX_QUEUE": "256", "LLM_DETERMINISTIC": "1" if deterministic else "0"}
-    log = open(os.path.join(log_dir, f"server-{'on' if deterministic else 'off'}.log"), "w")
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"), "wsgi:app"],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    wait_ready(base + "/v1/models", process)
-    drive(base, "bench", 1, 8, 1)  # warm-up
-    return process, base
+from throughput import drive, start_server, stop  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +36,8 @@ def main() -> None:
     log_dir = tempfile.mkdtemp(prefix="bench-det-")
     print(f"model {model_dir}, c={args.concurrency}, {args.tokens} tokens per completion, {os.cpu_count()} cores, "
           f"logs in {log_dir}", flush=True)
-    servers = {mode: start(model_dir, log_dir, mode == "on") for mode in ("off", "on")}
+    servers = {mode: start_server(model_dir, log_dir, mode, {"LLM_DETERMINISTIC": "1" if mode == "on" else "0"})
+               for mode in ("off", "on")}
     figures: dict[str, list[dict]] = {"off": [], "on": []}
     try:
         for r in range(args.rounds):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -21,20 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from throughput import drive, free_port, stop, wait_ready  # noqa: E402
-
-
-def start(model_dir: str, log_dir: str, name: str, extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "LLM_MODEL_PATH": model_dir, "LLM_MODEL_ID": "bench", "LLM_EAGER_LOAD": "1",
-           "LLM_BIND": f"127.0.0.1:{port}", "LLM_MAX_QUEUE": "256", **extra}
-    log = open(os.path.join(log_dir, f"server-{name}.log"), "w")
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"), "wsgi:app"],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    wait_ready(base + "/readyz", process)
-    drive(base, "bench", 1, 8, 1)  # warm-up
-    return process, base
+from throughput import drive, start_server, stop  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +37,8 @@ def main() -> None:
     log_dir = tempfile.mkdtemp(prefix="bench-layout-")
     inter, intra, batch = args.fixed
     fixed = {"LLM_INTER_THREADS": str(inter), "LLM_INTRA_THREADS": str(intra), "LLM_MAX_BATCH_SIZE": str(batch)}
-    servers = {"measured": start(model_dir, log_dir, "measured", {}), f"fixed {inter}x{intra} b{batch}": start(model_dir, log_dir, "fixed", fixed)}
+    servers = {"measured": start_server(model_dir, log_dir, "measured", {}),
+               f"fixed {inter}x{intra} b{batch}": start_server(model_dir, log_dir, "fixed", fixed)}
     with open(os.path.join(log_dir, "server-measured.log")) as f:
         chosen = [line.strip() for line in f if "engine layout" in line]
     print(f"model {model_dir}, {os.cpu_count()} cores, logs in {log_dir}\n{chosen[-1] if chosen else ''}", flush=True)

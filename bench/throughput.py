@@ -159,6 +159,20 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
+def start_server(model_dir: str, log_dir: str, name: str, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """``wsgi:app`` under the shipped gunicorn settings on a free port, warmed up; (process, base URL)."""
+    port = free_port()
+    env = {**os.environ, "LLM_MODEL_PATH": model_dir, "LLM_MODEL_ID": "bench", "LLM_EAGER_LOAD": "1",
+           "LLM_BIND": f"127.0.0.1:{port}", "LLM_MAX_QUEUE": "256", **extra_env}
+    log = open(os.path.join(log_dir, f"server-{name}.log"), "w")
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"), "wsgi:app"],
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base + "/readyz", process)
+    drive(base, "bench", 1, 8, 1)  # warm-up
+    return process, base
+
+
 def worker_rss_mb(master_pid: int) -> float:
     children = subprocess.run(["pgrep", "-P", str(master_pid)], capture_output=True, text=True).stdout.split()
     total = 0.0

@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import requests
 
@@ -70,3 +71,29 @@ def serving(argv: list[str], env: dict[str, str], port: int, log_path: str, read
             process.kill()
             process.wait()
         log.close()
+
+
+def nginx_in_front(stack: ExitStack, replicas: list[LiveServer], folder: Path, ready_path: str) -> str:
+    """Debian's nginx with deploy/nginx.conf.template in front of ``replicas`` (stopped by ``stack``); its base URL
+    once ``ready_path`` answers 200 through it."""
+    port = free_port()
+    with open(os.path.join(ROOT, "deploy", "nginx.conf.template"), encoding="utf-8") as f:
+        config = f.read()
+    servers = "\n        ".join(f"server 127.0.0.1:{r.port} max_fails=1 fail_timeout=10s;" for r in replicas)
+    for key, value in {"run_dir": str(folder), "servers": servers, "listen": f"127.0.0.1:{port}"}.items():
+        config = config.replace("{" + key + "}", value)
+    (folder / "nginx.conf").write_text(config)
+    nginx = subprocess.Popen(["nginx", "-c", str(folder / "nginx.conf"), "-p", str(folder), "-g", "daemon off;"],
+                             stdout=subprocess.DEVNULL, stderr=open(folder / "nginx.out", "w"))
+    stack.callback(lambda: (nginx.terminate(), nginx.wait(10)))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if requests.get(base + ready_path, timeout=2).status_code == 200:
+                return base
+        except requests.RequestException:
+            pass
+        assert nginx.poll() is None, (folder / "nginx.out").read_text()
+        assert time.monotonic() < deadline, "nginx did not come up"
+        time.sleep(0.2)

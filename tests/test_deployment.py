@@ -8,16 +8,14 @@ a stream in progress while new requests go to the other replica.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import time
 from contextlib import ExitStack
 
 import pytest
 import requests
 from debian import ensure_debian_packages
-from servers import ROOT, free_port, gunicorn
+from servers import gunicorn, nginx_in_front
 
 CHAT = "/v1/chat/completions"
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -31,27 +29,7 @@ def cluster(default_model_dir, tmp_path_factory):
            "LLM_INTRA_THREADS": "1", "LLM_KEEPALIVE_SECONDS": "0.5", "LLM_GRACEFUL_TIMEOUT": "60"}
     with ExitStack() as stack:
         replicas = [stack.enter_context(gunicorn("wsgi:app", env, str(folder / f"replica{i}.log"), "/readyz")) for i in range(2)]
-        port = free_port()
-        with open(os.path.join(ROOT, "deploy", "nginx.conf.template"), encoding="utf-8") as f:
-            config = f.read()
-        servers = "\n        ".join(f"server 127.0.0.1:{r.port} max_fails=1 fail_timeout=10s;" for r in replicas)
-        for key, value in {"run_dir": str(folder), "servers": servers, "listen": f"127.0.0.1:{port}"}.items():
-            config = config.replace("{" + key + "}", value)
-        (folder / "nginx.conf").write_text(config)
-        nginx = subprocess.Popen(["nginx", "-c", str(folder / "nginx.conf"), "-p", str(folder), "-g", "daemon off;"],
-                                 stdout=subprocess.DEVNULL, stderr=open(folder / "nginx.out", "w"))
-        stack.callback(lambda: (nginx.terminate(), nginx.wait(10)))
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert nginx.poll() is None, (folder / "nginx.out").read_text()
-            assert time.monotonic() < deadline, "nginx did not come up"
-            time.sleep(0.2)
+        base = nginx_in_front(stack, replicas, folder, "/readyz")
         yield base, replicas
 
 

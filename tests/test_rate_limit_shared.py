@@ -19,7 +19,7 @@ from contextlib import ExitStack, contextmanager
 import pytest
 import requests
 from debian import ensure_debian_packages
-from servers import ROOT, free_port, gunicorn
+from servers import ROOT, free_port, gunicorn, nginx_in_front
 
 # No model is loaded: /v1/models needs only the id, and refused requests never reach a view.
 BASE_ENV = {"LLM_MODEL_ID": "m", "LLM_EAGER_LOAD": "0", "LLM_API_KEYS": ",".join(f"key-{i}" for i in range(8)),
@@ -100,26 +100,7 @@ def test_limit_holds_across_two_replicas_behind_nginx(redis_uri, tmp_path):
     env = {**BASE_ENV, "LLM_RATE_LIMIT_STORAGE": redis_uri}
     with ExitStack() as stack:
         replicas = [stack.enter_context(gunicorn("wsgi:app", env, str(tmp_path / f"replica{i}.log"), "/healthz")) for i in range(2)]
-        port = free_port()
-        with open(os.path.join(ROOT, "deploy", "nginx.conf.template"), encoding="utf-8") as f:
-            config = f.read()
-        servers = "\n        ".join(f"server 127.0.0.1:{r.port} max_fails=1 fail_timeout=10s;" for r in replicas)
-        for name, value in {"run_dir": str(tmp_path), "servers": servers, "listen": f"127.0.0.1:{port}"}.items():
-            config = config.replace("{" + name + "}", value)
-        (tmp_path / "nginx.conf").write_text(config)
-        nginx = subprocess.Popen(["nginx", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-g", "daemon off;"],
-                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "nginx.out", "w"))
-        stack.callback(lambda: (nginx.terminate(), nginx.wait(10)))
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(base + "/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert nginx.poll() is None and time.monotonic() < deadline, (tmp_path / "nginx.out").read_text()
-            time.sleep(0.1)
+        base = nginx_in_front(stack, replicas, tmp_path, "/healthz")
 
         statuses = [_models(base, "key-6").status_code for _ in range(12)]
         assert statuses == [200] * 10 + [429] * 2
