@@ -120,38 +120,38 @@ def _measure(path: str, device: str, compute_type: str, candidates: list[tuple[i
     import ctranslate2
 
     started = time.monotonic()
+    prompt = _prompt(path)
+
+    def load(inter: int, intra: int):
+        generator = ctranslate2.Generator(path, device=device, compute_type=compute_type, inter_threads=inter,
+                                          intra_threads=intra)
+        _generate(generator, [prompt], 2)  # warm-up
+        return generator
+
+    # One candidate's weights in memory at a time: a large model must not be loaded once per split.
     results = {}
     for inter, intra in candidates:
-        generator = ctranslate2.Generator(path, device=device, compute_type=compute_type, inter_threads=inter, intra_threads=intra)
-        try:
-            prompt = _prompt(path)
-            _generate(generator, [prompt], 2)  # warm-up
-            single = _rate(generator, 1, 1, prompt)
-            full = _rate(generator, inter, BATCH_SIZES[0], prompt)
-            results[(inter, intra)] = (single, full, generator, prompt)
-        except Exception:
-            del generator
-            raise
-    best_single = max(r[0] for r in results.values())
-    best_full = max(r[1] for r in results.values())
+        generator = load(inter, intra)
+        results[(inter, intra)] = (_rate(generator, 1, 1, prompt), _rate(generator, inter, BATCH_SIZES[0], prompt))
+        del generator
+    best_single = max(single for single, _ in results.values())
+    best_full = max(full for _, full in results.values())
 
     def shortfall(split) -> float:
-        single, full = results[split][:2]
+        single, full = results[split]
         return max(1 - single / best_single, 1 - full / best_full)
 
     inter, intra = min(results, key=lambda s: (shortfall(s), -s[0]))
-    single, rate, generator, prompt = results[(inter, intra)]
-    for split in list(results):
-        if split != (inter, intra):
-            del results[split]
+    single, rate = results[(inter, intra)]
     batch = BATCH_SIZES[0]
-    for size in BATCH_SIZES[1:]:
-        larger = _rate(generator, inter, size, prompt)
-        if larger < rate * BATCH_GAIN:
-            break
-        batch, rate = size, larger
-    del generator
-    results.clear()
+    if len(BATCH_SIZES) > 1:
+        generator = load(inter, intra)
+        for size in BATCH_SIZES[1:]:
+            larger = _rate(generator, inter, size, prompt)
+            if larger < rate * BATCH_GAIN:
+                break
+            batch, rate = size, larger
+        del generator
     log.info("thread layout measured in %.1fs over %s: %d replica(s) x %d thread(s), batch %d "
              "(single stream %.0f tok/s, %d x batch %d: %.0f tok/s)",
              time.monotonic() - started, candidates, inter, intra, batch, single, inter, batch, rate)
