@@ -263,4 +263,6 @@ def test_four_streams_never_block_the_consumer_loop(mode, default_model_dir):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["stopped"]
     assert all(r["finish"] in ("length", "stop") and r["deltas"] > 3 for r in report["results"])
-    assert report["max_gap_ms"] < 100, report
+    # A loop blocked by generation stalls for the whole generate_batch call (seconds); 4 engine threads on a busy
+    # 2-core machine add scheduling noise of up to ~120 ms to a 10 ms ticker (seen once in six full runs).
+    assert report["max_gap_ms"] < 300, report
