@@ -38,6 +38,11 @@ class GenerationRequest:
     # Not None: stop (reason "stop") as soon as the JSON object/array that this
     # prefill text opened (or that the output opens) is closed.
     json_prefix: str | None = None
+    # Prompt prefixes (token counts) that end at a message boundary: the prompt cache may keep the model state
+    # after them. ``cache_points`` are found automatically (system + tools, the conversation before the last user
+    # message); ``cache_marks`` are the client's own (Anthropic cache_control, OpenAI prompt_cache_key).
+    cache_points: tuple[int, ...] = ()
+    cache_marks: tuple[int, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -137,6 +142,8 @@ class Done:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens read from the prompt cache (included in prompt_tokens)
+    cache_write_tokens: int = 0  # prompt tokens whose state this request stored in the cache
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,37 @@ RATE_LIMIT_UNCHECKED = Counter("llm_rate_limit_unchecked_total",
                                "admitted (fail open) or refused (fail closed)", ["action"])
 
 
+PROMPT_CACHE = Counter("llm_prompt_cache_total", "Prompt cache decisions: hit (a held prefix used), miss (a prefix "
+                       "computed and stored)", ["result"])
+PROMPT_CACHE_TOKENS = Counter("llm_prompt_cache_tokens_total", "Prompt tokens read from the prompt cache (read) or "
+                              "stored in it (written)", ["direction"])
+PROMPT_CACHE_BYTES = Gauge("llm_prompt_cache_bytes", "Memory held by the prompt cache's states", multiprocess_mode="livesum")
+PROMPT_CACHE_SWAPS = Counter("llm_prompt_cache_swaps_total", "Fresh generators swapped in because the prompt cache was full")
+
+
+class _CacheReader:
+    """Moves the prompt cache's counters (kept by native threads) into the metrics."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, int] = {}
+
+    def drain(self, engine: Engine) -> None:
+        cache = engine.prompt_cache
+        if cache is None:
+            return
+        for name, metric in (("hits", PROMPT_CACHE.labels("hit")), ("misses", PROMPT_CACHE.labels("miss")),
+                             ("read_tokens", PROMPT_CACHE_TOKENS.labels("read")),
+                             ("written_tokens", PROMPT_CACHE_TOKENS.labels("written")), ("swaps", PROMPT_CACHE_SWAPS)):
+            value = getattr(cache, name)
+            if value > self._seen.get(name, 0):
+                metric.inc(value - self._seen.get(name, 0))
+            self._seen[name] = value
+        PROMPT_CACHE_BYTES.set(cache.held_bytes)
+
+
+cache_reader = _CacheReader()
+
+
 class _BatchSizeReader:
     """Moves new entries of ``engine.batch_sizes`` (appended by native threads) into the histogram."""
 
@@ -71,6 +102,7 @@ def observe(engine: Engine, stream: EventStream[Event]) -> EventStream[Event]:
         IN_FLIGHT.dec()
         QUEUE_DEPTH.set(engine.queued)
         batch_sizes.drain(engine)
+        cache_reader.drain(engine)
 
     return stream.watch(on_event, on_close)
 
@@ -80,6 +112,7 @@ def render(engine: Engine | None) -> tuple[bytes, str]:
     if engine is not None:
         QUEUE_DEPTH.set(engine.queued)
         batch_sizes.drain(engine)
+        cache_reader.drain(engine)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)

@@ -21,6 +21,7 @@ from .engine.generation import BatchingOptions, Engine
 from .engine.handoff import NativeThread, gevent_patched, native_sleep, run_on_native_thread
 from .engine.layout import choose as choose_layout
 from .engine.model import DEFAULT_COMPUTE_TYPES, SAMPLING_KEYS, resolve_device
+from .engine.prompt_cache import PromptCache, state_bytes_per_token
 from .errors import LLMBlueprintError, ModelLoadError
 from .events import Event, EventStream, GenerationRequest
 from .rate_limit import RateLimit
@@ -180,7 +181,13 @@ class Runtime:
             max_queue=settings["LLM_MAX_QUEUE"],
             deterministic=settings["LLM_DETERMINISTIC"],
         )
-        return Engine(model, heartbeat_interval=settings["LLM_KEEPALIVE_SECONDS"], batching=batching)
+        cache = None
+        if settings["LLM_PROMPT_CACHE_MB"] > 0:
+            cache = PromptCache(state_bytes_per_token(model.path, model.device), settings["LLM_PROMPT_CACHE_MB"] * 2**20,
+                                weights_bytes=model.weights_bytes)
+            log.info("prompt cache: up to %d MB (%.0f KB a token held; a fresh generator is swapped in when full)",
+                     settings["LLM_PROMPT_CACHE_MB"], cache.bytes_per_token / 1024)
+        return Engine(model, heartbeat_interval=settings["LLM_KEEPALIVE_SECONDS"], batching=batching, prompt_cache=cache)
 
     def _sampling_defaults(self, model: Model) -> dict[str, float]:
         """What a request that gives no sampling field gets: the setting, else the model's recommendation, else the

@@ -45,23 +45,31 @@ TOOL_CHOICES = {"auto": "auto", "any": "required", "tool": "required", "none": "
 _PROCESS_KEY = os.urandom(32)
 
 
-def _history(data: dict[str, Any]) -> list[Message]:
+def _history(data: dict[str, Any], marks: list[int] | None = None) -> list[Message]:
+    """The conversation; ``marks`` gets the cache breakpoints (``cache_control``) as counts of leading messages."""
+    marks = [] if marks is None else marks
     messages = [Message("system", data["system"])] if data.get("system") else []
+    if getattr(data.get("system"), "cached", False) or any(t.get("cache_control") for t in data.get("tools") or []):
+        marks.append(len(messages))  # tools and system come first in the prompt
     for i, m in enumerate(data["messages"]):
         blocks = m["content"]
         text = "".join(b["text"] for b in blocks if b["type"] == "text")
         if m["role"] == "assistant":
             calls = [ToolCallRecord(b["id"], b["name"], b["input"]) for b in blocks if b["type"] == "tool_use"]
             messages.append(Message("assistant", text, calls))
-            continue
-        if any(b["type"] == "tool_use" for b in blocks):
-            raise InvalidRequest("tool_use blocks belong in assistant messages", param="messages")
-        for b in blocks:
-            if b["type"] == "tool_result":
-                messages.append(Message("tool", b["content"], tool_call_id=b["tool_use_id"], is_error=b["is_error"],
-                                        origin=f"messages[{i}]"))
-        if text or not any(b["type"] == "tool_result" for b in blocks):
-            messages.append(Message("user", text))
+        else:
+            if any(b["type"] == "tool_use" for b in blocks):
+                raise InvalidRequest("tool_use blocks belong in assistant messages", param="messages")
+            for b in blocks:
+                if b["type"] == "tool_result":
+                    messages.append(Message("tool", b["content"], tool_call_id=b["tool_use_id"], is_error=b["is_error"],
+                                            origin=f"messages[{i}]"))
+            if text or not any(b["type"] == "tool_result" for b in blocks):
+                messages.append(Message("user", text))
+        if any(b.get("cache_control") for b in blocks):
+            marks.append(len(messages))  # up to the end of this message
+    if data.get("cache_control"):  # automatic caching: a breakpoint at the last block
+        marks.append(len(messages))
     check_tool_history(messages)
     return messages
 
@@ -75,7 +83,10 @@ def _chat_request(data: dict[str, Any]) -> ChatRequest:
     thinking = (data.get("thinking") or {}).get("type") in ("enabled", "adaptive")
     output_format = (data.get("output_config") or {}).get("format")
     fmt = response_format("json_schema", output_format["schema"], None, "output_config.format.schema") if output_format else None
-    return chat_request(_history(data), tools, choice, fmt, show_reasoning=thinking, template_options={"enable_thinking": thinking})
+    marks: list[int] = []
+    messages = _history(data, marks)
+    return chat_request(messages, tools, choice, fmt, show_reasoning=thinking, template_options={"enable_thinking": thinking},
+                        cache_marks=tuple(marks))
 
 
 def _signer() -> Callable[[str], str]:
@@ -90,17 +101,21 @@ def _tool_use_id(call: ToolCall) -> str:
     return "toolu_" + call.id.removeprefix("call_")
 
 
-def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    """The usage fields of the SDK 2.x ``Usage`` type. Nothing is read from or written to a prompt cache yet."""
-    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0, "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+def _usage(done: Done) -> dict[str, Any]:
+    """The usage fields of the SDK 2.x ``Usage`` type. As Anthropic counts them, ``input_tokens`` are the prompt
+    tokens neither read from the prompt cache nor written to it (the three add up to the prompt). A held state
+    lives until the cache is full, not for a fixed time: counted as the 5-minute kind."""
+    read, written = done.cached_tokens, done.cache_write_tokens
+    return {"input_tokens": done.prompt_tokens - read - written, "output_tokens": done.completion_tokens,
+            "cache_creation_input_tokens": written, "cache_read_input_tokens": read,
+            "cache_creation": {"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0},
             "server_tool_use": None, "service_tier": "standard"}
 
 
 def _message(meta: dict[str, Any], content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None,
-             input_tokens: int, output_tokens: int) -> dict[str, Any]:
+             done: Done) -> dict[str, Any]:
     return {**meta, "type": "message", "role": "assistant", "content": content, "stop_reason": stop_reason,
-            "stop_sequence": stop_sequence, "usage": _usage(input_tokens, output_tokens)}
+            "stop_sequence": stop_sequence, "usage": _usage(done)}
 
 
 @error_envelope("anthropic")
@@ -127,8 +142,7 @@ def messages():
         content.append({"type": "text", "text": result.text})
     content += [{"type": "tool_use", "id": _tool_use_id(c), "name": c.name, "input": json.loads(c.arguments)} for c in result.tool_calls]
     finish = result.finish
-    return json_response(_message(meta, content, STOP_REASONS[finish.ending], finish.stop_sequence,
-                                  done.prompt_tokens, done.completion_tokens))
+    return json_response(_message(meta, content, STOP_REASONS[finish.ending], finish.stop_sequence, done))
 
 
 class _Blocks:
@@ -162,7 +176,7 @@ class _Blocks:
 
 def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: int, sign: Callable[[str], str] | None) -> Iterator[str]:
     """The stream's events; thinking blocks only when ``sign`` is given (thinking asked for)."""
-    yield sse({"type": "message_start", "message": _message(meta, [], None, None, input_tokens, 0)}, "message_start")
+    yield sse({"type": "message_start", "message": _message(meta, [], None, None, Done(input_tokens, 0))}, "message_start")
     blocks = _Blocks(sign)
     finish: Finish | None = None
     for event in events:
@@ -189,7 +203,7 @@ def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: i
             yield from blocks.close()
             delta = {"type": "message_delta",
                      "delta": {"stop_reason": STOP_REASONS[finish.ending], "stop_sequence": finish.stop_sequence},
-                     "usage": _usage(event.prompt_tokens, event.completion_tokens)}
+                     "usage": _usage(event)}
             yield sse(delta, "message_delta")
             yield sse({"type": "message_stop"}, "message_stop")
 

@@ -114,11 +114,22 @@ def start_generations(requests: list[GenerationRequest]) -> list[EventStream]:
     return streams
 
 
+def keyed_cache_mark(messages: list, data: dict[str, Any]) -> tuple[int, ...]:
+    """OpenAI's ``prompt_cache_key``: requests with a key share their prefix up to the last user message (system,
+    tools, examples, earlier turns), so the state after it is worth holding: a cache point of the client's."""
+    if not data.get("prompt_cache_key"):
+        return ()
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=0)
+    return (last_user,) if last_user else ()
+
+
 def start_chat(chat: ChatRequest, requested_max_tokens: int | None, **options: Any) -> tuple[ChatPrompt, ChatStream]:
     """Render ``chat``, check it, and start its generation; ``options`` are GenerationRequest fields."""
     rt = runtime()
-    prompt = render(rt.model, chat)
-    request = GenerationRequest(prompt.ids, completion_budget(requested_max_tokens, prompt.ids), **options)
+    cache = rt.engine.prompt_cache
+    prompt = render(rt.model, chat, cache_points=cache is not None and cache.enabled)
+    request = GenerationRequest(prompt.ids, completion_budget(requested_max_tokens, prompt.ids),
+                                cache_points=prompt.cache_points, cache_marks=prompt.cache_marks, **options)
     settings = rt.settings
     stream = ChatStream(rt.engine, rt.generate, chat, prompt, request, reasoning=settings["LLM_REASONING"],
                         attempts=settings["LLM_STRUCTURED_ATTEMPTS"])

@@ -5,6 +5,7 @@ Each route is a schema plus a formatter of the engine's neutral events.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,7 +45,17 @@ from ..events import (
 from ..schemas.common import load
 from ..schemas.openai import ChatCompletionRequestSchema, CompletionRequestSchema
 from ..schemas.response_bodies import ChatCompletion, ModelList, ModelObject, TextCompletion
-from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat, start_generations
+from .common import (
+    check_limits,
+    check_model,
+    json_body,
+    json_response,
+    keyed_cache_mark,
+    runtime,
+    sampling_defaults,
+    start_chat,
+    start_generations,
+)
 from .errors import error_envelope, openai_stream_failure
 from .openapi import OPENAI_ERRORS, documented
 from .sse import KEEPALIVE, event_stream, sse
@@ -65,9 +76,14 @@ def _generation_options(data: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _usage(done: Done) -> dict[str, int]:
+def _usage(done: Done) -> dict[str, Any]:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens, "cache_write_tokens": done.cache_write_tokens}}
+
+
+def _added(total: Done, done: Done) -> Done:
+    return Done(*(a + b for a, b in zip(dataclasses.astuple(total), dataclasses.astuple(done), strict=True)))
 
 
 # The tokenizer is resolved in the view and handed to the formatters: a stream's body runs outside the app context.
@@ -108,7 +124,8 @@ def _chat_request(data: dict[str, Any]) -> ChatRequest:
     spec = fmt.get("json_schema") or {}
     json_format = response_format(fmt.get("type"), spec.get("schema"), spec.get("name"), "response_format.json_schema.schema")
     choice = ToolChoice(*(data.get("tool_choice") or ("auto", None)), parallel=data.get("parallel_tool_calls") is not False)
-    return chat_request(_history(data["messages"]), tools, choice, json_format)
+    messages = _history(data["messages"])
+    return chat_request(messages, tools, choice, json_format, cache_marks=keyed_cache_mark(messages, data))
 
 
 def _tool_call_json(call: ToolCall) -> dict[str, Any]:
@@ -266,13 +283,12 @@ def completions():
                                   top, include_usage, echoed)
         return event_stream(body, streams, openai_stream_failure)
 
-    choices, prompt_tokens, completion_tokens = [], 0, 0
+    choices, total = [], Done(0, 0)
     for p, events in enumerate(streams):
         texts, finishes, done, logprobs = collect(events, n)
         for finish in finishes:
             finish.raise_failure()
-        prompt_tokens += done.prompt_tokens
-        completion_tokens += done.completion_tokens
+        total = _added(total, done)
         prefix = prompts[p][1] if echo else ""
         for j in range(n):
             choices.append({
@@ -282,7 +298,7 @@ def completions():
                 if want_logprobs else None,
                 "finish_reason": FINISH_REASONS[finishes[j].ending],
             })
-    usage = _usage(Done(prompt_tokens, completion_tokens))
+    usage = _usage(total)
     return json_response({**meta, "object": "text_completion", "choices": choices, "usage": usage})
 
 
@@ -294,7 +310,7 @@ def _completion_chunks(streams, prompt_texts, meta, n, echo, tokenizer: Tokenize
     def chunk(index: int, text: str, finish_reason: str | None = None, logprobs=None) -> str:
         return _stream_chunk(meta, include_usage, {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
 
-    prompt_tokens = completion_tokens = 0
+    total = Done(0, 0)
     for p, events in enumerate(streams):
         offsets = [len(prompt_texts[p]) if echo else 0] * n
         if echo:
@@ -311,10 +327,9 @@ def _completion_chunks(streams, prompt_texts, meta, n, echo, tokenizer: Tokenize
                 event.raise_failure()  # ended by the stream's wrapper with an error chunk and [DONE]
                 yield chunk(p * n + event.index, "", FINISH_REASONS[event.ending])
             elif isinstance(event, Done):
-                prompt_tokens += event.prompt_tokens
-                completion_tokens += event.completion_tokens
+                total = _added(total, event)
     if include_usage:
-        yield _stream_chunk(meta, include_usage, None, Done(prompt_tokens, completion_tokens))
+        yield _stream_chunk(meta, include_usage, None, total)
     yield sse("[DONE]")
 
 

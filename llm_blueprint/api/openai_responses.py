@@ -26,7 +26,16 @@ from ..events import MAX_TOKENS, Done, Finish, Heartbeat, ReasoningDelta, TextDe
 from ..schemas.common import load
 from ..schemas.openai_responses import ResponsesRequestSchema
 from ..schemas.response_bodies import Response
-from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
+from .common import (
+    check_limits,
+    check_model,
+    json_body,
+    json_response,
+    keyed_cache_mark,
+    runtime,
+    sampling_defaults,
+    start_chat,
+)
 from .errors import error_envelope, openai_body
 from .openai import token_logprobs
 from .openapi import OPENAI_ERRORS, documented
@@ -104,7 +113,8 @@ class _ResponseFields:
                  error: dict[str, str] | None = None) -> dict[str, Any]:
         usage = None
         if done is not None:
-            usage = {"input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            usage = {"input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": done.cached_tokens,
+                                                                              "cache_write_tokens": done.cache_write_tokens},
                      "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": done.prompt_tokens + done.completion_tokens}
         return {**self.meta, "object": "response", "status": status, "output": output, "usage": usage, "error": error,
@@ -121,7 +131,8 @@ def create_response():
     fmt = (data.get("text") or {}).get("format") or {}
     tools = make_tools([(t["name"], t.get("description"), t.get("parameters"), f"tools[{i}]") for i, t in enumerate(data.get("tools") or [])])
     choice = ToolChoice(*(data.get("tool_choice") or ("auto", None)), parallel=data.get("parallel_tool_calls") is not False)
-    chat = chat_request(messages, tools, choice, response_format(fmt.get("type"), fmt.get("schema"), fmt.get("name"), "text.format.schema"))
+    chat = chat_request(messages, tools, choice, response_format(fmt.get("type"), fmt.get("schema"), fmt.get("name"), "text.format.schema"),
+                        cache_marks=keyed_cache_mark(messages, data))
     # Logprobs when `include` asks for them or `top_logprobs` is given (either alone is enough here).
     top = data.get("top_logprobs") or 0
     want_logprobs = LOGPROBS_INCLUDE in (data.get("include") or []) or data.get("top_logprobs") is not None

@@ -83,6 +83,9 @@ class ChatRequest:
     # unless LLM_REASONING is off (then it stays in the text).
     show_reasoning: bool = True
     template_options: dict[str, Any] = field(default_factory=dict)  # e.g. enable_thinking for Qwen-style templates
+    # The client's cache points: the prompt cache should keep the state after the first k messages, for each k
+    # (Anthropic cache_control breakpoints, OpenAI prompt_cache_key); 0 = the system part (tools) alone.
+    cache_marks: tuple[int, ...] = ()
 
     @property
     def active_tools(self) -> list[Tool]:

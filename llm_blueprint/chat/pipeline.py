@@ -50,7 +50,7 @@ from ..events import (
 )
 from .conversation import ChatRequest
 from .output_parser import THINK_CLOSE, OutputParser, Piece
-from .prompt import ChatPrompt, call_opening, json_opening
+from .prompt import ChatPrompt, call_opening, conversation_so_far, json_opening
 
 RETRY_TEMPERATURE = 0.7
 
@@ -99,15 +99,34 @@ class ChatStream(EventStream[ChatEvent]):
     def _free(self, stream) -> Iterator[ChatEvent]:
         chat = self.chat
         parsers = [OutputParser(chat.active_tools, self.reasoning, self.prompt.in_reasoning, index) for index in range(self.request.n)]
+        answer: list[str] = []
+        ended = None
         for event in stream:
             if isinstance(event, TextDelta):
-                yield from self._pieces(parsers[event.index].feed(event.text), event.logprobs, stream)
+                for piece in (pieces := parsers[event.index].feed(event.text)):
+                    if isinstance(piece, TextDelta):
+                        answer.append(piece.text)
+                yield from self._pieces(pieces, event.logprobs, stream)
             elif isinstance(event, Finish):
                 parser = parsers[event.index]
-                yield from self._pieces(parser.finish(), (), stream)
-                yield event.after_tool_calls() if parser.calls else event
+                pieces = parser.finish()
+                answer.extend(p.text for p in pieces if isinstance(p, TextDelta))
+                yield from self._pieces(pieces, (), stream)
+                ended = event.after_tool_calls() if parser.calls else event
+                yield ended
             else:
                 yield event
+        if self.request.n == 1 and ended is not None and ended.reason in ("stop", "length") and self.request.cache_points:
+            self._hold_conversation("".join(answer))
+
+    def _hold_conversation(self, answer: str) -> None:
+        """Ask the engine to hold this conversation with its answer, for the next turn (an idle replica does it)."""
+        try:
+            ids = conversation_so_far(self.engine.model, self.chat, answer)
+        except Exception:  # a template that cannot render the answered conversation: nothing to hold
+            return
+        if len(ids) > max(self.request.cache_points):
+            self.engine.warm(ids)
 
     def _pieces(self, pieces: list[Piece], logprobs: tuple[TokenLogprob, ...], stream) -> Iterator[ChatEvent]:
         parallel = self.chat.tool_choice.parallel

@@ -13,6 +13,7 @@ with SmolLM2-135M: ``<tool_response>`` markup made it echo the markup).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,8 @@ class ChatPrompt:
     in_reasoning: bool  # the template opened a <think> block for the answer
     call_format: str  # how a forced call is opened: "hermes" (<tool_call>) or "json" (bare object)
     arguments_key: str  # "arguments", or "parameters" for Llama-3-style templates
+    cache_points: tuple[int, ...] = ()  # token counts of message-boundary prefixes worth caching (automatic)
+    cache_marks: tuple[int, ...] = ()  # the same for the client's own cache points
 
 
 def _dumps(value: Any) -> str:
@@ -102,23 +105,63 @@ def _json_instruction(chat: ChatRequest) -> str:
     return JSON_PROMPT
 
 
-def render(model: Model, chat: ChatRequest) -> ChatPrompt:
-    """The prompt for ``chat`` (tools, history, output format), tokenized."""
+def _render_text(model: Model, chat: ChatRequest, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    """``messages`` (the request's, or a prefix or continuation of them) rendered with the request's tools and
+    output format."""
     template = model.chat_template
     native = template is not None and template.supports_tools
     tools: list[Tool] = chat.active_tools
-    messages = _native_history(chat.messages) if native else _hermes_history(chat.messages)
+    history = _native_history(messages) if native else _hermes_history(messages)
     addition = [_json_instruction(chat)]
     if tools and not native:
         addition.insert(0, DEFAULT_TOOL_PROMPT.format(tools="\n".join(_dumps(t.openai_shape()) for t in tools)))
-    messages = _with_system(messages, "\n\n".join(a for a in addition if a))
+    history = _with_system(history, "\n\n".join(a for a in addition if a))
     tool_shapes = [t.openai_shape() for t in tools] if native and tools else None
-    text = model.render_chat(messages, tools=tool_shapes, **chat.template_options)
+    return model.render_chat(history, tools=tool_shapes, add_generation_prompt=add_generation_prompt,
+                             **chat.template_options)
+
+
+def render(model: Model, chat: ChatRequest, cache_points: bool = False) -> ChatPrompt:
+    """The prompt for ``chat`` (tools, history, output format), tokenized; with ``cache_points``, also the
+    message-boundary prefixes the prompt cache may keep (see :func:`shared_prefix`)."""
+    template = model.chat_template
+    native = template is not None and template.supports_tools
+    text = _render_text(model, chat, chat.messages)
     ids = model.encode_text(text, "messages")
     source = template.source if template is not None else ""
     call_format = "json" if native and CALL_OPEN not in source else "hermes"
     arguments_key = "parameters" if call_format == "json" and '"parameters"' in source else "arguments"
-    return ChatPrompt(text, ids, text.rstrip().endswith(THINK_OPEN), call_format, arguments_key)
+    prompt = ChatPrompt(text, ids, text.rstrip().endswith(THINK_OPEN), call_format, arguments_key)
+    if cache_points:
+        messages = chat.messages
+        leading = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
+        last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=0)
+        automatic = {leading, last_user} if last_user > leading else {leading}
+        prompt.cache_points = tuple(sorted({n for k in automatic if (n := shared_prefix(model, chat, messages[:k], ids))}))
+        prompt.cache_marks = tuple(sorted({n for k in chat.cache_marks if (n := shared_prefix(model, chat, messages[:k], ids))}))
+    return prompt
+
+
+def shared_prefix(model: Model, chat: ChatRequest, messages: list[Message], ids: list[int]) -> int:
+    """How many tokens of ``ids`` (a whole prompt) the rendering of just ``messages`` (its first messages, without
+    the assistant turn's opening) shares: the prompt prefix that ends at that message boundary, as every request
+    continuing these messages tokenizes it. 0 when the template renders the part differently (a few tokens that
+    tokenize together across the boundary are left out)."""
+    try:
+        prefix = model.encode_text(_render_text(model, chat, messages, add_generation_prompt=False), "messages")
+    except Exception:  # a template that cannot render this part alone (one that wants a user message, say)
+        return 0
+    n = len(os.path.commonprefix([prefix, ids]))
+    return n if n >= len(prefix) - 4 and n < len(ids) else 0
+
+
+def conversation_so_far(model: Model, chat: ChatRequest, answer: str) -> list[int]:
+    """The tokens that the next turn of this conversation (after ``answer``) starts with: what the prompt cache
+    can hold so that the next turn prefills only its new message."""
+    history = chat.messages + [Message("assistant", answer)]
+    closed = model.encode_text(_render_text(model, chat, history, add_generation_prompt=False), "messages")
+    following = model.encode_text(_render_text(model, chat, history + [Message("user", "?")]), "messages")
+    return closed[: len(os.path.commonprefix([closed, following]))]
 
 
 def call_opening(prompt: ChatPrompt, name: str | None) -> str:

@@ -25,6 +25,7 @@ from ..errors import ContextTooLong, EngineShutDown, InvalidRequest, Overloaded
 from ..events import Done, Event, EventStream, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob
 from .handoff import Channel, Empty, NativeThread, WorkQueue, allocate_native_lock, native_sleep, run_on_native_thread
 from .model import Model
+from .prompt_cache import NO_PLAN, Plan, PromptCache, release_freed_memory
 from .text_stream import IncrementalDecoder, JsonEnd, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,13 @@ class _Entry:
         self.job.entry_finished()
 
 
+def _split_point(entry: _Entry) -> int:
+    """Deterministic mode: where a prompt's prefill is split, whatever the cache holds (its longest cache point)."""
+    request = entry.job.request
+    points = [p for p in (*request.cache_points, *request.cache_marks) if 0 < p < len(request.prompt_ids)]
+    return max(points, default=0)
+
+
 def _top_logprobs(logits, k: int) -> tuple[tuple[int, float], ...]:
     """The ``k`` likeliest tokens of one step and their log-probabilities, from its raw logits (~0.2 ms a step for a
     49k vocabulary, on the engine thread, only for entries that asked)."""
@@ -137,6 +145,15 @@ class _Job:
         self._unfinished = request.n
         self._count_lock = allocate_native_lock()  # entries may finish on different threads (cancel_all, workers)
         self.enqueued_at = time.monotonic()
+        self.planned = False  # the prompt cache's first decision for this request, reported in its usage
+        self.cache_read = 0
+        self.cache_written = 0
+
+    def note_plan(self, plan: Plan) -> None:
+        if not self.planned:
+            self.planned = True
+            self.cache_read = plan.length if plan.read else 0
+            self.cache_written = plan.length if plan.store else 0
 
     @property
     def sampling_key(self) -> tuple:
@@ -154,13 +171,17 @@ class _Job:
             self._unfinished -= 1
             last = self._unfinished == 0
         if last:
-            self.channel.put(Done(len(self.request.prompt_ids), sum(e.tokens for e in self.entries)))
+            self.channel.put(Done(len(self.request.prompt_ids), sum(e.tokens for e in self.entries),
+                                  self.cache_read, self.cache_written))
 
 
 @dataclass
 class _BatchState:
     restart: bool = False
     checked_step: int = -1
+    plan: Plan = NO_PLAN  # the cached prefix the batch runs after (or stores)
+    generator: object = None  # the generator the plan was made for (a swap may replace the model's meanwhile)
+    prefilled: bool = False
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -211,10 +232,13 @@ class Engine:
     one pass instead of step by step).
     """
 
-    def __init__(self, model: Model, heartbeat_interval: float = 2.0, batching: BatchingOptions | None = None):
+    def __init__(self, model: Model, heartbeat_interval: float = 2.0, batching: BatchingOptions | None = None,
+                 prompt_cache: PromptCache | None = None):
         self.model = model
         self.heartbeat_interval = heartbeat_interval
         self.batching = batching or BatchingOptions()
+        self.prompt_cache = prompt_cache
+        self._warm: list[list[int]] = []  # conversations to hold in the cache when a replica is idle, newest last
         self._pending: list[_Entry] = []
         self._pending_lock = allocate_native_lock()
         self._wakeup = WorkQueue()  # one token per arrival; workers block on it
@@ -259,6 +283,17 @@ class Engine:
             self._pending.extend(job.entries)
         self._wakeup.put(True)
         return EventStream(self._events(job), cancel=job.cancel)
+
+    def warm(self, ids: list[int]) -> None:
+        """Ask an idle replica to hold the state after ``ids`` in the prompt cache (a conversation so far, so that
+        its next turn prefills only the new message). Only while another replica stays free for arrivals: a warm-up
+        cannot be interrupted once it started."""
+        cache = self.prompt_cache
+        if cache is None or not cache.enabled or len(self._threads) < 2 or self._closed:
+            return
+        with self._pending_lock:
+            self._warm = [w for w in self._warm if w != ids][-3:] + [list(ids)]
+        self._wakeup.put(True)
 
     def score_continuations(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
         """Log-probability of each continuation after the prompt (one engine pass, off the event loop).
@@ -364,14 +399,15 @@ class Engine:
                 return
             if self.batching.gather_seconds > 0:
                 native_sleep(self.batching.gather_seconds)
-            batch = self._take_batch()
+            batch, state = self._take_batch()
             if not batch:
+                if state is not None:
+                    self._run_warm(state)
                 continue
             if self._pending:
                 self._wakeup.put(True)  # what did not fit goes to the next idle worker
             jobs = {entry.job for entry in batch}
             self._running.update(jobs)
-            state = _BatchState()
             try:
                 self._run(batch, state)
             except Exception as exc:
@@ -379,6 +415,7 @@ class Engine:
                 for entry in batch:
                     entry.finish("error", error=str(exc))
             finally:
+                self._plan_done(state)
                 survivors = [e for e in batch if not e.finished and not e.job.cancelled] if state.restart else []
                 for entry in survivors:
                     entry.restarts += 1
@@ -389,27 +426,37 @@ class Engine:
                     if entry not in survivors:
                         entry.finish("cancelled" if entry.job.cancelled else "length")
                 self._running.difference_update(jobs)
+                self._release(state)
             if self._pending:
                 self._wakeup.put(True)  # leftovers that did not fit this batch
 
-    def _take_batch(self) -> list[_Entry]:
-        """The oldest pending entry plus compatible companions of similar prompt length."""
+    def _take_batch(self) -> tuple[list[_Entry], _BatchState | None]:
+        """The oldest pending entry plus compatible companions of similar prompt length, and the batch's state
+        (with no entries: a state for a warm-up when nothing waits, else None)."""
         with self._pending_lock:
             abandoned = [e for e in self._pending if e.job.cancelled]
             self._pending = [e for e in self._pending if not e.job.cancelled and not e.finished]
             for entry in abandoned:  # clients gone before their turn
                 entry.finish("cancelled")
+            state = _BatchState(generator=self.model.generator)
             if not self._pending:
-                return []
+                return [], state
             seed = self._pending[0]
             if seed.job.request.seed is not None and not seed.job.request.greedy:
                 # a seeded sampled request runs alone, on its own fresh generator
                 batch = [e for e in self._pending if e.job is seed.job]
                 self._pending = [e for e in self._pending if e.job is not seed.job]
                 self._batches_running += 1
-                return batch
-            key, length = seed.job.sampling_key, seed.length
-            candidates = [e for e in self._pending if self._compatible(e, key, length)]
+                return batch, state
+            for seed in self._pending:  # the oldest entry whose cached prefix is not still being computed
+                plan = self._plan(seed)
+                if plan is not None:
+                    break
+            else:
+                return [], None  # the batches computing their prefixes wake the workers when they are held
+            state.plan = plan
+            key, length = seed.job.sampling_key, seed.length - plan.length
+            candidates = [e for e in self._pending if self._compatible(e, key, length, plan.prefix)]
             candidates.sort(key=lambda e: (abs(e.length - length), e.job.enqueued_at))
             # A burst is shared between the replicas that are free: two batches of 8 run faster than one of 16
             # beside an idle replica.
@@ -420,12 +467,124 @@ class Engine:
             chosen = set(map(id, batch))
             self._pending = [e for e in self._pending if id(e) not in chosen]
             self._batches_running += 1
-        return batch
+            for entry in batch:
+                entry.job.note_plan(plan)
+        return batch, state
 
-    def _compatible(self, entry: _Entry, key: tuple, length: int) -> bool:
+    def _compatible(self, entry: _Entry, key: tuple, length: int, prefix: tuple[int, ...] = ()) -> bool:
+        """Same sampling, prompts that start with the batch's cached prefix, and similar lengths after it
+        (deterministic mode: a prefill split where this prompt alone would split it)."""
         relative = self.batching.length_tolerance
         tolerance = max(1, int(length * relative)) if relative > 0 else 0
-        return entry.job.sampling_key == key and entry.job.request.seed is None and abs(entry.length - length) <= tolerance
+        request = entry.job.request
+        if self.batching.deterministic and _split_point(entry) != len(prefix):
+            return False
+        return (entry.job.sampling_key == key and request.seed is None
+                and abs(entry.length - len(prefix) - length) <= tolerance
+                and (not prefix or tuple(request.prompt_ids[:len(prefix)]) == prefix))
+
+    # The prompt cache ---------------------------------------------------------
+    def _plan(self, entry: _Entry) -> Plan | None:
+        """The cache plan for a batch seeded by ``entry`` (None: its prefix is being computed; wait for it).
+        Called under the scheduling lock."""
+        cache = self.prompt_cache
+        request = entry.job.request
+        if self.batching.deterministic:  # the prefill is split after the request's longest point, cached or not
+            split = _split_point(entry)
+            if not split:
+                return NO_PLAN
+            if cache is None:
+                return Plan(tuple(request.prompt_ids[:split]), keep=False)
+            plan = cache.plan_at(request.prompt_ids, split)
+        elif cache is None or not cache.enabled:
+            return NO_PLAN
+        else:
+            plan = cache.plan(request.prompt_ids + entry.generated, request.cache_points, request.cache_marks)
+        if cache.swap_wanted:
+            self._start_swap()
+        return plan
+
+    def _prefilled(self, state: _BatchState) -> None:
+        """The batch's first step: a prefix it stores is held by the engine from now on."""
+        state.prefilled = True
+        if state.plan.store:
+            with self._pending_lock:
+                self.prompt_cache.ready(state.plan)
+            self._wakeup.put(True)  # requests waiting for that prefix
+
+    def _plan_done(self, state: _BatchState) -> None:
+        if state.plan.store and not state.prefilled:
+            with self._pending_lock:
+                self.prompt_cache.forget(state.plan)
+            self._wakeup.put(True)
+
+    def _release(self, state: _BatchState) -> None:
+        """Drop the batch's generator; the last batch of a swapped-out one frees its states and weights."""
+        old = state.generator is not None and state.generator is not self.model.generator
+        state.generator = None
+        if old:
+            release_freed_memory()
+
+    def _run_warm(self, state: _BatchState) -> None:
+        """Hold the newest requested conversation in the cache, when no request waits and another replica is
+        free for arrivals."""
+        with self._pending_lock:
+            if self._pending or not self._warm or self._idle_workers < 1 or self._closed:
+                return
+            ids = self._warm.pop()
+            state.plan = self.prompt_cache.warm_plan(ids)
+            if self.prompt_cache.swap_wanted:
+                self._start_swap()
+            if not state.plan.store:
+                return
+            self._batches_running += 1
+        vocabulary = self.model.vocabulary
+        try:
+            state.generator.generate_batch(
+                [[vocabulary[ids[-1]]]], static_prompt=[vocabulary[t] for t in ids], cache_static_prompt=True,
+                max_length=1, sampling_topk=1, callback=lambda step: True,
+            )
+            state.prefilled = True
+            with self._pending_lock:
+                self.prompt_cache.ready(state.plan)
+        except Exception:
+            log.exception("prompt cache warm-up failed")
+        finally:
+            self._plan_done(state)
+            with self._pending_lock:
+                self._batches_running -= 1
+            self._release(state)
+        if self._pending or self._warm:
+            self._wakeup.put(True)
+
+    def _start_swap(self) -> None:
+        """Load a fresh generator (empty cache) in the background; swapped in between batches. Under the lock."""
+        cache = self.prompt_cache
+        cache.swap_wanted = False
+        if cache.swapping or self._closed:
+            return
+        cache.swapping = True
+        NativeThread(self._swap, "llm-engine-swap").start()
+
+    def _swap(self) -> None:
+        cache = self.prompt_cache
+        started = time.monotonic()
+        try:
+            fresh = self.model.new_generator()
+        except Exception:
+            log.exception("prompt cache: cannot load a fresh generator; the cache stays full")
+            with self._pending_lock:
+                cache.swapping = False
+            return
+        with self._pending_lock:
+            keep = cache.survivors()
+            freed = cache.held_bytes
+            self.model.generator = fresh
+            cache.swapped()
+            self._warm = [list(k) for k in reversed(keep)] + self._warm
+        log.info("prompt cache full: swapped in a fresh generator in %.2f s (%.0f MB of held states go with the old "
+                 "one; %d recent prefixes to hold again)", time.monotonic() - started, freed / 2**20, len(keep))
+        self._wakeup.put(True)
 
     def _should_restart(self, batch: list[_Entry], state: _BatchState, step) -> bool:
         """Checked once per decoding step while the batch is young: restart it to take in waiting requests?"""
@@ -437,11 +596,12 @@ class Engine:
         live = [e for e in batch if not e.finished]
         if not live or any(e.restarts >= self.batching.max_restarts for e in live):
             return False
-        key, length = live[0].job.sampling_key, live[0].length
+        prefix = state.plan.prefix
+        key, length = live[0].job.sampling_key, live[0].length - len(prefix)
         with self._pending_lock:
             if self._idle_workers:
                 return False  # an idle replica will take them
-            joiners = sum(1 for e in self._pending if self._compatible(e, key, length))
+            joiners = sum(1 for e in self._pending if self._compatible(e, key, length, prefix))
         if joiners and len(live) + joiners <= self.batching.max_batch_size:
             state.restart = True
         return state.restart
@@ -452,6 +612,8 @@ class Engine:
         seeded = first.seed is not None and not first.greedy
 
         def callback(step) -> bool:
+            if not state.prefilled:
+                self._prefilled(state)
             if batch[step.batch_id].on_step(step):
                 return True
             return not seeded and self._should_restart(batch, state, step)
@@ -475,10 +637,13 @@ class Engine:
                 sampling_topp=first.top_p,
                 sampling_temperature=first.temperature,
             )
-        prompts = [tokenizer.ids_to_tokens(e.job.request.prompt_ids + e.generated) for e in batch]
+        cut = state.plan.length
+        prompts = [tokenizer.ids_to_tokens((e.job.request.prompt_ids + e.generated)[cut:]) for e in batch]
+        if cut:
+            options.update(static_prompt=tokenizer.ids_to_tokens(list(state.plan.prefix)), cache_static_prompt=state.plan.keep)
         self.batch_sizes.append(len(batch))
         if not seeded:
-            self.model.generator.generate_batch(prompts, **options)
+            state.generator.generate_batch(prompts, **options)
         else:
             self._run_seeded(batch[0].job, prompts, options)
 

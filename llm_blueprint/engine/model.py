@@ -68,7 +68,6 @@ class Model:
     """A loaded model directory. Thread-safe for concurrent generation calls."""
 
     def __init__(self, path: str, options: EngineOptions | None = None):
-        import ctranslate2
 
         options = options or EngineOptions()
         self.path = os.path.abspath(path)
@@ -102,20 +101,26 @@ class Model:
         self.compute_type = options.compute_type or DEFAULT_COMPUTE_TYPES[self.device]
         self.inter_threads = options.inter_threads
         self.intra_threads = options.intra_threads
-        try:
-            self.generator = ctranslate2.Generator(
-                self.path,
-                device=self.device,
-                compute_type=self.compute_type,
-                inter_threads=options.inter_threads,
-                intra_threads=options.intra_threads,
-            )
-        except (RuntimeError, ValueError) as exc:
-            raise ModelLoadError(f"CTranslate2 cannot load {self.path} on {self.device}/{self.compute_type}: {exc}") from exc
+        self.generator = self.new_generator()
         log.info(
             "loaded model %s on %s (%s), context %d, end tokens %s",
             self.path, self.device, self.compute_type, self.context_length, self.end_tokens,
         )
+
+    def new_generator(self):
+        """A CTranslate2 generator of this model with its settings (the prompt cache swaps in a fresh one to free
+        the states it holds)."""
+        import ctranslate2
+
+        try:
+            return ctranslate2.Generator(self.path, device=self.device, compute_type=self.compute_type,
+                                         inter_threads=self.inter_threads, intra_threads=self.intra_threads)
+        except (RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"CTranslate2 cannot load {self.path} on {self.device}/{self.compute_type}: {exc}") from exc
+
+    @property
+    def weights_bytes(self) -> int:
+        return os.path.getsize(os.path.join(self.path, "model.bin"))
 
     # Loading helpers ---------------------------------------------------------
     def _special_tokens(self) -> dict[str, str | None]:

@@ -17,6 +17,22 @@ UNSERVABLE_BLOCKS = {
 IGNORED_BLOCKS = {"thinking", "redacted_thinking"}
 
 
+class SystemText(str):
+    """The system prompt's text; ``cached``: one of its blocks carries a cache breakpoint."""
+
+    cached = False
+
+
+def _cache_control(value: Any, where: Any) -> dict[str, Any] | None:
+    """A checked ``cache_control`` (``{"type": "ephemeral", "ttl": "5m" | "1h"}``), or None."""
+    if value is None:
+        return None
+    errors = CacheControlSchema().validate(value) if isinstance(value, dict) else {"_schema": ["must be an object"]}
+    if errors:
+        raise ValidationError({where: {"cache_control": errors}} if where is not None else {"cache_control": errors})
+    return value
+
+
 def _unservable(kind: str) -> str:
     return UNSERVABLE_BLOCKS.get(kind, f"content block type '{kind}' is not supported")
 
@@ -33,6 +49,14 @@ def _block(i: int, block: Any) -> dict[str, Any] | None:
     if not isinstance(block, dict) or not isinstance(block.get("type"), str):
         raise ValidationError({i: ["each content block must be an object with a 'type'"]})
     kind = block["type"]
+    cache = _cache_control(block.get("cache_control"), i)
+    normalized = _normalized_block(i, block, kind)
+    if normalized is not None and cache:
+        normalized["cache_control"] = cache
+    return normalized
+
+
+def _normalized_block(i: int, block: dict[str, Any], kind: str) -> dict[str, Any] | None:
     if kind == "text":
         return {"type": "text", "text": _text_blocks([block], "content")}
     if kind in IGNORED_BLOCKS:
@@ -83,7 +107,10 @@ class SystemPrompt(fields.Field):
     openapi = {"nullable": True, "oneOf": [{"type": "string"}, _BLOCKS]}
 
     def _deserialize(self, value, attr, data, **kwargs):
-        return _text_blocks(value, "system")
+        text = SystemText(_text_blocks(value, "system"))
+        if isinstance(value, list):
+            text.cached = any(_cache_control(b.get("cache_control"), i) for i, b in enumerate(value) if isinstance(b, dict))
+        return text
 
 
 def _valid_role(role: str) -> None:
@@ -100,8 +127,14 @@ class MessageSchema(RequestSchema):
     content = MessageContent(required=True)
 
 
+class CacheControlSchema(RequestSchema):
+    type = StrictStr(required=True, validate=validate.OneOf(["ephemeral"]))
+    ttl = StrictStr(allow_none=True, validate=validate.OneOf(["5m", "1h"]))
+
+
 class ToolSchema(RequestSchema):
     name = StrictStr(required=True)
+    cache_control = fields.Nested(CacheControlSchema, allow_none=True)
     description = StrictStr(allow_none=True)
     input_schema = fields.Dict()
     type = StrictStr(allow_none=True)
@@ -150,6 +183,7 @@ class CountTokensRequestSchema(RequestSchema):
     tool_choice = fields.Nested(ToolChoiceSchema, allow_none=True)
     thinking = fields.Nested(ThinkingSchema, allow_none=True)
     output_config = fields.Nested(OutputConfigSchema, allow_none=True)
+    cache_control = fields.Nested(CacheControlSchema, allow_none=True)  # automatic caching (the last block)
 
 
 class MessagesRequestSchema(CountTokensRequestSchema):

@@ -127,6 +127,9 @@ class SamplingFields(RequestSchema):
     stream = StrictBool(load_default=False, allow_none=True)
     stream_options = fields.Nested(StreamOptionsSchema, allow_none=True)
     user = StrictStr(allow_none=True)
+    # A key that requests sharing a long prefix carry; the prefix up to the last user message is then held in the
+    # prompt cache (OpenAI routes by it to a machine with that prefix cached).
+    prompt_cache_key = StrictStr(allow_none=True)
 
 
 class ChatCompletionRequestSchema(SamplingFields):

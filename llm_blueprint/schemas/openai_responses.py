@@ -131,6 +131,9 @@ class ResponsesRequestSchema(RequestSchema):
     text = fields.Nested(TextSchema, allow_none=True)
     metadata = fields.Dict(allow_none=True)
     user = StrictStr(allow_none=True)
+    # A key that requests sharing a long prefix carry; the prefix up to the last user message is then held in the
+    # prompt cache (OpenAI routes by it to a machine with that prefix cached).
+    prompt_cache_key = StrictStr(allow_none=True)
     top_logprobs = StrictInt(allow_none=True, validate=validate.Range(0, 20))
     include = fields.List(StrictStr(), allow_none=True)
 

@@ -23,10 +23,16 @@ class OpenAIError(ResponseSchema):
     error = fields.Nested(OpenAIErrorBody, required=True)
 
 
+class PromptTokensDetails(ResponseSchema):
+    cached_tokens = fields.Integer(required=True)  # read from the prompt cache
+    cache_write_tokens = fields.Integer(required=True)  # stored in the prompt cache by this request
+
+
 class Usage(ResponseSchema):
     prompt_tokens = fields.Integer(required=True)
     completion_tokens = fields.Integer(required=True)
     total_tokens = fields.Integer(required=True)
+    prompt_tokens_details = fields.Nested(PromptTokensDetails, required=True)
 
 
 class ChatMessageOut(ResponseSchema):
