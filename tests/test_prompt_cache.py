@@ -42,6 +42,17 @@ def test_an_automatic_point_is_stored_once_then_read_by_prompts_that_start_with_
     assert other.length == 0
 
 
+def test_a_prefix_being_computed_is_waited_for_only_when_no_computed_one_helps():
+    cache = _cache()
+    cache.ready(cache.plan(list(range(100)), points=(40,), explicit=()))
+    conversation = cache.warm_plan(list(range(90)))  # an idle replica computes the conversation so far
+    assert conversation.store and conversation.length == 90
+    plan = cache.plan(list(range(95)), points=(40, 90), explicit=())
+    assert plan.length == 40  # 55 tokens after the held system part beat waiting for 90 computed from scratch
+    cache.ready(conversation)
+    assert cache.plan(list(range(95)), points=(40, 90), explicit=()).length == 90
+
+
 def test_a_longer_automatic_point_is_not_computed_from_scratch_when_a_shorter_one_is_held():
     cache = _cache()
     cache.ready(cache.plan(list(range(100)), points=(40,), explicit=()))

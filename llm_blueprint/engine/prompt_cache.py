@@ -178,13 +178,18 @@ class PromptCache:
         self._bytes += nbytes
 
     def longest_held(self, ids: list[int]) -> HeldPrefix | None:
-        """The longest held prefix that ``ids`` starts with and goes beyond (a call needs one token after it)."""
-        best = None
+        """The longest held prefix that ``ids`` starts with and goes beyond (a call needs one token after it); one
+        still being computed only when no computed one is there (waiting for it then beats computing it again, as
+        its computation started earlier; with a computed one, the shorter rest to prefill is known to be quicker)."""
+        ready = pending = None
         for tokens, held in self.held.items():
             n = len(tokens)
-            if n < len(ids) and (best is None or n > len(best.tokens)) and tuple(ids[:n]) == tokens:
-                best = held
-        return best
+            if n < len(ids) and tuple(ids[:n]) == tokens:
+                if held.ready and (ready is None or n > len(ready.tokens)):
+                    ready = held
+                elif not held.ready and (pending is None or n > len(pending.tokens)):
+                    pending = held
+        return ready or pending
 
     def plan(self, ids: list[int], points: tuple[int, ...], explicit: tuple[int, ...]) -> Plan | None:
         """The plan for a batch seeded by this prompt; None while the prefix it would use is still being computed

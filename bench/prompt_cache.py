@@ -1,0 +1,272 @@
+"""The prompt cache, side by side in one run: this server with its cache, the same server without it
+(``LLM_PROMPT_CACHE_MB=0``, what it did before), and llama.cpp's own ``llama-server`` (its slots keep the
+previous request's KV cache and reuse the longest common prefix).
+
+    python bench/prompt_cache.py [--quick] [--no-peer] [--think 0 3]
+
+1. a 1,000-word system prompt and a short question: time to first token cold (a system prompt never seen), then
+   warm (the same system prompt, another question);
+2. a 5-turn conversation under another such system prompt: each turn's time to first token, the next turn sent
+   ``--think`` seconds after the answer (0: at once; a person takes longer to read and type);
+3. 8 concurrent streaming clients in a closed loop, greedy, 64 tokens each: all with one system prompt (shared), and
+   with 4 different ones (mixed): aggregate tokens/s with and without the cache;
+4. ``--distinct`` requests (300) with distinct 500-word system prompts against a server with a small budget
+   (``LLM_PROMPT_CACHE_MB``): the worker's peak resident memory over its size after loading, against the budget,
+   and whether every request was answered.
+
+llama-server is built once from the llama-cpp-python sdist (``bench/llama_cpp_build.py``) and serves the default
+model's own GGUF file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import requests
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from throughput import ROOT, free_port, percentile, start_server, stop, wait_ready, worker_rss_mb  # noqa: E402
+
+WORDS = ("customer order invoice shipping refund warranty account password delivery return discount payment "
+         "subscription support privacy cookie gift card policy section business days politely answer never promise "
+         "store manager weekend holiday express standard tracking number address change cancel upgrade").split()
+
+
+def system_prompt(seed: int, words: int = 1000) -> str:
+    rng = random.Random(seed)
+    sentences, count = [], 0
+    while count < words:
+        sentence = [rng.choice(WORDS) for _ in range(rng.randint(8, 16))]
+        sentences.append(" ".join(sentence).capitalize() + ".")
+        count += len(sentence)
+    return f"You are assistant number {seed} of Example Store. Follow these rules. " + " ".join(sentences)
+
+
+QUESTIONS = ["What are your opening hours?", "How do I return a parcel?", "Can I change my delivery address?",
+             "Do you ship abroad?", "How long does a refund take?", "Is my password stored safely?",
+             "Can I pay with a gift card?", "What does express shipping cost?"]
+
+
+def stream_chat(base: str, model: str, messages: list[dict[str, str]], max_tokens: int, session=None,
+                exact: bool = False) -> tuple[float, str, int]:
+    """(time to first token, answer, generated tokens) of one streamed greedy chat completion."""
+    body = {"model": model, "messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    if exact:
+        body.update(min_tokens=max_tokens, ignore_eos=True)  # ours reads min_tokens, llama-server ignore_eos
+    started = time.perf_counter()
+    first, text, count = None, [], 0
+    with (session or requests).post(base + "/v1/chat/completions", json=body, stream=True, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                count = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if choice["delta"].get("content"):
+                    if first is None:
+                        first = time.perf_counter() - started
+                    text.append(choice["delta"]["content"])
+    return (first if first is not None else float("nan")), "".join(text), count
+
+
+# ----------------------------------------------------------------------------- the three servers
+class Peer:
+    def __init__(self, log_dir: str, slots: int = 4, context: int = 4096):
+        from llama_cpp_build import binaries
+
+        from llm_blueprint.engine.default_model import default_gguf_path
+
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = open(os.path.join(log_dir, "llama-server.log"), "w")
+        self.process = subprocess.Popen(
+            [binaries()["llama-server"], "-m", default_gguf_path(), "--host", "127.0.0.1", "--port", str(port),
+             "-t", str(os.cpu_count() or 1), "-np", str(slots), "-c", str(slots * context), "--alias", "bench"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_ready(self.base + "/health", self.process)
+
+    def close(self) -> None:
+        stop(self.process)
+        self.log.close()
+
+
+class Ours:
+    def __init__(self, model_dir: str, log_dir: str, name: str, env: dict[str, str]):
+        self.process, self.base = start_server(model_dir, log_dir, name, env)
+
+    def close(self) -> None:
+        stop(self.process)
+
+
+# ----------------------------------------------------------------------------- the measurements
+def same_system_prompt(base: str, seed: int) -> dict[str, float]:
+    system = system_prompt(seed)
+    cold = stream_chat(base, "bench", [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[0]}], 8)[0]
+    warm = [stream_chat(base, "bench", [{"role": "system", "content": system}, {"role": "user", "content": q}], 8)[0]
+            for q in QUESTIONS[1:4]]
+    return {"cold": cold, "warm": percentile(warm, 0.5)}
+
+
+def conversation(base: str, seed: int, think: float, turns: int = 5) -> list[float]:
+    messages = [{"role": "system", "content": system_prompt(seed)}]
+    ttfts = []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
+        ttft, answer, _ = stream_chat(base, "bench", messages, 48)
+        ttfts.append(ttft)
+        messages.append({"role": "assistant", "content": answer})
+        time.sleep(think)
+    return ttfts
+
+
+def closed_loop(base: str, systems: list[str], clients: int = 8, seconds: float = 30, tokens: int = 64) -> float:
+    """Aggregate generated tokens/s of ``clients`` streaming clients, client k under system prompt k % len(systems)."""
+    generated = [0]
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    stop_at = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        session = requests.Session()
+        r = 0
+        try:
+            while time.perf_counter() < stop_at:
+                messages = [{"role": "system", "content": systems[k % len(systems)]},
+                            {"role": "user", "content": QUESTIONS[(k + r) % len(QUESTIONS)]}]
+                _, _, count = stream_chat(base, "bench", messages, tokens, session, exact=True)
+                with lock:
+                    generated[0] += count
+                r += 1
+        except Exception as exc:  # noqa: BLE001 - reported
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} clients failed: {errors[0]!r}")
+    return generated[0] / (time.perf_counter() - started)
+
+
+def memory_bound(model_dir: str, log_dir: str, budget_mb: int, requests_count: int) -> dict[str, float]:
+    server = Ours(model_dir, log_dir, "memory", {"LLM_PROMPT_CACHE_MB": str(budget_mb)})
+    try:
+        baseline = worker_rss_mb(server.process.pid)
+        peak = [baseline]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], worker_rss_mb(server.process.pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        answered = 0
+        session = requests.Session()
+        started = time.perf_counter()
+        for i in range(requests_count):
+            messages = [{"role": "system", "content": system_prompt(10_000 + i, words=500)},
+                        {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+            reply = session.post(server.base + "/v1/chat/completions", timeout=600,
+                                 json={"model": "bench", "messages": messages, "max_tokens": 4, "temperature": 0})
+            answered += reply.status_code == 200 and bool(reply.json()["choices"])
+        elapsed = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        metrics = requests.get(server.base + "/metrics", timeout=10).text
+        swaps = sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("llm_prompt_cache_swaps_total"))
+        return {"baseline_mb": baseline, "peak_mb": peak[0], "growth_mb": peak[0] - baseline, "budget_mb": budget_mb,
+                "answered": answered, "requests": requests_count, "swaps": swaps, "seconds": elapsed}
+    finally:
+        server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="shorter loops, 60 distinct prompts")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--think", type=float, nargs="+", default=[0.0, 3.0])
+    parser.add_argument("--distinct", type=int, default=300)
+    parser.add_argument("--budget-mb", type=int, default=768)
+    args = parser.parse_args()
+    seconds = 12 if args.quick else 30
+    distinct = 60 if args.quick else args.distinct
+
+    from llm_blueprint.engine.default_model import prepare_default_model
+
+    model_dir = prepare_default_model(os.environ.get("LLM_CACHE_DIR"))
+    log_dir = tempfile.mkdtemp(prefix="bench-prompt-cache-")
+    print(f"logs: {log_dir}", flush=True)
+    servers = {"cache": lambda: Ours(model_dir, log_dir, "cache", {}),
+               "no cache": lambda: Ours(model_dir, log_dir, "nocache", {"LLM_PROMPT_CACHE_MB": "0"})}
+    if not args.no_peer:
+        servers["llama-server"] = lambda: Peer(log_dir)
+    results: dict[str, dict] = {}
+    shared = [system_prompt(1)]
+    mixed = [system_prompt(1 + k) for k in range(4)]
+    for name, make in servers.items():
+        server = make()
+        try:
+            r = results[name] = {}
+            r["same"] = same_system_prompt(server.base, seed=100)
+            for i, think in enumerate(args.think):
+                r[f"turns think {think:g}"] = conversation(server.base, seed=200 + i, think=think)
+            r["shared 8"] = closed_loop(server.base, shared, seconds=seconds)
+            r["mixed 8"] = closed_loop(server.base, mixed, seconds=seconds)
+        finally:
+            server.close()
+        print(name, json.dumps(r), flush=True)
+
+    print("\n== same 1,000-word system prompt, a new question: TTFT ms ==")
+    for name, r in results.items():
+        same = r["same"]
+        print(f"{name:>13}: cold {same['cold'] * 1000:7.0f}   warm {same['warm'] * 1000:6.0f}   "
+              f"warm/cold {same['warm'] / same['cold']:.3f}")
+    for think in args.think:
+        key = f"turns think {think:g}"
+        print(f"\n== 5-turn conversation, next turn {think:g} s after the answer: TTFT ms per turn ==")
+        for name, r in results.items():
+            print(f"{name:>13}: " + " ".join(f"{t * 1000:6.0f}" for t in r[key]))
+        if "no cache" in results:
+            ratios = [a / b for a, b in zip(results["cache"][key], results["no cache"][key], strict=True)]
+            print(f"  cache / no cache per turn: {' '.join(f'{x:.2f}' for x in ratios)}   (target <= 0.3 each)")
+        if "llama-server" in results:
+            ratios = [a / b for a, b in zip(results["cache"][key], results["llama-server"][key], strict=True)]
+            print(f"  cache / llama-server per turn: {' '.join(f'{x:.2f}' for x in ratios)}   (target <= 2 each)")
+    print("\n== 8 streaming clients, 64 tokens each: aggregate tokens/s ==")
+    for name, r in results.items():
+        print(f"{name:>13}: shared system prompt {r['shared 8']:6.1f}   4 mixed system prompts {r['mixed 8']:6.1f}")
+    if "no cache" in results:
+        c, n = results["cache"], results["no cache"]
+        print(f"  shared: cache / no cache {c['shared 8'] / n['shared 8']:.2f} (target >= 1);  "
+              f"mixed: cache / no cache {c['mixed 8'] / n['mixed 8']:.2f} (target >= 0.9)")
+
+    memory = memory_bound(model_dir, log_dir, args.budget_mb, distinct)
+    print(f"\n== {memory['requests']} requests with distinct 500-word system prompts, LLM_PROMPT_CACHE_MB="
+          f"{memory['budget_mb']} ==")
+    print(f"  worker RSS after load {memory['baseline_mb']:.0f} MB, peak {memory['peak_mb']:.0f} MB: growth "
+          f"{memory['growth_mb']:.0f} MB = {memory['growth_mb'] / memory['budget_mb']:.2f} x the budget (target <= 1.1); "
+          f"answered {memory['answered']}/{memory['requests']}; {memory['swaps']:.0f} generator swaps; "
+          f"{memory['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main()
