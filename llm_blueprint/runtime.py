@@ -183,7 +183,7 @@ class Runtime:
         )
         cache = None
         if settings["LLM_PROMPT_CACHE_MB"] > 0:
-            cache = PromptCache(state_bytes_per_token(model.path, model.device), settings["LLM_PROMPT_CACHE_MB"] * 2**20,
+            cache = PromptCache(state_bytes_per_token(model.path, model.device, model.compute_type), settings["LLM_PROMPT_CACHE_MB"] * 2**20,
                                 weights_bytes=model.weights_bytes)
             log.info("prompt cache: up to %d MB (%.0f KB a token held; a fresh generator is swapped in when full)",
                      settings["LLM_PROMPT_CACHE_MB"], cache.bytes_per_token / 1024)

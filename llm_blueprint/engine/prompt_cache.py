@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 MIN_PREFIX_TOKENS = 64  # a shorter prefix costs little to compute and is not worth a held state
-STATE_ITEM_BYTES = {"cpu": 4, "cuda": 2}  # float32 states on CPU (int8 weights), float16 on CUDA
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -92,7 +91,15 @@ def _scalar(raw: bytes, dtype: int) -> float:
     return struct.unpack(fmt, raw[: struct.calcsize(fmt)])[0] if fmt and len(raw) >= struct.calcsize(fmt) else 0
 
 
-def state_bytes_per_token(model_dir: str, device: str) -> int:
+def state_item_bytes(device: str, compute_type: str) -> int:
+    """Bytes of one state value: float32 on CPU (also with int8 weights); on CUDA, 16-bit unless the compute type
+    keeps float32 activations."""
+    if device != "cuda" or compute_type in ("int8", "int8_float32", "float32"):
+        return 4
+    return 2
+
+
+def state_bytes_per_token(model_dir: str, device: str, compute_type: str = "int8") -> int:
     """Bytes a held state costs per prompt token: keys and values of every layer. CTranslate2 keeps grouped-query
     keys and values replicated to every query head (``replicate_heads``), and a single one for multi-query
     attention (``num_heads_kv`` 1)."""
@@ -103,7 +110,7 @@ def state_bytes_per_token(model_dir: str, device: str) -> int:
     kv_heads = {int(v) for k, v in scalars.items() if k.endswith("num_heads_kv")}
     if kv_heads == {1} and heads:
         width //= heads
-    return max(1, int(summary["layers"]) * 2 * width * STATE_ITEM_BYTES.get(device, 4))
+    return max(1, int(summary["layers"]) * 2 * width * state_item_bytes(device, compute_type))
 
 
 # ----------------------------------------------------------------------------- the mirror
