@@ -208,32 +208,16 @@ class PromptCache:
             return None
         covered = len(held.tokens) if held else 0
         candidates = [(p, False) for p in points] + [(p, True) for p in explicit]
-        wanted = [(p, e) for p, e in candidates
-                  if self.min_tokens <= p < len(ids) and p > covered and (covered == 0 or (e and covered < p / 2))]
-        if wanted and not self.swapping:
-            length = max(p for p, _ in wanted)
-            tokens = tuple(ids[:length])
-            nbytes = length * self.bytes_per_token
-            if nbytes <= self.capacity:
-                if self.held_bytes + nbytes > self.capacity:
-                    self.swap_wanted = True
-                else:
-                    self._hold(tokens, nbytes)
-                    self.misses += 1
-                    self.written_tokens += length
-                    return Plan(tokens, True, self.generation)
+        wanted = [p for p, explicit_point in candidates
+                  if covered < p < len(ids) and (covered == 0 or (explicit_point and covered < p / 2))]
+        stored = self._store(tuple(ids[:max(wanted)])) if wanted else None
+        if stored is not None:
+            return stored
         if held:
             return self._use(held)
         if candidates:
             self.misses += 1
         return NO_PLAN
-
-    def _use(self, held: HeldPrefix) -> Plan:
-        held.hits += 1
-        held.last_used = time.monotonic()
-        self.hits += 1
-        self.read_tokens += len(held.tokens)
-        return Plan(held.tokens, False, self.generation)
 
     def plan_at(self, ids: list[int], length: int) -> Plan | None:
         """The plan that splits the prompt's prefill exactly after ``length`` tokens (deterministic mode: greedy
@@ -243,32 +227,38 @@ class PromptCache:
         held = self.held.get(tokens)
         if held is not None:
             return self._use(held) if held.ready else None
-        if self.enabled and not self.swapping and length >= self.min_tokens:
-            nbytes = length * self.bytes_per_token
-            if nbytes <= self.capacity:
-                if self.held_bytes + nbytes > self.capacity:
-                    self.swap_wanted = True
-                else:
-                    self._hold(tokens, nbytes)
-                    self.misses += 1
-                    self.written_tokens += length
-                    return Plan(tokens, True, self.generation)
-        return Plan(tokens, keep=False)
+        return self._store(tokens) or Plan(tokens, keep=False)
 
     def warm_plan(self, ids: list[int]) -> Plan:
         """The plan that stores ``ids`` as a whole (a conversation so far), unless held or over budget."""
         tokens = tuple(ids)
-        if not self.enabled or self.swapping or len(tokens) < self.min_tokens or tokens in self.held:
-            return NO_PLAN
+        plan = None if tokens in self.held else self._store(tokens)
+        if plan is not None:
+            self.misses -= 1  # computed ahead of any request: not a request's miss
+        return plan or NO_PLAN
+
+    def _store(self, tokens: tuple[int, ...]) -> Plan | None:
+        """The plan that computes and holds ``tokens``; None when they are too few or too many, a swap is under way,
+        or the budget has no room (a swap is then asked for)."""
+        if not self.enabled or self.swapping or len(tokens) < self.min_tokens:
+            return None
         nbytes = len(tokens) * self.bytes_per_token
         if nbytes > self.capacity:
-            return NO_PLAN
+            return None
         if self.held_bytes + nbytes > self.capacity:
             self.swap_wanted = True
-            return NO_PLAN
+            return None
         self._hold(tokens, nbytes)
+        self.misses += 1
         self.written_tokens += len(tokens)
         return Plan(tokens, True, self.generation)
+
+    def _use(self, held: HeldPrefix) -> Plan:
+        held.hits += 1
+        held.last_used = time.monotonic()
+        self.hits += 1
+        self.read_tokens += len(held.tokens)
+        return Plan(held.tokens, False, self.generation)
 
     def ready(self, plan: Plan) -> None:
         """The batch that stores ``plan`` passed its prefill: the state is held."""
