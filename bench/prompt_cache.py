@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--think", type=float, nargs="+", default=[0.0, 3.0])
     parser.add_argument("--distinct", type=int, default=300)
     parser.add_argument("--budget-mb", type=int, default=768)
+    parser.add_argument("--parts", default="servers,memory", help="servers (1-3) and/or memory (4)")
     args = parser.parse_args()
     seconds = 12 if args.quick else 30
     distinct = 60 if args.quick else args.distinct
@@ -221,7 +222,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     shared = [system_prompt(1)]
     mixed = [system_prompt(1 + k) for k in range(4)]
-    for name, make in servers.items():
+    for name, make in servers.items() if "servers" in args.parts else ():
         server = make()
         try:
             r = results[name] = {}
@@ -234,12 +235,20 @@ def main() -> None:
             server.close()
         print(name, json.dumps(r), flush=True)
 
+    report(results, args.think)
+    if "memory" in args.parts:
+        report_memory(memory_bound(model_dir, log_dir, args.budget_mb, distinct))
+
+
+def report(results: dict[str, dict], thinks: list[float]) -> None:
+    if not results:
+        return
     print("\n== same 1,000-word system prompt, a new question: TTFT ms ==")
     for name, r in results.items():
         same = r["same"]
         print(f"{name:>13}: cold {same['cold'] * 1000:7.0f}   warm {same['warm'] * 1000:6.0f}   "
               f"warm/cold {same['warm'] / same['cold']:.3f}")
-    for think in args.think:
+    for think in thinks:
         key = f"turns think {think:g}"
         print(f"\n== 5-turn conversation, next turn {think:g} s after the answer: TTFT ms per turn ==")
         for name, r in results.items():
@@ -258,7 +267,9 @@ def main() -> None:
         print(f"  shared: cache / no cache {c['shared 8'] / n['shared 8']:.2f} (target >= 1);  "
               f"mixed: cache / no cache {c['mixed 8'] / n['mixed 8']:.2f} (target >= 0.9)")
 
-    memory = memory_bound(model_dir, log_dir, args.budget_mb, distinct)
+
+
+def report_memory(memory: dict[str, float]) -> None:
     print(f"\n== {memory['requests']} requests with distinct 500-word system prompts, LLM_PROMPT_CACHE_MB="
           f"{memory['budget_mb']} ==")
     print(f"  worker RSS after load {memory['baseline_mb']:.0f} MB, peak {memory['peak_mb']:.0f} MB: growth "

@@ -178,18 +178,41 @@ def test_a_late_request_joins_a_young_batch_instead_of_waiting_for_it(model):
         engine.shutdown()
 
 
-def test_an_old_batch_is_not_restarted(model):
+def _after_tokens(stream, n: int) -> None:
+    deltas = 0
+    for event in stream:
+        deltas += isinstance(event, TextDelta)
+        if deltas == n:
+            return
+
+
+def test_an_old_batch_is_not_restarted_when_the_newcomer_would_wait_less_than_it_costs(model):
     engine = Engine(model, batching=BatchingOptions(gather_seconds=0, join_tokens=4))
     try:
         first = engine.generate(GenerationRequest(_prompt(model, "a cat"), 60, min_tokens=20, temperature=0))
-        deltas = 0
-        for event in first:
-            deltas += isinstance(event, TextDelta)
-            if deltas == 8:
-                break
+        _after_tokens(first, 40)  # at most 20 tokens to go; restarting would re-read 40 of them one by one
         late = engine.generate(GenerationRequest(_prompt(model, "a dog"), 20, min_tokens=20, temperature=0))  # compatible
         collect(first, 1)
         collect(late, 1)
         assert engine.batch_sizes == [1, 1]
     finally:
         engine.shutdown()
+
+
+def test_an_old_batch_restarts_merged_with_a_newcomer_when_that_saves_its_wait(model):
+    engine = Engine(model, batching=BatchingOptions(gather_seconds=0, join_tokens=4))
+    try:
+        # equal min_tokens: CTranslate2 applies one minimum length to a whole batch
+        first = engine.generate(GenerationRequest(_prompt(model, "a cat"), 200, min_tokens=20, temperature=0))
+        _after_tokens(first, 8)  # past the young-batch window, up to 192 tokens to go
+        late = engine.generate(GenerationRequest(_prompt(model, "a dog who learns to sing in a choir"), 20,
+                                                 min_tokens=20, temperature=0))  # another prompt length
+        next(e for e in late if isinstance(e, TextDelta))
+        assert engine.running == 2  # its first token came while the first request still runs
+        assert engine.batch_sizes[:2] == [1, 2]  # the old batch restarted, merged with it
+        texts, finishes, done, _ = collect(first, 1)
+        assert done.completion_tokens > 20 and finishes[0].reason in ("length", "stop")  # the restarted entry went on
+        collect(late, 1)
+    finally:
+        engine.shutdown()
+

@@ -182,6 +182,9 @@ class _BatchState:
     plan: Plan = NO_PLAN  # the cached prefix the batch runs after (or stores)
     generator: object = None  # the generator the plan was made for (a swap may replace the model's meanwhile)
     prefilled: bool = False
+    started: float = 0.0  # when the engine call began
+    first_step_at: float | None = None  # when its first token came (the prefill's end)
+    joiners: list = None  # waiting entries that an old batch's restart merges with it directly
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -193,7 +196,9 @@ class BatchingOptions:
     gather_seconds: float = 0.005  # wait this long after the first arrival for companions
     length_tolerance: float = 0.25  # max relative prompt-length difference inside a batch
     max_queue: int = 64  # queued (not yet running) entries beyond which requests are refused
-    join_tokens: int = 16  # a batch this young may restart to take in waiting requests (0 = never)
+    # A batch this young restarts for waiting requests of similar length; an older one when that saves them more
+    # waiting than it costs (0 = never restart)
+    join_tokens: int = 16
     max_restarts: int = 2  # per entry, so a stream of arrivals cannot starve a batch
     # Greedy output independent of load: only equal prompt lengths share a batch and no batch
     # restarts, the two things that change int8 numerics (measured: equal-length entries of a
@@ -222,14 +227,18 @@ class Engine:
     (the engine prefills only up to the shortest prompt and feeds the rest one
     token per step, which is slower and changes greedy outputs slightly).
 
-    Joining a young batch: when requests wait, every replica is busy, and a
-    running batch has generated fewer than ``join_tokens`` tokens, that batch
-    stops at the next step and restarts together with the compatible waiting
-    requests; its entries continue from prompt + generated tokens. The cost is
-    one re-prefill of a few tokens per entry; it is bounded by ``join_tokens``
-    and ``max_restarts``. Greedy outputs of restarted entries can differ
-    slightly from an uninterrupted run (the re-prefilled tokens are computed in
-    one pass instead of step by step).
+    Joining a running batch: when requests wait and every replica is busy, a
+    running batch that has generated fewer than ``join_tokens`` tokens stops at
+    the next step and restarts together with the waiting requests of similar
+    length; its entries continue from prompt + generated tokens (one cheap
+    re-prefill). An older batch restarts, merged at once with the waiting
+    requests of the same settings whatever their length, when the waiting this
+    saves them (each one's wait for the batch to end) exceeds what it costs
+    (the engine re-reads every length difference one token per step, and the
+    running entries wait for the merged prefill); both timed on the batch
+    itself. ``max_restarts`` bounds the restarts of any entry. Greedy outputs of
+    restarted entries can differ slightly from an uninterrupted run (the
+    re-prefilled tokens are computed in one pass instead of step by step).
     """
 
     def __init__(self, model: Model, heartbeat_interval: float = 2.0, batching: BatchingOptions | None = None,
@@ -238,6 +247,7 @@ class Engine:
         self.heartbeat_interval = heartbeat_interval
         self.batching = batching or BatchingOptions()
         self.prompt_cache = prompt_cache
+        self._prefill_seconds_per_token: float | None = None  # measured on batches, for the restart decision
         self._warm: list[list[int]] = []  # conversations to hold in the cache when a replica is idle, newest last
         self._pending: list[_Entry] = []
         self._pending_lock = allocate_native_lock()
@@ -406,29 +416,49 @@ class Engine:
                 continue
             if self._pending:
                 self._wakeup.put(True)  # what did not fit goes to the next idle worker
-            jobs = {entry.job for entry in batch}
-            self._running.update(jobs)
-            try:
-                self._run(batch, state)
-            except Exception as exc:
-                log.exception("generation failed")
-                for entry in batch:
-                    entry.finish("error", error=str(exc))
-            finally:
-                self._plan_done(state)
-                survivors = [e for e in batch if not e.finished and not e.job.cancelled] if state.restart else []
-                for entry in survivors:
-                    entry.restarts += 1
-                with self._pending_lock:
-                    self._pending[:0] = survivors  # first in line for the merged batch
-                    self._batches_running -= 1
-                for entry in batch:  # an entry the engine ended without a final step
-                    if entry not in survivors:
-                        entry.finish("cancelled" if entry.job.cancelled else "length")
-                self._running.difference_update(jobs)
-                self._release(state)
+            while batch:  # a batch, then the merged batch its restart asked for, if any
+                batch, state = self._run_batch(batch, state)
             if self._pending:
                 self._wakeup.put(True)  # leftovers that did not fit this batch
+
+    def _run_batch(self, batch: list[_Entry], state: _BatchState) -> tuple[list[_Entry], _BatchState | None]:
+        """Run one batch; returns the merged batch to run next when it restarted for waiting requests that do not
+        share its prompt length (else an empty list: survivors of a young batch's restart queue up first)."""
+        jobs = {entry.job for entry in batch}
+        self._running.update(jobs)
+        merged: list[_Entry] = []
+        following = None
+        try:
+            self._run(batch, state)
+        except Exception as exc:
+            log.exception("generation failed")
+            for entry in batch:
+                entry.finish("error", error=str(exc))
+        finally:
+            self._plan_done(state)
+            survivors = [e for e in batch if not e.finished and not e.job.cancelled] if state.restart else []
+            for entry in survivors:
+                entry.restarts += 1
+            with self._pending_lock:
+                if state.joiners and survivors:
+                    chosen = set(map(id, state.joiners))
+                    joiners = [e for e in self._pending if id(e) in chosen and not e.job.cancelled]
+                    self._pending = [e for e in self._pending if id(e) not in chosen or e.job.cancelled]
+                    merged = survivors + joiners
+                    plan = state.plan
+                    following = _BatchState(generator=state.generator, plan=Plan(plan.prefix, False, plan.generation,
+                                                                                 plan.keep and state.prefilled))
+                    for entry in joiners:
+                        entry.job.note_plan(following.plan)
+                else:
+                    self._pending[:0] = survivors  # first in line for the merged batch
+                    self._batches_running -= 1
+            for entry in batch:  # an entry the engine ended without a final step
+                if entry not in survivors:
+                    entry.finish("cancelled" if entry.job.cancelled else "length")
+            self._running.difference_update(jobs)
+            self._release(state)
+        return merged, following
 
     def _take_batch(self) -> tuple[list[_Entry], _BatchState | None]:
         """The oldest pending entry plus compatible companions of similar prompt length, and the batch's state
@@ -504,9 +534,15 @@ class Engine:
             self._start_swap()
         return plan
 
-    def _prefilled(self, state: _BatchState) -> None:
-        """The batch's first step: a prefix it stores is held by the engine from now on."""
+    def _prefilled(self, state: _BatchState, batch: list[_Entry]) -> None:
+        """The batch's first step: a prefix it stores is held by the engine from now on; the prefill rate is known."""
         state.prefilled = True
+        state.first_step_at = time.monotonic()
+        tokens = sum(e.length - state.plan.length for e in batch)
+        if tokens > 64 and state.started:
+            rate = (state.first_step_at - state.started) / tokens
+            previous = self._prefill_seconds_per_token
+            self._prefill_seconds_per_token = rate if previous is None else 0.8 * previous + 0.2 * rate
         if state.plan.store:
             with self._pending_lock:
                 self.prompt_cache.ready(state.plan)
@@ -582,15 +618,19 @@ class Engine:
             self.model.generator = fresh
             cache.swapped()
             self._warm = [list(k) for k in reversed(keep)] + self._warm
+        release_freed_memory()  # the old generator is gone unless a batch still runs on it (that batch's end frees it)
         log.info("prompt cache full: swapped in a fresh generator in %.2f s (%.0f MB of held states go with the old "
                  "one; %d recent prefixes to hold again)", time.monotonic() - started, freed / 2**20, len(keep))
         self._wakeup.put(True)
 
     def _should_restart(self, batch: list[_Entry], state: _BatchState, step) -> bool:
-        """Checked once per decoding step while the batch is young: restart it to take in waiting requests?"""
+        """Checked once per decoding step while requests wait and no replica is free: restart the batch to take them
+        in? A young batch (``join_tokens``) restarts for requests of similar length, which then queue with it. An
+        older one restarts when the wait it saves the newcomers is longer than what it costs (see
+        :meth:`_worth_merging`); it then runs again at once, merged with them."""
         if state.restart:
             return True
-        if step.step == state.checked_step or step.step >= self.batching.join_tokens or not self._pending:
+        if step.step == state.checked_step or not self._pending or not self.batching.join_tokens:
             return False
         state.checked_step = step.step
         live = [e for e in batch if not e.finished]
@@ -598,13 +638,45 @@ class Engine:
             return False
         prefix = state.plan.prefix
         key, length = live[0].job.sampling_key, live[0].length - len(prefix)
+        room = self.batching.max_batch_size - len(live)
+        young = step.step < self.batching.join_tokens
         with self._pending_lock:
             if self._idle_workers:
                 return False  # an idle replica will take them
-            joiners = sum(1 for e in self._pending if self._compatible(e, key, length, prefix))
-        if joiners and len(live) + joiners <= self.batching.max_batch_size:
+            if young:
+                joiners = [e for e in self._pending if self._compatible(e, key, length, prefix)]
+            else:
+                joiners = [e for e in self._pending if e.job.sampling_key == key and e.job.request.seed is None
+                           and (not prefix or tuple(e.job.request.prompt_ids[:len(prefix)]) == prefix)][:room]
+        if not joiners or len(joiners) > room:
+            return False
+        if young:
             state.restart = True
+        elif self._worth_merging(live, joiners, state, step):
+            state.restart, state.joiners = True, joiners
         return state.restart
+
+    def _worth_merging(self, live: list[_Entry], joiners: list[_Entry], state: _BatchState, step) -> bool:
+        """Whether restarting an older batch with ``joiners`` saves more entry-steps of waiting than it costs.
+
+        Saved: each newcomer's wait for this batch to end (its longest remaining budget). Cost: CTranslate2 prefills
+        a batch only up to its shortest prompt and feeds the rest one token per step, so each entry re-reads the
+        tokens beyond the shortest one step at a time before it writes again; and every running entry waits for the
+        merged batch's prefill (timed: this batch's own prefill rate and step time)."""
+        if state.first_step_at is None or step.step <= 0:
+            return False
+        now = time.monotonic()
+        step_seconds = (now - state.first_step_at) / step.step
+        cut = state.plan.length
+        old = [e.length - cut for e in live]
+        new = [e.length - cut for e in joiners]
+        shortest = min(old + new)
+        rereading = sum(n - shortest for n in old + new)
+        prefill_steps = 0.0
+        if self._prefill_seconds_per_token and step_seconds > 0:
+            prefill_steps = shortest * len(old + new) * self._prefill_seconds_per_token / step_seconds
+        remaining = max(e.job.request.max_tokens - e.tokens for e in live)
+        return len(joiners) * remaining > rereading + prefill_steps * len(live)
 
     def _run(self, batch: list[_Entry], state: _BatchState) -> None:
         first = batch[0].job.request
@@ -613,7 +685,7 @@ class Engine:
 
         def callback(step) -> bool:
             if not state.prefilled:
-                self._prefilled(state)
+                self._prefilled(state, batch)
             if batch[step.batch_id].on_step(step):
                 return True
             return not seeded and self._should_restart(batch, state, step)
@@ -642,6 +714,7 @@ class Engine:
         if cut:
             options.update(static_prompt=tokenizer.ids_to_tokens(list(state.plan.prefix)), cache_static_prompt=state.plan.keep)
         self.batch_sizes.append(len(batch))
+        state.started = time.monotonic()
         if not seeded:
             state.generator.generate_batch(prompts, **options)
         else:

@@ -292,10 +292,21 @@ class PromptCache:
 
 
 def release_freed_memory() -> None:
-    """Give memory that a dropped generator freed back to the system (glibc keeps freed heap memory otherwise)."""
-    try:
-        import ctypes
+    """Give the memory that a dropped generator freed back to the system: CTranslate2 allocates through MKL's
+    memory manager where it is built with MKL (its per-thread pools keep freed buffers for reuse), and glibc keeps
+    freed heap pages; without this the old generator's held states would stay resident."""
+    import ctypes
+    import glob
 
+    import ctranslate2
+
+    libraries = glob.glob(os.path.join(os.path.dirname(ctranslate2.__file__), "..", "ctranslate2.libs", "libctranslate2*"))
+    for library in libraries[:1]:
+        try:
+            ctypes.CDLL(library).mkl_free_buffers()
+        except (OSError, AttributeError):
+            pass
+    try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
