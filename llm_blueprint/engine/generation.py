@@ -248,6 +248,7 @@ class Engine:
         self.batching = batching or BatchingOptions()
         self.prompt_cache = prompt_cache
         self._prefill_seconds_per_token: float | None = None  # measured on batches, for the restart decision
+        self._typical_tokens: float | None = None  # completion length, averaged over finished entries (idem)
         self._warm: list[list[int]] = []  # conversations to hold in the cache when a replica is idle, newest last
         self._pending: list[_Entry] = []
         self._pending_lock = allocate_native_lock()
@@ -456,6 +457,9 @@ class Engine:
             for entry in batch:  # an entry the engine ended without a final step
                 if entry not in survivors:
                     entry.finish("cancelled" if entry.job.cancelled else "length")
+                    if not entry.job.cancelled:
+                        typical = self._typical_tokens
+                        self._typical_tokens = entry.tokens if typical is None else 0.9 * typical + 0.1 * entry.tokens
             self._running.difference_update(jobs)
             self._release(state)
         return merged, following
@@ -675,7 +679,13 @@ class Engine:
         prefill_steps = 0.0
         if self._prefill_seconds_per_token and step_seconds > 0:
             prefill_steps = shortest * len(old + new) * self._prefill_seconds_per_token / step_seconds
-        remaining = max(e.job.request.max_tokens - e.tokens for e in live)
+        # A batch ends with its longest entry: its budget, or what completions usually take when most end earlier.
+        typical = self._typical_tokens
+
+        def expected_length(request: GenerationRequest) -> float:
+            return min(request.max_tokens, max(request.min_tokens, 2 * typical)) if typical else request.max_tokens
+
+        remaining = max(expected_length(e.job.request) - e.tokens for e in live)
         return len(joiners) * remaining > rereading + prefill_steps * len(live)
 
     def _run(self, batch: list[_Entry], state: _BatchState) -> None:
