@@ -250,7 +250,6 @@ class PromptCache:
             return None
         self._hold(tokens, nbytes)
         self.misses += 1
-        self.written_tokens += len(tokens)
         return Plan(tokens, True, self.generation)
 
     def _use(self, held: HeldPrefix) -> Plan:
@@ -263,8 +262,9 @@ class PromptCache:
     def ready(self, plan: Plan) -> None:
         """The batch that stores ``plan`` passed its prefill: the state is held."""
         held = self.held.get(plan.prefix) if plan.generation == self.generation else None
-        if held is not None:
+        if held is not None and not held.ready:
             held.ready = True
+            self.written_tokens += len(held.tokens)
 
     def forget(self, plan: Plan) -> None:
         """The batch that was to store ``plan`` failed before its state was held."""
