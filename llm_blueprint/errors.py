@@ -42,6 +42,17 @@ class ModelNotFound(InvalidRequest):
         )
 
 
+class WrongModelKind(InvalidRequest):
+    """The request names a served model of another kind than the route serves (an embedding model on a chat route)."""
+
+    def __init__(self, model: str, kind: str, wanted: str, served: list[str]):
+        choices = ", ".join(f"'{m}'" for m in served) or "none"
+        super().__init__(
+            f"The model '{model}' is a {kind} model; this route needs a {wanted} model (served: {choices}).",
+            param="model", code="model_not_supported",
+        )
+
+
 class ContextTooLong(InvalidRequest):
     """Prompt plus requested completion do not fit in the model's context."""
 

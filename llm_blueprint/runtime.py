@@ -60,6 +60,9 @@ class Runtime:
         self.draining = False
         self.openapi: dict[str, Any] | None = None
         self.rate_limit: RateLimit | None = None
+        from .registry import Registry
+
+        self.registry = Registry(settings, lambda: self.model_id)  # the models beside the chat model (LLM_MODELS)
         if settings["LLM_RATE_LIMIT"]:
             self.rate_limit = RateLimit(settings["LLM_RATE_LIMIT"], settings["LLM_RATE_LIMIT_STORAGE"],
                                         settings["LLM_RATE_LIMIT_FAIL_OPEN"])
@@ -77,6 +80,7 @@ class Runtime:
     def start_loading(self) -> None:
         """Load the model in the background (eager start, or a readiness probe in lazy mode): returns at once.
         A request arriving meanwhile waits for this load rather than starting another."""
+        self.registry.start_loading()
         if self._engine is not None or self._loading:
             return
         self._loading = True
@@ -216,6 +220,7 @@ class Runtime:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine threads and release the model (safe to call twice)."""
+        self.registry.shutdown(timeout)
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown(timeout)
