@@ -139,3 +139,30 @@ def test_pooling_can_be_overridden(converted):
         assert _cosine(vector, expected) >= 0.9999 and not np.isclose(np.linalg.norm(vector), 1.0)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("ftype, floor", [("F32", 0.9999), ("Q8_0", 0.999)])
+def test_bert_gguf_as_llama_cpp_writes_it(converted, tmp_path, ftype, floor):
+    """A BERT embedding model in llama.cpp's GGUF layout converts to the same model (the tokenizer rebuilt from the
+    phantom-space vocabulary splits text as the original WordPiece did)."""
+    from tiny_encoders import write_bert_gguf
+
+    from llm_blueprint.registry import model_kind
+
+    tiny, weights, folder, _, _ = converted["bert-embed"]
+    path = write_bert_gguf(tiny, weights, str(tmp_path / "bert.gguf"), ftype)
+    assert model_kind(path) == "embedding"
+    out = convert_model(path, str(tmp_path / "from-gguf"), quantization="float32", show_progress=False)
+    engine = _engine(out)
+    try:
+        original = _engine(converted["bert-embed"][3])
+        try:
+            want = original.model.encode_texts(TEXTS, None, "input")
+        finally:
+            original.shutdown()
+        got = engine.model.encode_texts(TEXTS, None, "input")
+        assert [g.ids for g in got] == [w.ids for w in want]
+        for item, vector in zip(got, engine.embed(got), strict=True):
+            assert _cosine(vector, reference_embedding(tiny, weights, item.ids)) >= floor
+    finally:
+        engine.shutdown()

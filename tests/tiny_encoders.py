@@ -70,6 +70,7 @@ class TinyEncoder:
     extra_vocab: int = 3
     activation: str = "gelu"
     config_extra: dict = field(default_factory=dict)
+    tokenizer_text: str | None = None  # a tokenizer.json of its own (else one trained here)
 
     @property
     def roberta(self) -> bool:
@@ -77,6 +78,8 @@ class TinyEncoder:
 
     @property
     def tokenizer_json(self) -> str:
+        if self.tokenizer_text:
+            return self.tokenizer_text
         return unigram_tokenizer_json() if self.roberta else wordpiece_tokenizer_json()
 
     @property
@@ -270,3 +273,74 @@ def reference_logits(t: TinyEncoder, w: dict, ids: list[int], type_ids: list[int
     if t.head == "roberta":
         return _linear(np.tanh(_linear(first, w, "classifier.dense")), w, "classifier.out_proj")
     return _linear(np.maximum(_linear(first, w, "pre_classifier"), 0), w, "classifier")
+
+
+# GGUF, as llama.cpp's convert_hf_to_gguf.py writes a BERT embedding model (BertModel) --------------------------
+GGUF_NAMES = (
+    ("embeddings.word_embeddings.weight", "token_embd.weight"), ("embeddings.token_type_embeddings.weight", "token_types.weight"),
+    ("embeddings.position_embeddings.weight", "position_embd.weight"), ("embeddings.LayerNorm.", "token_embd_norm."),
+    ("attention.self.query.", "attn_q."), ("attention.self.key.", "attn_k."), ("attention.self.value.", "attn_v."),
+    ("attention.output.dense.", "attn_output."), ("attention.output.LayerNorm.", "attn_output_norm."),
+    ("intermediate.dense.", "ffn_up."), ("output.dense.", "ffn_down."), ("output.LayerNorm.", "layer_output_norm."),
+    ("encoder.layer.", "blk."),
+)
+
+
+def gguf_name(name: str) -> str:
+    for a, b in GGUF_NAMES:
+        name = name.replace(a, b)
+    return name
+
+
+def write_bert_gguf(t: TinyEncoder, weights: dict[str, np.ndarray], path: str, ftype: str = "F32") -> str:
+    """A BERT (WordPiece) embedding model as llama.cpp's converter writes it: the ``bert`` architecture, tensors under
+    gguf's BERT names (no pooler), the vocabulary in "phantom space" form (``##x`` -> ``x``, other words -> ``▁x``,
+    control tokens as they are), special ids, pooling type. ``ftype``: F32, F16 or Q8_0 (2-D weights; norms stay F32)."""
+    import gguf
+
+    tokenizer = json.loads(t.tokenizer_json)
+    vocab = tokenizer["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    specials = {a["content"] for a in tokenizer.get("added_tokens") or [] if a.get("special")} | set(BERT_SPECIALS)
+    types = [gguf.TokenType.CONTROL if tok in specials else gguf.TokenType.NORMAL for tok in tokens]
+    phantom = [tok if tok in specials else (tok[2:] if tok.startswith("##") else "\u2581" + tok) for tok in tokens]
+    config = config_json(t)
+    writer = gguf.GGUFWriter(path, "bert")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(t.hidden)
+    writer.add_feed_forward_length(t.ffn)
+    writer.add_block_count(t.layers)
+    writer.add_head_count(t.heads)
+    writer.add_layer_norm_eps(config["layer_norm_eps"])
+    writer.add_causal_attention(False)
+    writer.add_pooling_type({"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS, "last": gguf.PoolingType.LAST}[t.pooling])
+    writer.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                          "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
+    writer.add_tokenizer_model("bert")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(phantom)
+    writer.add_token_types(types)
+    writer.add_token_type_count(config["type_vocab_size"])
+    for key, token in (("bos", "[CLS]"), ("sep", "[SEP]"), ("unk", "[UNK]"), ("pad", "[PAD]"), ("mask", "[MASK]")):
+        if token in vocab:
+            getattr(writer, f"add_{key}_token_id")(vocab[token])
+    writer.add_add_bos_token(True)
+    writer.add_add_sep_token(True)
+    for name, tensor in weights.items():
+        if name.startswith(("pooler.", "classifier", "pre_classifier")):
+            continue  # llama.cpp's converter drops the pooler of an embedding model
+        data = np.ascontiguousarray(tensor, dtype=np.float32)
+        if data.ndim == 2 and ftype == "F16":
+            writer.add_tensor(gguf_name(name), data.astype(np.float16))
+        elif data.ndim == 2 and ftype == "Q8_0" and data.shape[1] % 32 == 0:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name(name), data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -98,6 +98,10 @@ def open_encoder_source(path: str):
         from .encoder_hf import is_encoder_folder, open_encoder_folder
 
         return open_encoder_folder(path) if is_encoder_folder(path) else None
+    if path.lower().endswith(".gguf") and os.path.isfile(path):
+        from .encoder_gguf import GGUFEncoder, gguf_encoder_kind
+
+        return GGUFEncoder(path) if gguf_encoder_kind(path) else None
     return None
 
 
