@@ -332,7 +332,9 @@ def write_bert_gguf(t: TinyEncoder, weights: dict[str, np.ndarray], path: str, f
         if name.startswith(("pooler.", "classifier", "pre_classifier")):
             continue  # llama.cpp's converter drops the pooler of an embedding model
         data = np.ascontiguousarray(tensor, dtype=np.float32)
-        if data.ndim == 2 and ftype == "F16":
+        if name.startswith(("embeddings.position_", "embeddings.token_type_")):  # added as they are: llama.cpp keeps F32
+            writer.add_tensor(gguf_name(name), data)
+        elif data.ndim == 2 and ftype == "F16":
             writer.add_tensor(gguf_name(name), data.astype(np.float16))
         elif data.ndim == 2 and ftype == "Q8_0" and data.shape[1] % 32 == 0:
             qtype = gguf.GGMLQuantizationType.Q8_0
