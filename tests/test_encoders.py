@@ -166,3 +166,24 @@ def test_bert_gguf_as_llama_cpp_writes_it(converted, tmp_path, ftype, floor):
             assert _cosine(vector, reference_embedding(tiny, weights, item.ids)) >= floor
     finally:
         engine.shutdown()
+
+
+def test_embedding_batches_never_block_the_gevent_hub(tmp_path):
+    """Forward passes run on native threads: a ticker greenlet keeps ticking while they run, however long each is."""
+    import subprocess
+    import sys
+
+    from tiny_encoders import TinyEncoder
+
+    tiny = TinyEncoder("probe", "bert", hidden=256, layers=4, heads=4, ffn=1024, positions=128)
+    build(tiny, str(tmp_path / "probe"))
+    out = convert_model(str(tmp_path / "probe"), str(tmp_path / "probe-f32"), quantization="float32", show_progress=False)
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, os.path.join(here, "encoder_probe.py"), out], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": os.path.dirname(here)})
+    assert run.returncode == 0, run.stderr
+    probe = json.loads(run.stdout.strip().splitlines()[-1])
+    assert probe["done"] == 18 and probe["forwards"] >= 3
+    # a forward pass on the hub would stall the ticker for the whole pass
+    assert probe["longest_forward"] > 0.15, probe
+    assert probe["max_gap"] < max(0.12, probe["longest_forward"] / 2), probe
