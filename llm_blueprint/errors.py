@@ -35,9 +35,9 @@ class InvalidRequest(LLMBlueprintError):
 class ModelNotFound(InvalidRequest):
     """The request names a model this server does not serve."""
 
-    def __init__(self, model: str, served: str):
+    def __init__(self, model: str, served: str, message: str | None = None):
         super().__init__(
-            f"The model '{model}' does not exist or you do not have access to it. This server serves '{served}'.",
+            message or f"The model '{model}' does not exist or you do not have access to it. This server serves '{served}'.",
             param="model", code="model_not_found",
         )
 

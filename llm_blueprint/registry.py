@@ -75,6 +75,7 @@ class Registry:
         self.entries: dict[str, ModelEntry] = {}
         self._lock = threading.Lock()  # a greenlet lock under gevent, a thread lock otherwise
         self._loading = False
+        self._chat_from_models = False
         for model_id, spec in (settings.get("LLM_MODELS") or {}).items():
             unknown = set(spec) - ENTRY_OPTIONS
             if unknown:
@@ -98,10 +99,10 @@ class Registry:
         if settings.get("LLM_MODEL_PATH") and os.path.abspath(settings["LLM_MODEL_PATH"]) != os.path.abspath(spec["path"]):
             raise ValueError(f"LLM_MODELS[{model_id!r}] is a chat model, but LLM_MODEL_PATH names another: a blueprint "
                              "serves one chat model")
-        if settings.get("_LLM_CHAT_FROM_MODELS"):
+        if self._chat_from_models:
             raise ValueError("LLM_MODELS names more than one chat model: a blueprint serves one chat model")
         settings["LLM_MODEL_PATH"], settings["LLM_MODEL_ID"] = spec["path"], model_id
-        settings["_LLM_CHAT_FROM_MODELS"] = True
+        self._chat_from_models = True
 
     # Ids and kinds ---------------------------------------------------------------
     @property
@@ -131,7 +132,7 @@ class Registry:
         if name is None:
             if candidates:
                 return candidates[0]
-            raise ModelNotFound(f"(a {kind} model)", "no model of this kind")
+            raise ModelNotFound("", "", message=f"This server serves no {kind} model (see LLM_MODELS).")
         found = self.kind_of(name)
         if found is not None and (kind is None or found == kind):
             return name

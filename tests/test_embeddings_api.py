@@ -218,3 +218,32 @@ def test_openai_sdk_embeddings_beside_chat_under_gevent(live):
                            timeout=30).json()
     assert len(rerank["results"]) == 4
     assert "Traceback" not in live.log()
+
+
+def test_a_blueprint_without_embedding_models_says_so(default_model_dir):
+    app = Flask("plain")
+    LLM(app, LLM_MODEL_PATH=default_model_dir, LLM_MODEL_ID="m")
+    client = app.test_client()
+    response = client.post("/v1/embeddings", json={"input": "x"})
+    assert response.status_code == 404 and "serves no embedding model" in response.get_json()["error"]["message"]
+    assert client.post("/v1/embeddings", json={"model": "m", "input": "x"}).status_code == 400
+    assert [m["id"] for m in client.get("/v1/models").get_json()["data"]] == ["m"]
+
+
+def test_models_setting_forms_and_mistakes(folders, default_model_dir, tmp_path):
+    from llm_blueprint.settings import resolve
+
+    compact = resolve({}, {"LLM_MODELS": f"a={folders / 'bert-embed'},b={folders / 'xlmr-rerank'}"})["LLM_MODELS"]
+    assert compact == {"a": {"path": str(folders / "bert-embed")}, "b": {"path": str(folders / "xlmr-rerank")}}
+    as_json = resolve({}, {"LLM_MODELS": json.dumps({"a": {"path": "/x", "kind": "embedding"}})})["LLM_MODELS"]
+    assert as_json == {"a": {"path": "/x", "kind": "embedding"}}
+    for models, problem in [({"a": {"path": "/x", "kind": "sound"}}, "kind"), ({"a": {"path": "/x", "colour": 1}}, "unknown"),
+                            ({"m": {"path": str(folders / "bert-embed")}}, "already the chat model"),
+                            ({"c": {"path": "/elsewhere", "kind": "chat"}}, "one chat model")]:
+        with pytest.raises(ValueError, match=problem):
+            LLM(Flask("bad"), LLM_MODEL_PATH=default_model_dir, LLM_MODEL_ID="m", LLM_MODELS=models)
+    # a chat entry names the chat model instead of LLM_MODEL_PATH
+    app = Flask("chat-entry")
+    LLM(app, LLM_MODELS={"chat": {"path": default_model_dir, "kind": "chat"}, "e": str(folders / "bert-embed")},
+        LLM_CACHE_DIR=str(tmp_path))
+    assert [m["id"] for m in app.test_client().get("/v1/models").get_json()["data"]] == ["chat", "e"]
