@@ -1,6 +1,6 @@
 """Embeddings throughput: this server against llama-server, on the same weights, on one machine.
 
-    python bench/embeddings.py [--concurrency 1 16] [--seconds 20] [--no-peer] [--llama-server PATH]
+    python bench/embeddings.py [--concurrency 1 16] [--seconds 20] [--layouts 1x2 2x1] [--no-peer] [--llama-server PATH]
 
 The model has bge-small-en-v1.5's shape (BERT: 12 layers, hidden 384, 12 heads, FFN 1536, 30,522 tokens, 512
 positions; 33M parameters) with random weights and a WordPiece vocabulary of whole words made here, written as
@@ -176,6 +176,63 @@ def rss_mb(pid: int) -> float:
     return total
 
 
+def bench_ours(folder: str, work: str, replicas: int, threads: int, args) -> tuple[np.ndarray, dict]:
+    """This server with the model as ``replicas`` x ``threads``: (its vectors of the check texts, figures by c)."""
+    port = free_port()
+    models = {"bge": {"path": folder, "replicas": replicas, "threads": threads}}
+    env = {**os.environ, "LLM_MODELS": json.dumps(models), "LLM_CACHE_DIR": os.path.join(work, "cache"),
+           "LLM_BIND": f"127.0.0.1:{port}", "LLM_EAGER_LOAD": "0", "LLM_WORKERS": "1"}
+    log = open(os.path.join(work, f"server-{replicas}x{threads}.log"), "w")
+    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"), "wsgi:app"],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    figures: dict = {}
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", server)
+        started = time.perf_counter()
+        check = vectors(url, "bge", texts(8, seed=3))  # converts (once) and loads the model
+        print(f"ours {replicas}x{threads}: first request (conversion to int8, once, + load) {time.perf_counter() - started:.1f} s")
+        for c in args.concurrency:
+            drive(url, "bge", c, 2)  # warm-up at this concurrency
+            figures[c] = result = drive(url, "bge", c, args.seconds)
+            print(f"ours {replicas}x{threads}    c={c:<3d} {result['texts_per_s']:8.1f} texts/s  p50 {result['p50_ms']:6.1f} ms  "
+                  f"p95 {result['p95_ms']:6.1f} ms  ({result['tokens_per_text']:.0f} tokens/text)")
+        figures["rss_mb"] = rss_mb(server.pid)
+        print(f"ours {replicas}x{threads}: server RSS {figures['rss_mb']:.0f} MB (master + worker)")
+    finally:
+        stop(server)
+        log.close()
+    return check, figures
+
+
+def bench_peer(args, gguf_path: str, slots: int, work: str, ours_vectors: np.ndarray) -> dict:
+    """llama-server with ``slots`` parallel slots of 64 tokens each (a larger context makes every batched sequence
+    attend over it: slower)."""
+    port = free_port()
+    log = open(os.path.join(work, f"llama-server-np{slots}.log"), "w")
+    peer = subprocess.Popen([args.llama_server, "-m", gguf_path, "--embeddings", "--pooling", "mean", "--host", "127.0.0.1",
+                             "--port", str(port), "-np", str(slots), "-c", str(slots * 64), "-t", str(args.threads),
+                             "-tb", str(args.threads)], stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    figures: dict = {}
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", peer)
+        theirs = vectors(url, "bge", texts(8, seed=3))
+        cosines = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(ours_vectors, theirs, strict=True)]
+        figures["cosine_vs_ours_min"] = min(cosines)
+        print(f"llama-server {args.peer_type} -np {slots}: RSS {rss_mb(peer.pid):.0f} MB; cosine of its vectors and ours "
+              f"(int8): min {min(cosines):.5f}")
+        for c in args.concurrency:
+            drive(url, "bge", c, 2)
+            figures[c] = result = drive(url, "bge", c, args.seconds)
+            print(f"llama-server -np {slots:<2d} c={c:<3d} {result['texts_per_s']:8.1f} texts/s  p50 {result['p50_ms']:6.1f} ms  "
+                  f"p95 {result['p95_ms']:6.1f} ms  ({result['tokens_per_text']:.0f} tokens/text)")
+    finally:
+        stop(peer)
+        log.close()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
@@ -184,6 +241,9 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", DEFAULT_LLAMA_SERVER))
     parser.add_argument("--peer-type", default="Q8_0", choices=["Q8_0", "F16", "F32"])
+    parser.add_argument("--layouts", nargs="+", default=["1x2"],
+                        help="this server's engine layouts to measure, replicas x threads (e.g. 1x2 2x1)")
+    parser.add_argument("--peer-slots", type=int, nargs="+", default=[4, 16], help="llama-server -np values to measure")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
@@ -198,31 +258,13 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}")
     figures: dict = {"parameters": params, "threads": args.threads, "concurrency": args.concurrency}
 
-    # 2. this server (first: it converts the folder, which the raw figures then reuse)
-    port = free_port()
-    env = {**os.environ, "LLM_MODELS": json.dumps({"bge": folder}), "LLM_CACHE_DIR": os.path.join(work, "cache"),
-           "LLM_BIND": f"127.0.0.1:{port}", "LLM_EAGER_LOAD": "0", "LLM_ENCODER_THREADS": str(args.threads),
-           "LLM_WORKERS": "1"}
-    log = open(os.path.join(work, "server.log"), "w")
-    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"), "wsgi:app"],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    ours_url = f"http://127.0.0.1:{port}/v1/embeddings"
-    try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", server)
-        started = time.perf_counter()
-        ours_vectors = vectors(ours_url, "bge", texts(8, seed=3))  # converts (once) and loads the model
-        print(f"ours: first request (conversion to int8 + load) {time.perf_counter() - started:.1f} s; "
-              f"server RSS {rss_mb(server.pid):.0f} MB")
-        figures["ours"] = {}
-        for c in args.concurrency:
-            drive(ours_url, "bge", c, 2)  # warm-up at this concurrency
-            figures["ours"][c] = result = drive(ours_url, "bge", c, args.seconds)
-            print(f"ours        c={c:<3d} {result['texts_per_s']:8.1f} texts/s  p50 {result['p50_ms']:6.1f} ms  "
-                  f"p95 {result['p95_ms']:6.1f} ms  ({result['tokens_per_text']:.0f} tokens/text)")
-        figures["ours_rss_mb"] = rss_mb(server.pid)
-    finally:
-        stop(server)
-        log.close()
+    # 2. this server (first: it converts the folder, which the raw figures then reuse), per engine layout
+    figures["ours"] = {}
+    ours_vectors = None
+    for layout in args.layouts:
+        replicas, threads = (int(x) for x in layout.split("x"))
+        vectors_here, figures["ours"][layout] = bench_ours(folder, work, replicas, threads, args)
+        ours_vectors = vectors_here if ours_vectors is None else ours_vectors
     converted = next(os.path.join(work, "cache", d) for d in os.listdir(os.path.join(work, "cache"))
                      if os.path.isfile(os.path.join(work, "cache", d, "model.bin")))
     figures["model_bin_mb"] = os.path.getsize(os.path.join(converted, "model.bin")) / 2**20
@@ -237,32 +279,13 @@ def main() -> None:
         print(f"peer: not run ({'--no-peer' if args.no_peer else 'no llama-server at ' + args.llama_server})")
     else:
         gguf_path = write_bert_gguf(tiny, weights, os.path.join(work, f"bge-small-shape-{args.peer_type}.gguf"), args.peer_type)
-        peer_port = free_port()
-        slots = max(args.concurrency)
-        peer_log = open(os.path.join(work, "llama-server.log"), "w")
-        peer = subprocess.Popen([args.llama_server, "-m", gguf_path, "--embeddings", "--pooling", "mean", "--host", "127.0.0.1",
-                                 "--port", str(peer_port), "-np", str(slots), "-c", str(slots * 128), "-t", str(args.threads),
-                                 "-tb", str(args.threads), "-b", "2048", "-ub", "2048"],
-                                stdout=peer_log, stderr=subprocess.STDOUT, env=os.environ)
-        peer_url = f"http://127.0.0.1:{peer_port}/v1/embeddings"
-        try:
-            wait_for(f"http://127.0.0.1:{peer_port}/health", peer)
-            peer_vectors = vectors(peer_url, "bge", texts(8, seed=3))
-            cosines = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(ours_vectors, peer_vectors, strict=True)]
-            figures["cosine_ours_vs_peer_min"] = min(cosines)
-            print(f"peer: llama-server {args.peer_type}, RSS {rss_mb(peer.pid):.0f} MB; cosine ours (int8) vs peer: "
-                  f"min {min(cosines):.5f}")
-            figures["peer"] = {}
+        figures["peer"] = {}
+        for slots in args.peer_slots:
+            figures["peer"][slots] = bench_peer(args, gguf_path, slots, work, ours_vectors)
+        for layout, ours in figures["ours"].items():
             for c in args.concurrency:
-                drive(peer_url, "bge", c, 2)
-                figures["peer"][c] = result = drive(peer_url, "bge", c, args.seconds)
-                print(f"llama-server c={c:<3d} {result['texts_per_s']:8.1f} texts/s  p50 {result['p50_ms']:6.1f} ms  "
-                      f"p95 {result['p95_ms']:6.1f} ms  ({result['tokens_per_text']:.0f} tokens/text)")
-            for c in args.concurrency:
-                print(f"ratio ours / llama-server at c={c}: {figures['ours'][c]['texts_per_s'] / figures['peer'][c]['texts_per_s']:.2f}")
-        finally:
-            stop(peer)
-            peer_log.close()
+                best = max(peer[c]["texts_per_s"] for peer in figures["peer"].values())
+                print(f"ratio ours {layout} / llama-server's best at c={c}: {ours[c]['texts_per_s'] / best:.2f}")
     print(f"model.bin (int8): {figures['model_bin_mb']:.1f} MB; logs in {work}")
     if args.json:
         with open(args.json, "w") as f:

@@ -92,6 +92,10 @@ class Registry:
             self.entries[model_id] = ModelEntry(model_id, kind, spec["path"], {k: v for k, v in spec.items() if k != "path"})
         if self.chat_id in self.entries:
             raise ValueError(f"LLM_MODELS: {self.chat_id!r} is already the chat model's id")
+        chat_path = settings.get("LLM_MODEL_PATH")
+        if chat_path and os.path.exists(chat_path) and model_kind(chat_path) != CHAT:
+            raise ValueError(f"LLM_MODEL_PATH {chat_path} is an {model_kind(chat_path)} model, not a chat model: serve it "
+                             "through LLM_MODELS")
 
     def _set_chat_model(self, model_id: str, spec: dict[str, Any]) -> None:
         """A chat entry of LLM_MODELS is the blueprint's chat model (there is one)."""

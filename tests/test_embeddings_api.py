@@ -247,3 +247,8 @@ def test_models_setting_forms_and_mistakes(folders, default_model_dir, tmp_path)
     LLM(app, LLM_MODELS={"chat": {"path": default_model_dir, "kind": "chat"}, "e": str(folders / "bert-embed")},
         LLM_CACHE_DIR=str(tmp_path))
     assert [m["id"] for m in app.test_client().get("/v1/models").get_json()["data"]] == ["chat", "e"]
+
+
+def test_an_encoder_is_not_taken_for_the_chat_model(folders):
+    with pytest.raises(ValueError, match="not a chat model"):
+        LLM(Flask("wrong"), LLM_MODEL_PATH=str(folders / "bert-embed"))
