@@ -24,6 +24,7 @@ from .engine.model import DEFAULT_COMPUTE_TYPES, SAMPLING_KEYS, resolve_device
 from .errors import LLMBlueprintError, ModelLoadError
 from .events import Event, EventStream, GenerationRequest
 from .rate_limit import RateLimit
+from .registry import Registry
 
 log = logging.getLogger("llm_blueprint")
 
@@ -60,8 +61,6 @@ class Runtime:
         self.draining = False
         self.openapi: dict[str, Any] | None = None
         self.rate_limit: RateLimit | None = None
-        from .registry import Registry
-
         self.registry = Registry(settings, lambda: self.model_id)  # the models beside the chat model (LLM_MODELS)
         if settings["LLM_RATE_LIMIT"]:
             self.rate_limit = RateLimit(settings["LLM_RATE_LIMIT"], settings["LLM_RATE_LIMIT_STORAGE"],
