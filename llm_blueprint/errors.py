@@ -35,10 +35,21 @@ class InvalidRequest(LLMBlueprintError):
 class ModelNotFound(InvalidRequest):
     """The request names a model this server does not serve."""
 
-    def __init__(self, model: str, served: str):
+    def __init__(self, model: str, served: str, message: str | None = None):
         super().__init__(
-            f"The model '{model}' does not exist or you do not have access to it. This server serves '{served}'.",
+            message or f"The model '{model}' does not exist or you do not have access to it. This server serves '{served}'.",
             param="model", code="model_not_found",
+        )
+
+
+class WrongModelKind(InvalidRequest):
+    """The request names a served model of another kind than the route serves (an embedding model on a chat route)."""
+
+    def __init__(self, model: str, kind: str, wanted: str, served: list[str]):
+        choices = ", ".join(f"'{m}'" for m in served) or "none"
+        super().__init__(
+            f"The model '{model}' is a {kind} model; this route needs a {wanted} model (served: {choices}).",
+            param="model", code="model_not_supported",
         )
 
 

@@ -31,6 +31,33 @@ RATE_LIMIT_UNCHECKED = Counter("llm_rate_limit_unchecked_total",
                                "Requests whose rate limit could not be checked (its storage failed), by what was done: "
                                "admitted (fail open) or refused (fail closed)", ["action"])
 
+# Embedding and rerank models, one series per served model id.
+ENCODER_INPUTS = Counter("llm_encoder_inputs_total", "Inputs embedded or ranked, by model and kind", ["model", "kind"])
+ENCODER_TOKENS = Counter("llm_encoder_tokens_total", "Tokens read by embedding and rerank models, by model", ["model"])
+ENCODER_DURATION = Histogram("llm_encoder_request_seconds", "Embedding/rerank engine time per request (queue included), "
+                             "by model", ["model"], buckets=LATENCY_BUCKETS)
+ENCODER_BATCH_SIZE = Histogram("llm_encoder_batch_size", "Inputs per embedding/rerank forward pass, by model", ["model"],
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+ENCODER_QUEUE = Gauge("llm_encoder_queue_depth", "Embedding/rerank inputs waiting for a forward pass, by model", ["model"],
+                      multiprocess_mode="livesum")
+
+
+def observe_encoder(model_id: str, kind: str, engine, inputs: int, tokens: int, seconds: float) -> None:
+    """One embedding or rerank request's counts; the engine's new forward passes into the batch size histogram."""
+    ENCODER_INPUTS.labels(model_id, kind).inc(inputs)
+    ENCODER_TOKENS.labels(model_id).inc(tokens)
+    ENCODER_DURATION.labels(model_id).observe(seconds)
+    drain_encoder(model_id, engine)
+
+
+def drain_encoder(model_id: str, engine) -> None:
+    sizes = engine.batch_sizes
+    seen, end = getattr(engine, "metrics_seen", 0), len(sizes)
+    for size in sizes[seen:end]:
+        ENCODER_BATCH_SIZE.labels(model_id).observe(size)
+    engine.metrics_seen = end
+    ENCODER_QUEUE.labels(model_id).set(engine.queued)
+
 
 PROMPT_CACHE = Counter("llm_prompt_cache_total", "Prompt cache decisions: hit (a held prefix used), miss (a prefix "
                        "computed and stored)", ["result"])

@@ -25,6 +25,7 @@ from .engine.prompt_cache import PromptCache, state_bytes_per_token
 from .errors import LLMBlueprintError, ModelLoadError
 from .events import Event, EventStream, GenerationRequest
 from .rate_limit import RateLimit
+from .registry import Registry
 
 log = logging.getLogger("llm_blueprint")
 
@@ -61,6 +62,7 @@ class Runtime:
         self.draining = False
         self.openapi: dict[str, Any] | None = None
         self.rate_limit: RateLimit | None = None
+        self.registry = Registry(settings, lambda: self.model_id)  # the models beside the chat model (LLM_MODELS)
         if settings["LLM_RATE_LIMIT"]:
             self.rate_limit = RateLimit(settings["LLM_RATE_LIMIT"], settings["LLM_RATE_LIMIT_STORAGE"],
                                         settings["LLM_RATE_LIMIT_FAIL_OPEN"])
@@ -78,6 +80,7 @@ class Runtime:
     def start_loading(self) -> None:
         """Load the model in the background (eager start, or a readiness probe in lazy mode): returns at once.
         A request arriving meanwhile waits for this load rather than starting another."""
+        self.registry.start_loading()
         if self._engine is not None or self._loading:
             return
         self._loading = True
@@ -223,6 +226,7 @@ class Runtime:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine threads and release the model (safe to call twice)."""
+        self.registry.shutdown(timeout)
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown(timeout)

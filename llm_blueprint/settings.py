@@ -38,6 +38,27 @@ def _key_list(value: Any) -> list[str] | None:
     return [str(v).strip() for v in value if str(v).strip()]
 
 
+def _model_table(value: Any) -> dict[str, Any] | None:
+    """LLM_MODELS: a dict (or its JSON text) of model id -> path or {"path", "kind", ...options}; or, in an
+    environment variable, ``id=path,id2=path`` (kinds then read from the models)."""
+    if value in (None, "", {}):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            import json
+
+            value = json.loads(text)
+        else:
+            pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError("LLM_MODELS must be JSON or 'id=path,id2=path'")
+            value = {model_id.strip(): path.strip() for model_id, path in pairs}
+    if not isinstance(value, dict):
+        raise TypeError("LLM_MODELS must map model ids to paths or to {'path': ..., 'kind': ...}")
+    return {str(k): (v if isinstance(v, dict) else {"path": str(v)}) for k, v in value.items()}
+
+
 def _callable_or_none(value: Any):
     if value is not None and not callable(value):
         raise TypeError("LLM_AUTH_HOOK must be a callable taking the request")
@@ -58,6 +79,16 @@ SETTINGS: tuple[Setting, ...] = (
             "unset = the embedded SmolLM2-135M-Instruct, prepared into LLM_CACHE_DIR"),
     Setting("LLM_MODEL_ID", None, _optional_str, "model id served on /v1/models; default: the model directory's name"),
     Setting("LLM_ACCEPT_ANY_MODEL", False, _bool, "serve requests whatever model name they give (else 404 model_not_found)"),
+    Setting("LLM_MODELS", None, _model_table,
+            "models served beside the chat model: {id: path} or {id: {path, kind (chat, embedding, rerank), "
+            "pooling, normalize, dimensions, compute_type, threads, replicas}}; a path is a CTranslate2 directory, a "
+            ".gguf or a Hugging Face folder; kind is read from the model when left out (see README)"),
+    Setting("LLM_ENCODER_THREADS", None, _optional_int,
+            "OpenMP threads of each embedding/rerank model (shared cores, see README); default: LLM_CORES"),
+    Setting("LLM_ENCODER_MAX_BATCH_SIZE", 32, int, "most inputs in one embedding/rerank forward pass"),
+    Setting("LLM_ENCODER_MAX_BATCH_TOKENS", 8192, int, "most padded tokens (inputs x longest) in one forward pass"),
+    Setting("LLM_ENCODER_MAX_QUEUE", 4096, int, "embedding/rerank inputs waiting beyond which requests get 429"),
+    Setting("LLM_EMBEDDING_MAX_INPUTS", 2048, int, "most inputs in one /v1/embeddings request (documents in a rerank)"),
     Setting("LLM_URL_PREFIX", "", str, "URL prefix of the blueprint, e.g. /llm (routes are then /llm/v1/...)"),
     Setting("LLM_CACHE_DIR", None, _optional_str,
             "where the default model, .gguf files and Hugging Face folders are converted to; default: the user's cache dir"),

@@ -51,6 +51,9 @@ LIVE_API_DEVIATIONS: list[tuple[str, tuple[str, ...], Any, str]] = [
      "the API's own documented behaviour, which the document's `number` items cannot express"),
     ("CreateCompletionResponse", _LEGACY_LOGPROBS + ("top_logprobs", "items"), _allow_null,
      "likewise the first echoed token's top_logprobs entry is null"),
+    ("Embedding", ("properties", "embedding"), lambda schema: {"anyOf": [schema, {"type": "string"}]},
+     "with `encoding_format: base64` the API sends each vector as base64 text of little-endian float32 (the openai "
+     "SDK asks for it by default and decodes it); the document describes the float array only"),
 ]
 
 # Schemas the document lacks, derived from one of its own: (base, [(path, change, why), ...]).

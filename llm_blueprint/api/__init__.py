@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint
 from werkzeug.routing import PathConverter
 
-from . import admission, anthropic, openai, openai_responses, openapi, operations, request_log, tokenize
+from . import admission, anthropic, embeddings, openai, openai_responses, openapi, operations, request_log, tokenize
 
 
 class ModelIdConverter(PathConverter):
@@ -27,6 +27,7 @@ def create_blueprint(settings: dict[str, Any]) -> Blueprint:
     anthropic.register(bp)
     openai_responses.register(bp)
     tokenize.register(bp)
+    embeddings.register(bp)
     operations.register(bp)
     openapi.register(bp)
     origins = settings["LLM_CORS_ORIGINS"]

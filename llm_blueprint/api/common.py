@@ -12,7 +12,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ..chat.conversation import ChatRequest
 from ..chat.pipeline import ChatStream
 from ..chat.prompt import ChatPrompt, render
-from ..errors import InvalidRequest, ModelNotFound, RequestTooLarge
+from ..errors import InvalidRequest, RequestTooLarge
 from ..events import EventStream, GenerationRequest
 from ..runtime import Runtime
 
@@ -51,11 +51,11 @@ def json_body() -> Any:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 
-def check_model(name: str, strict: bool = False) -> None:
-    """404 unless ``name`` is the served model (or any name is accepted)."""
+def check_model(name: str | None, strict: bool = False, kind: str | None = "chat") -> str:
+    """The served model id ``name`` names for a route serving ``kind`` models (None: any kind): 404 when unknown
+    (unless any name is accepted, and not when ``strict``), 400 when the model is of another kind."""
     rt = runtime()
-    if name != rt.model_id and (strict or not rt.settings["LLM_ACCEPT_ANY_MODEL"]):
-        raise ModelNotFound(name, rt.model_id)
+    return rt.registry.resolve(name, kind, accept_any=not strict and rt.settings["LLM_ACCEPT_ANY_MODEL"])
 
 
 def check_limits(messages: int | None = None, max_tokens: int | None = None, stop: list[str] | None = None,

@@ -341,13 +341,13 @@ def _model_object(model_id: str) -> dict[str, Any]:
 @error_envelope("openai")
 @documented("listModels", ModelList, errors=(401,))
 def list_models():
-    return json_response({"object": "list", "data": [_model_object(runtime().model_id)]})
+    return json_response({"object": "list", "data": [_model_object(model_id) for model_id, _ in runtime().registry.models()]})
 
 
 @error_envelope("openai")
 @documented("retrieveModel", ModelObject, errors=(401, 404))
 def get_model(model_id: str):
-    check_model(model_id, strict=True)
+    check_model(model_id, strict=True, kind=None)
     return json_response(_model_object(model_id))
 
 

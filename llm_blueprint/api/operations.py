@@ -44,6 +44,8 @@ def metrics_view():
         if not hmac.compare_digest(given.encode(), token.encode()):
             return Response("metrics token required\n", status=401, mimetype="text/plain",
                             headers={"WWW-Authenticate": "Bearer"})
+    for model_id, engine in runtime().registry.loaded():
+        metrics.drain_encoder(model_id, engine)
     body, content_type = metrics.render(runtime().engine_if_loaded)
     return Response(body, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type})
 

@@ -55,6 +55,11 @@ def convert_model(
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not force:
         raise ConversionError(f"output directory {out_dir} already exists (use --force to replace it)")
+    encoder = open_encoder_source(os.fspath(source_path))
+    if encoder is not None:  # BERT family: embedding models and cross-encoders
+        from .encoder_specs import convert_encoder
+
+        return convert_encoder(encoder, out_dir, quantization)
     source = open_model_source(source_path)
 
     parent = os.path.dirname(out_dir)
@@ -84,6 +89,20 @@ def convert_model(
         source.close()
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def open_encoder_source(path: str):
+    """The encoder source at ``path`` (a Hugging Face BERT-family folder, or a GGUF file of llama.cpp's ``bert``
+    architecture), or None when it is another kind of model."""
+    if os.path.isdir(path):
+        from .encoder_hf import is_encoder_folder, open_encoder_folder
+
+        return open_encoder_folder(path) if is_encoder_folder(path) else None
+    if path.lower().endswith(".gguf") and os.path.isfile(path):
+        from .encoder_gguf import GGUFEncoder, gguf_encoder_kind
+
+        return GGUFEncoder(path) if gguf_encoder_kind(path) else None
+    return None
 
 
 def _metadata(source: ModelSource, quantization: str) -> dict:

@@ -1,0 +1,227 @@
+"""The models one blueprint serves, by id and kind: the chat model plus any number of embedding and rerank models.
+
+The chat model stays the :class:`~llm_blueprint.runtime.Runtime`'s own (``LLM_MODEL_PATH``/``LLM_MODEL_ID``, or
+the embedded default: the zero-configuration case). ``LLM_MODELS`` adds models beside it; a ``chat`` entry there
+names the chat model instead of ``LLM_MODEL_PATH`` (one chat model per blueprint). Every route asks
+:meth:`Registry.resolve` for the id it was given and the kind it serves: an unknown id is a 404, an id of another
+kind a 400, each in the route's protocol envelope.
+
+Embedding and rerank models are loaded on first use (or at start with ``LLM_EAGER_LOAD``), each on a native
+thread, converted once into ``LLM_CACHE_DIR`` when given as a Hugging Face folder. All models of a worker share its
+cores: each encoder runs ``LLM_ENCODER_THREADS`` (default ``LLM_CORES``) OpenMP threads, so an embedding batch and
+a chat batch running at the same moment compete for the same cores rather than each getting a reserved share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LLMBlueprintError, ModelLoadError, ModelNotFound, WrongModelKind
+
+log = logging.getLogger("llm_blueprint")
+
+CHAT, EMBEDDING, RERANK = "chat", "embedding", "rerank"
+KINDS = (CHAT, EMBEDDING, RERANK)
+ENTRY_OPTIONS = {"path", "kind", "pooling", "normalize", "dimensions", "compute_type", "threads", "replicas"}
+
+
+@dataclass
+class ModelEntry:
+    """One served model beside the chat model."""
+
+    id: str
+    kind: str
+    path: str
+    options: dict[str, Any] = field(default_factory=dict)
+    engine: Any = None  # the EncoderEngine, once loaded
+    load_error: str | None = None
+
+
+def model_kind(path: str) -> str:
+    """What a model path serves, read from its files without loading it: a cross-encoder (a sequence
+    classification head) reranks, another BERT-family encoder embeds, anything else chats."""
+    from .engine.encoder import encoder_kind, is_encoder_dir
+
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        if is_encoder_dir(path):
+            return encoder_kind(path)
+        from .convert.encoder_hf import is_encoder_folder
+
+        if is_encoder_folder(path):
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                architectures = json.load(f).get("architectures") or []
+            return RERANK if any(a.endswith("ForSequenceClassification") for a in architectures) else EMBEDDING
+        return CHAT
+    if path.lower().endswith(".gguf"):
+        from .convert.encoder_gguf import gguf_encoder_kind
+
+        return gguf_encoder_kind(path) or CHAT
+    return CHAT
+
+
+class Registry:
+    """Served model ids and kinds; loads and holds the embedding and rerank engines."""
+
+    def __init__(self, settings: dict[str, Any], chat_id: Callable[[], str]):
+        self.settings = settings
+        self._chat_id = chat_id
+        self.entries: dict[str, ModelEntry] = {}
+        self._lock = threading.Lock()  # a greenlet lock under gevent, a thread lock otherwise
+        self._loading = False
+        self._chat_from_models = False
+        for model_id, spec in (settings.get("LLM_MODELS") or {}).items():
+            unknown = set(spec) - ENTRY_OPTIONS
+            if unknown:
+                raise ValueError(f"LLM_MODELS[{model_id!r}]: unknown option(s) {sorted(unknown)}; "
+                                 f"known: {sorted(ENTRY_OPTIONS)}")
+            if not spec.get("path"):
+                raise ValueError(f"LLM_MODELS[{model_id!r}] needs a path")
+            kind = spec.get("kind") or model_kind(spec["path"])
+            if kind not in KINDS:
+                raise ValueError(f"LLM_MODELS[{model_id!r}]: kind {kind!r} is not one of {', '.join(KINDS)}")
+            if kind == CHAT:
+                self._set_chat_model(model_id, spec)
+                continue
+            self.entries[model_id] = ModelEntry(model_id, kind, spec["path"], {k: v for k, v in spec.items() if k != "path"})
+        if self.chat_id in self.entries:
+            raise ValueError(f"LLM_MODELS: {self.chat_id!r} is already the chat model's id")
+        chat_path = settings.get("LLM_MODEL_PATH")
+        if chat_path and os.path.exists(chat_path) and model_kind(chat_path) != CHAT:
+            raise ValueError(f"LLM_MODEL_PATH {chat_path} is an {model_kind(chat_path)} model, not a chat model: serve it "
+                             "through LLM_MODELS")
+
+    def _set_chat_model(self, model_id: str, spec: dict[str, Any]) -> None:
+        """A chat entry of LLM_MODELS is the blueprint's chat model (there is one)."""
+        settings = self.settings
+        if settings.get("LLM_MODEL_PATH") and os.path.abspath(settings["LLM_MODEL_PATH"]) != os.path.abspath(spec["path"]):
+            raise ValueError(f"LLM_MODELS[{model_id!r}] is a chat model, but LLM_MODEL_PATH names another: a blueprint "
+                             "serves one chat model")
+        if self._chat_from_models:
+            raise ValueError("LLM_MODELS names more than one chat model: a blueprint serves one chat model")
+        settings["LLM_MODEL_PATH"], settings["LLM_MODEL_ID"] = spec["path"], model_id
+        self._chat_from_models = True
+
+    # Ids and kinds ---------------------------------------------------------------
+    @property
+    def chat_id(self) -> str:
+        return self._chat_id()
+
+    def models(self) -> list[tuple[str, str]]:
+        """(id, kind) of every served model, the chat model first."""
+        return [(self.chat_id, CHAT)] + [(e.id, e.kind) for e in self.entries.values()]
+
+    def ids_of(self, kind: str) -> list[str]:
+        return [model_id for model_id, k in self.models() if k == kind]
+
+    def kind_of(self, model_id: str) -> str | None:
+        if model_id == self.chat_id:
+            return CHAT
+        entry = self.entries.get(model_id)
+        return entry.kind if entry else None
+
+    def resolve(self, name: str | None, kind: str | None, accept_any: bool = False) -> str:
+        """The served id a request's ``model`` names for a route serving ``kind`` (None: any kind).
+
+        No name: the first model of that kind. An unknown name: 404 (or, with ``LLM_ACCEPT_ANY_MODEL``, the first
+        model of that kind); a model of another kind: 400.
+        """
+        candidates = self.ids_of(kind) if kind else [m for m, _ in self.models()]
+        if name is None:
+            if candidates:
+                return candidates[0]
+            raise ModelNotFound("", "", message=f"This server serves no {kind} model (see LLM_MODELS).")
+        found = self.kind_of(name)
+        if found is not None and (kind is None or found == kind):
+            return name
+        if found is not None:
+            raise WrongModelKind(name, found, kind, candidates)
+        if accept_any and candidates:
+            return candidates[0]
+        raise ModelNotFound(name, "', '".join(candidates) if candidates else "no model of this kind")
+
+    # Encoders ---------------------------------------------------------------------
+    def encoder(self, model_id: str):
+        """The loaded :class:`~llm_blueprint.engine.encoder.EncoderEngine` of an embedding or rerank model (loading it
+        off the event loop on first use)."""
+        entry = self.entries[model_id]
+        if entry.engine is None:
+            with self._lock:
+                if entry.engine is None:
+                    from .engine.handoff import run_on_native_thread
+
+                    try:
+                        entry.engine = run_on_native_thread(lambda: self._load(entry), "llm-encoder-loader")
+                    except LLMBlueprintError as exc:
+                        entry.load_error = str(exc)
+                        raise
+                    except Exception as exc:
+                        entry.load_error = str(exc)
+                        raise ModelLoadError(f"loading {model_id!r} failed: {exc}") from exc
+                    entry.load_error = None
+        return entry.engine
+
+    def loaded(self) -> list[tuple[str, Any]]:
+        """(id, engine) of the encoders loaded so far."""
+        return [(e.id, e.engine) for e in self.entries.values() if e.engine is not None]
+
+    def _load(self, entry: ModelEntry):
+        from .convert.model_cache import prepare_model_dir
+        from .engine.encoder import EncoderEngine, EncoderModel, EncoderOptions
+        from .engine.layout import usable_cores
+
+        settings, options = self.settings, entry.options
+        compute_type = options.get("compute_type") or settings.get("LLM_COMPUTE_TYPE")
+        path = prepare_model_dir(entry.path, settings.get("LLM_CACHE_DIR"), compute_type)
+        threads = int(options.get("threads") or settings.get("LLM_ENCODER_THREADS") or settings.get("LLM_CORES")
+                      or usable_cores())
+        model = EncoderModel(path, EncoderOptions(
+            device=settings.get("LLM_DEVICE") or "auto", compute_type=compute_type,
+            inter_threads=int(options.get("replicas") or 1), intra_threads=threads,
+            pooling=options.get("pooling"), normalize=options.get("normalize"),
+        ))
+        if model.kind != entry.kind:
+            model.close()
+            raise ModelLoadError(f"LLM_MODELS[{entry.id!r}] is declared {entry.kind}, but {entry.path} is an "
+                                 f"{model.kind} model")
+        log.info("%s model %r ready (%s, %d thread(s))", entry.kind, entry.id, path, threads)
+        return EncoderEngine(model, EncoderOptions(
+            max_batch_size=settings.get("LLM_ENCODER_MAX_BATCH_SIZE") or 32,
+            max_batch_tokens=settings.get("LLM_ENCODER_MAX_BATCH_TOKENS") or 8192,
+            max_queue=settings.get("LLM_ENCODER_MAX_QUEUE") or 4096,
+        ))
+
+    def start_loading(self) -> None:
+        """Load every encoder in the background (eager start); returns at once."""
+        if self._loading or not self.entries:
+            return
+        self._loading = True
+
+        def load() -> None:
+            for model_id in self.entries:
+                try:
+                    self.encoder(model_id)
+                except Exception as exc:  # logged; the next request tries again
+                    log.error("loading model %r failed: %s", model_id, exc)
+
+        from .engine.handoff import NativeThread, gevent_patched
+
+        if gevent_patched():
+            import gevent
+
+            gevent.spawn(load)
+        else:
+            NativeThread(load, "llm-encoder-preloader").start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        for entry in self.entries.values():
+            engine, entry.engine = entry.engine, None
+            if engine is not None:
+                engine.shutdown(timeout)
+                engine.model.close()
