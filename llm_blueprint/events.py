@@ -46,7 +46,9 @@ class GenerationRequest:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # A nucleus below 1e-6 holds the top token alone (its probability is at least 1 / vocabulary size): greedy,
+        # and CTranslate2 would refuse it once rounded to float32 zero.
+        return self.temperature == 0 or self.top_k == 1 or self.top_p < 1e-6
 
 
 # ----------------------------------------------------------------------------- the events
