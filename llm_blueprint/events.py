@@ -18,6 +18,17 @@ from .errors import GenerationFailed, InvalidModelOutput
 
 
 # ----------------------------------------------------------------------------- the request
+@dataclass(frozen=True)
+class Constraint:
+    """The completion's text must match ``grammar`` (an llguidance grammar; engine/constraints.py builds them from a
+    JSON Schema, a regex, a list of choices or a Lark grammar). ``prefix``: text the prompt already wrote as the start
+    of the match (a prefilled ``{"city": "``). The engine ends the completion ("stop") as soon as the grammar is
+    complete, and never lets the model write a token the grammar forbids."""
+
+    grammar: str
+    prefix: str = ""
+
+
 @dataclass
 class GenerationRequest:
     """What to generate, independent of any wire protocol."""
@@ -35,9 +46,7 @@ class GenerationRequest:
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token (with logprobs): read from the step's whole-vocabulary logits
     min_tokens: int = 0
-    # Not None: stop (reason "stop") as soon as the JSON object/array that this
-    # prefill text opened (or that the output opens) is closed.
-    json_prefix: str | None = None
+    constraint: Constraint | None = None  # token-level: the text always matches the grammar
 
     @property
     def greedy(self) -> bool:

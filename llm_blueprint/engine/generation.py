@@ -23,9 +23,10 @@ import numpy as np
 
 from ..errors import ContextTooLong, EngineShutDown, InvalidRequest, Overloaded
 from ..events import Done, Event, EventStream, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob
+from .constraints import TokenMatcher, vocabulary_for
 from .handoff import Channel, Empty, NativeThread, WorkQueue, allocate_native_lock, native_sleep, run_on_native_thread
 from .model import Model
-from .text_stream import IncrementalDecoder, JsonEnd, StopMatcher
+from .text_stream import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,15 @@ class _Entry:
         self.index = index
         self.decoder = IncrementalDecoder(model.tokenizer, request.prompt_ids)
         self.stops = StopMatcher(request.stop)
-        self.json_end = JsonEnd(request.json_prefix) if request.json_prefix is not None else None
         self.tokens = 0
         self.generated: list[int] = []  # to continue after a batch restart
         self.restarts = 0
+        self.matcher: TokenMatcher | None = None
+        if request.constraint is not None:
+            self.matcher = TokenMatcher(vocabulary_for(model.tokenizer, model.end_token_ids), request.constraint)
+            self._rng = np.random.default_rng(request.seed)
+        self.resume = False  # stopped at a token its grammar forbids: goes back to the queue to continue
+        self.resumes = 0
         self.finished = False
         self.pending_logprobs: list[TokenLogprob] = []
 
@@ -57,7 +63,7 @@ class _Entry:
     # Runs on the engine thread, once per generated token of this entry.
     def on_step(self, step) -> bool:
         job = self.job
-        if self.finished:
+        if self.finished or self.resume:
             return True
         if job.cancelled:
             self.finish("cancelled")
@@ -72,31 +78,63 @@ class _Entry:
     def _accept(self, step) -> bool:
         token_id = step.token_id
         request = self.job.request
+        if self.matcher is not None and not self.matcher.allows(token_id):
+            return self._replace(step)
         if step.is_last and token_id in self.job.end_ids:
             self.finish("stop")
             return True
+        top = _top_logprobs(step.logits, request.top_logprobs) if request.logprobs and request.top_logprobs else ()
+        return self._take(token_id, float(step.log_prob or 0.0), top) or self._at_limit(step.is_last)
+
+    def _take(self, token_id: int, logprob: float, top: tuple = ()) -> bool:
+        """Adds one token to the completion; True when that ended it."""
+        request = self.job.request
         self.tokens += 1
         self.generated.append(token_id)
         if request.logprobs:
-            top = _top_logprobs(step.logits, request.top_logprobs) if request.top_logprobs else ()
-            self.pending_logprobs.append(TokenLogprob(token_id, float(step.log_prob or 0.0), top))
+            self.pending_logprobs.append(TokenLogprob(token_id, logprob, top))
         text = self.decoder.push(token_id)
         if text:
             visible, matched = self.stops.feed(text)
-            if self.json_end is not None:
-                end = self.json_end.feed(visible)
-                if end >= 0:
-                    self._emit(visible[:end])
-                    self.finish("stop", release=False)
-                    return True
             self._emit(visible)
             if matched is not None:
                 self.finish("stop_sequence", stop_sequence=matched)
                 return True
-        if step.is_last or self.tokens >= request.max_tokens:
+        if self.matcher is not None:
+            self.matcher.accept(token_id)
+            if self.matcher.complete:
+                if self.matcher.error:
+                    self.finish("error", error=f"constraint failed: {self.matcher.error}")
+                else:
+                    self.finish("stop")
+                return True
+        return False
+
+    def _at_limit(self, last_step: bool) -> bool:
+        if last_step or self.tokens >= self.job.request.max_tokens:
             self.finish("length")
             return True
         return False
+
+    def _replace(self, step) -> bool:
+        """The model sampled a token the grammar forbids: write the best allowed one (and what the grammar forces
+        after it) instead, and stop this entry so that it resumes from there (the model's state has seen the
+        forbidden token). Always True: the entry leaves this batch."""
+        choice = self.matcher.choose(step.logits, self.job.request, self._rng)
+        if choice is None:
+            self.finish("error", error=f"constraint failed: {self.matcher.error or 'no token is allowed'}")
+            return True
+        token_id, logprob = choice
+        if token_id in self.job.end_ids:
+            self.finish("stop")
+            return True
+        if self._take(token_id, logprob) or self._at_limit(False):
+            return True
+        for forced in self.matcher.forced():
+            if self._take(forced, 0.0) or self._at_limit(False):
+                return True
+        self.resume = True
+        return True
 
     def _emit(self, text: str) -> None:
         if text:
@@ -133,6 +171,7 @@ class _Job:
         self.channel = channel
         self.cancelled = False
         self.end_ids = set(engine.model.end_token_ids) | set(request.end_token_ids)
+        self.constrained = request.constraint is not None
         self.entries = [_Entry(self, i, engine.model) for i in range(request.n)]
         self._unfinished = request.n
         self._count_lock = allocate_native_lock()  # entries may finish on different threads (cancel_all, workers)
@@ -143,7 +182,8 @@ class _Job:
         """Requests with equal keys may share a batch (CTranslate2's options are per call)."""
         r = self.request
         sampling = ("greedy",) if r.greedy else (r.temperature, r.top_p, r.top_k)
-        return (*sampling, r.repetition_penalty, r.min_tokens, tuple(sorted(self.end_ids)))
+        # Constrained entries batch only together: their batches copy every step's logits and stop entries to resume.
+        return (*sampling, r.repetition_penalty, r.min_tokens, tuple(sorted(self.end_ids)), self.constrained)
 
     def cancel(self) -> None:
         """Every entry ends ("cancelled") at its next step; waiting ones when a worker reaches them."""
@@ -223,6 +263,7 @@ class Engine:
         self._idle_workers = 0
         self._batches_running = 0  # workers between taking a batch and finishing it
         self.batch_sizes: list[int] = []  # every batch run, for tests and metrics
+        self.resumes = 0  # constrained entries stopped at a forbidden token and continued with an allowed one
         self._closed = False
         self._threads = [NativeThread(self._worker, f"llm-engine-{i}") for i in range(max(1, model.inter_threads))]
         for thread in self._threads:
@@ -379,9 +420,13 @@ class Engine:
                 for entry in batch:
                     entry.finish("error", error=str(exc))
             finally:
-                survivors = [e for e in batch if not e.finished and not e.job.cancelled] if state.restart else []
+                survivors = [e for e in batch if not e.finished and not e.job.cancelled and (state.restart or e.resume)]
                 for entry in survivors:
-                    entry.restarts += 1
+                    if entry.resume:
+                        entry.resume, entry.resumes = False, entry.resumes + 1
+                        self.resumes += 1
+                    else:
+                        entry.restarts += 1
                 with self._pending_lock:
                     self._pending[:0] = survivors  # first in line for the merged batch
                     self._batches_running -= 1
@@ -463,8 +508,8 @@ class Engine:
             end_token=tokenizer.ids_to_tokens(sorted(batch[0].job.end_ids)),
             repetition_penalty=first.repetition_penalty,
             return_scores=any(e.job.request.logprobs for e in batch),
-            # A vocabulary-sized copy per token and entry: only when an entry asked for alternatives.
-            return_logits_vocab=any(e.job.request.logprobs and e.job.request.top_logprobs for e in batch),
+            # A vocabulary-sized copy per token and entry: only when an entry asked for alternatives or is constrained.
+            return_logits_vocab=any(e.job.constrained or (e.job.request.logprobs and e.job.request.top_logprobs) for e in batch),
             callback=callback,
         )
         if first.greedy:
