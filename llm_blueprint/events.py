@@ -94,6 +94,19 @@ class ToolCall:
     fragments: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a tool call's arguments, as it is generated (a constrained call streams this way); the call's
+    :class:`ToolCall` follows once it is complete. Every delta names its call, so a formatter opens the call at
+    the first one."""
+
+    index: int
+    call_index: int
+    id: str
+    name: str
+    fragment: str
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -110,7 +123,7 @@ ENDINGS = {"stop": END_TURN, "cancelled": END_TURN, "stop_sequence": STOP_SEQUEN
 @dataclass(frozen=True)
 class Finish:
     """Completion ``index`` ended. ``reason``: stop, length, stop_sequence, cancelled, error;
-    the chat pipeline adds tool_calls and invalid_output (structured output that never validated)."""
+    the chat pipeline adds tool_calls and invalid_output (a forced call whose arguments max_tokens cut)."""
 
     index: int
     reason: str
@@ -133,7 +146,7 @@ class Finish:
 
     def raise_failure(self) -> None:
         """A failed completion raises the error every protocol renders: before the first byte as an HTTP
-        error, mid-stream as its error event (structured output that never validated is the model's failure)."""
+        error, mid-stream as its error event (a forced call cut by max_tokens cannot be returned)."""
         if self.reason == "invalid_output":
             raise InvalidModelOutput(self.error or "invalid output")
         if self.reason == "error":
@@ -154,7 +167,7 @@ class Heartbeat:
 
 
 Event = TextDelta | Finish | Done | Heartbeat  # what the engine yields
-ChatEvent = Event | ReasoningDelta | ToolCall  # what the chat pipeline yields
+ChatEvent = Event | ReasoningDelta | ToolCall | ToolCallDelta  # what the chat pipeline yields
 
 
 # ----------------------------------------------------------------------------- streams of events

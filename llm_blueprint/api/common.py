@@ -119,7 +119,5 @@ def start_chat(chat: ChatRequest, requested_max_tokens: int | None, **options: A
     rt = runtime()
     prompt = render(rt.model, chat)
     request = GenerationRequest(prompt.ids, completion_budget(requested_max_tokens, prompt.ids), **options)
-    settings = rt.settings
-    stream = ChatStream(rt.engine, rt.generate, chat, prompt, request, reasoning=settings["LLM_REASONING"],
-                        attempts=settings["LLM_STRUCTURED_ATTEMPTS"])
+    stream = ChatStream(rt.engine, rt.generate, chat, prompt, request, reasoning=rt.settings["LLM_REASONING"])
     return prompt, stream

@@ -123,13 +123,19 @@ def lark_grammar(text: str, param: str | None = None) -> str:
     return _checked(grammar, "the grammar", param)
 
 
+def starts_a_match(vocabulary: ConstraintVocabulary, grammar: str, text: str) -> bool:
+    """Whether ``text`` can begin a match of ``grammar`` (a prefill the grammar allows)."""
+    matcher = llguidance.LLMatcher(vocabulary.lltokenizer, grammar, log_level=0)
+    return matcher.consume_tokens(vocabulary.encode(text)) and not matcher.is_error()
+
+
 # ----------------------------------------------------------------------------- one completion's matcher
 class TokenMatcher:
     """The grammar state of one completion; used on its engine thread only."""
 
     def __init__(self, vocabulary: ConstraintVocabulary, constraint: Constraint):
         self.vocabulary = vocabulary
-        self._matcher = llguidance.LLMatcher(vocabulary.lltokenizer, constraint.grammar)
+        self._matcher = llguidance.LLMatcher(vocabulary.lltokenizer, constraint.grammar, log_level=0)
         self._allowed: np.ndarray | None = None
         if constraint.prefix and not self._matcher.consume_tokens(vocabulary.encode(constraint.prefix)):
             raise ValueError(f"the constraint's prefix {constraint.prefix!r} does not match its grammar: {self._matcher.get_error()}")
