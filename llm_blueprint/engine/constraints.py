@@ -88,12 +88,36 @@ def _checked(grammar: str, what: str, param: str | None) -> str:
     return grammar
 
 
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` wherever an object lists its ``properties`` and says nothing
+    about others. Every value valid against the result is valid against ``schema``; the model just cannot invent
+    keys (as with OpenAI's strict mode), which is where a small model rambles past ``max_tokens``. Objects under
+    ``allOf`` are left open: closing each part would make their combination unsatisfiable."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas"):
+            closed[key] = {k: closed_objects(v) for k, v in value.items()} if isinstance(value, dict) else value
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "additionalProperties", "additionalItems"):
+            closed[key] = closed_objects(value)
+        else:
+            closed[key] = value
+    if isinstance(schema.get("properties"), dict) and not ({"additionalProperties", "patternProperties", "allOf",
+                                                            "unevaluatedProperties"} & schema.keys()):
+        closed["additionalProperties"] = False
+    return closed
+
+
 def json_schema_grammar(schema: dict[str, Any] | None, param: str | None = None) -> str:
-    """A grammar for one JSON value valid against ``schema`` (any JSON object when None).
+    """A grammar for one JSON value valid against ``schema`` (any JSON object when None); objects are closed to the
+    keys they list (:func:`closed_objects`).
 
     Keywords the matcher does not implement are refused (400) with its own words, e.g.
     ``Unimplemented keys: ["not"]``; so is a schema no value can satisfy."""
-    schema = {"type": "object"} if schema is None else schema
+    schema = {"type": "object"} if schema is None else closed_objects(schema)
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
     except (ValueError, TypeError, RuntimeError) as exc:

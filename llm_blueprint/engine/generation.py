@@ -60,8 +60,9 @@ class _Entry:
         """Tokens the engine must prefill for this entry: prompt plus what it generated so far."""
         return len(self.job.request.prompt_ids) + len(self.generated)
 
-    # Runs on the engine thread, once per generated token of this entry.
-    def on_step(self, step) -> bool:
+    # Runs on the engine thread, once per generated token of this entry; ``logits``: this entry's row of the step's
+    # logits (None unless the batch asked for them).
+    def on_step(self, step, logits=None) -> bool:
         job = self.job
         if self.finished or self.resume:
             return True
@@ -69,21 +70,21 @@ class _Entry:
             self.finish("cancelled")
             return True
         try:
-            return self._accept(step)
+            return self._accept(step, logits)
         except Exception as exc:  # never let an exception escape into C++
             log.exception("token processing failed")
             self.finish("error", error=str(exc))
             return True
 
-    def _accept(self, step) -> bool:
+    def _accept(self, step, logits) -> bool:
         token_id = step.token_id
         request = self.job.request
         if self.matcher is not None and not self.matcher.allows(token_id):
-            return self._replace(step)
+            return self._replace(logits)
         if step.is_last and token_id in self.job.end_ids:
             self.finish("stop")
             return True
-        top = _top_logprobs(step.logits, request.top_logprobs) if request.logprobs and request.top_logprobs else ()
+        top = _top_logprobs(logits, request.top_logprobs) if request.logprobs and request.top_logprobs else ()
         return self._take(token_id, float(step.log_prob or 0.0), top) or self._at_limit(step.is_last)
 
     def _take(self, token_id: int, logprob: float, top: tuple = ()) -> bool:
@@ -116,11 +117,11 @@ class _Entry:
             return True
         return False
 
-    def _replace(self, step) -> bool:
+    def _replace(self, logits) -> bool:
         """The model sampled a token the grammar forbids: write the best allowed one (and what the grammar forces
         after it) instead, and stop this entry so that it resumes from there (the model's state has seen the
         forbidden token). Always True: the entry leaves this batch."""
-        choice = self.matcher.choose(step.logits, self.job.request, self._rng)
+        choice = self.matcher.choose(logits, self.job.request, self._rng)
         if choice is None:
             self.finish("error", error=f"constraint failed: {self.matcher.error or 'no token is allowed'}")
             return True
@@ -161,6 +162,39 @@ def _top_logprobs(logits, k: int) -> tuple[tuple[int, float], ...]:
     best = np.argpartition(row, -k)[-k:] if k < row.size else np.arange(row.size)
     best = best[np.argsort(-row[best], kind="stable")]
     return tuple((int(i), float(row[i]) - log_total) for i in best)
+
+
+class _StepLogits:
+    """Each entry's row of a step's logits (``return_logits_vocab``).
+
+    CTranslate2 (4.8) hands the whole step's matrix, one row per entry still
+    running, to the first callback of the step only (later ones get an empty
+    view), and orders a batch's rows longest prompt first. The batch is
+    therefore passed longest first, so that entry ``i``'s row is the number
+    of running entries before it.
+    """
+
+    def __init__(self, size: int):
+        self._running = [True] * size
+        self._step = -1
+        self._rows_before: list[int] = []
+        self._matrix = None
+        self._view = None  # keeps the matrix's memory alive
+
+    def row(self, step):
+        if step.step != self._step:
+            self._step, self._matrix = step.step, None
+            self._rows_before = np.cumsum([0, *self._running[:-1]]).tolist()
+        if self._matrix is None:
+            view = step.logits
+            shape = list(getattr(view, "shape", None) or [])
+            matrix = np.asarray(view) if shape and shape[0] else None  # empty: moved to an earlier callback
+            if matrix is not None:
+                self._view, self._matrix = view, matrix.reshape(-1, matrix.shape[-1])
+        return None if self._matrix is None else self._matrix[self._rows_before[step.batch_id]]
+
+    def ended(self, batch_id: int) -> None:
+        self._running[batch_id] = False
 
 
 class _Job:
@@ -496,10 +530,16 @@ class Engine:
         tokenizer = self.model.tokenizer
         seeded = first.seed is not None and not first.greedy
 
+        batch.sort(key=lambda e: -e.length)  # CTranslate2's own row order (see _StepLogits)
+        want_logits = any(e.job.constrained or (e.job.request.logprobs and e.job.request.top_logprobs) for e in batch)
+        logits = _StepLogits(len(batch)) if want_logits else None
+
         def callback(step) -> bool:
-            if batch[step.batch_id].on_step(step):
-                return True
-            return not seeded and self._should_restart(batch, state, step)
+            row = logits.row(step) if logits is not None else None
+            stop = batch[step.batch_id].on_step(step, row) or (not seeded and self._should_restart(batch, state, step))
+            if logits is not None and (stop or step.is_last):
+                logits.ended(step.batch_id)
+            return stop
 
         options = dict(
             max_length=max(e.job.request.max_tokens - e.tokens for e in batch),
@@ -509,7 +549,7 @@ class Engine:
             repetition_penalty=first.repetition_penalty,
             return_scores=any(e.job.request.logprobs for e in batch),
             # A vocabulary-sized copy per token and entry: only when an entry asked for alternatives or is constrained.
-            return_logits_vocab=any(e.job.constrained or (e.job.request.logprobs and e.job.request.top_logprobs) for e in batch),
+            return_logits_vocab=want_logits,
             callback=callback,
         )
         if first.greedy:
