@@ -23,10 +23,12 @@ class Constraint:
     """The completion's text must match ``grammar`` (an llguidance grammar; engine/constraints.py builds them from a
     JSON Schema, a regex, a list of choices or a Lark grammar). ``prefix``: text the prompt already wrote as the start
     of the match (a prefilled ``{"city": "``). The engine ends the completion ("stop") as soon as the grammar is
-    complete, and never lets the model write a token the grammar forbids."""
+    complete, and never lets the model write a token the grammar forbids. With ``json``, the last tokens of the
+    budget close the value wherever the grammar allows it, so that ``max_tokens`` rarely cuts it."""
 
     grammar: str
     prefix: str = ""
+    json: bool = False  # the grammar is JSON: near max_tokens the engine closes open strings, objects and arrays
 
 
 @dataclass

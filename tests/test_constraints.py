@@ -129,3 +129,17 @@ def test_only_constrained_batches_copy_the_logits(model):
 def test_schemas_the_matcher_cannot_enforce_are_refused_by_name(schema, words):
     with pytest.raises(InvalidRequest, match=words):
         json_schema_grammar(schema, param="response_format")
+
+
+def test_json_values_close_before_the_budget_ends(engine, model):
+    """An open-ended value (a long string, a nested object) is closed in the budget's last tokens, not cut."""
+    story = {"type": "object", "properties": {"story": {"type": "string"}, "moral": {"type": "string"}}, "required": ["story"]}
+    ids = _prompt(model, "Write a very long story about a dragon.", story)
+    for temperature in (0.0, 1.0):
+        text, finish, done = _run(engine, ids, Constraint(json_schema_grammar(story), json=True), max_tokens=30,
+                                  temperature=temperature)
+        assert finish.reason == "stop" and done.completion_tokens <= 30, text
+        jsonschema.validate(json.loads(text), story)
+    text, finish, _ = _run(engine, _prompt(model, "Describe Paris as deeply nested JSON."), Constraint(json_schema_grammar(None), json=True),
+                           max_tokens=40, temperature=1.0)
+    assert finish.reason == "stop" and isinstance(json.loads(text), dict), text

@@ -146,7 +146,7 @@ def _openai_call(client, name: str, temperature: float, stream: bool) -> tuple[s
 def _anthropic_call(client, name: str, temperature: float, stream: bool) -> tuple[str, str, str]:
     tools = [{"name": n, "description": n.replace("_", " "), "input_schema": s} for n, (_, s) in TOOLS.items()]
     kwargs = dict(model="smollm2", max_tokens=250, messages=[{"role": "user", "content": TOOLS[name][0]}], tools=tools,
-                  tool_choice={"type": "tool", "name": name}, temperature=temperature)
+                  tool_choice={"type": "tool", "name": name}, extra_body={"temperature": temperature})
     if not stream:
         message = client.messages.create(**kwargs)
     else:
@@ -179,7 +179,8 @@ def test_required_with_several_tools_calls_one_of_them(openai_client, anthropic_
     jsonschema.validate(json.loads(call.function.arguments), TOOLS[call.function.name][1])
     message = anthropic_client.messages.create(
         model="smollm2", max_tokens=250, messages=[{"role": "user", "content": TOOLS["search_products"][0]}],
-        tools=[{"name": n, "input_schema": s} for n, (_, s) in TOOLS.items()], tool_choice={"type": "any"}, temperature=1.0)
+        tools=[{"name": n, "input_schema": s} for n, (_, s) in TOOLS.items()], tool_choice={"type": "any"},
+        extra_body={"temperature": 1.0})
     (block,) = message.content
     assert block.name in TOOLS and message.stop_reason == "tool_use"
     jsonschema.validate(block.input, TOOLS[block.name][1])

@@ -150,7 +150,7 @@ class ChatStream(EventStream[ChatEvent]):
         self.prefilled_tokens = len(prefilled) - len(self.prompt.ids)
         room = model.context_length - len(prefilled)
         return dataclasses.replace(self.request, prompt_ids=prefilled, max_tokens=max(1, min(self.request.max_tokens, room)),
-                                   n=1, stop=[], constraint=Constraint(grammar, self.opening))
+                                   n=1, stop=[], constraint=Constraint(grammar, self.opening, json=True))
 
     def _structured(self, forced: bool) -> Iterator[ChatEvent]:
         name, opening = self.tool_name, self.opening

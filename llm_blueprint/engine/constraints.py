@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -42,10 +43,16 @@ class ConstraintVocabulary:
         self.size = tokenizer.vocab_size
         self.end_ids = sorted(i for i in end_token_ids if i is not None)
         self.tokenizer = tokenizer
-        self.lltokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_TokenizerView(tokenizer, self.end_ids)),
-                                                  n_vocab=self.size, eos_token=self.end_ids or None)
-        self._end_mask = np.zeros(self.size, dtype=bool)
-        self._end_mask[self.end_ids] = True
+        view = _TokenizerView(tokenizer, self.end_ids)
+        self.lltokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(view), n_vocab=self.size,
+                                                  eos_token=self.end_ids or None)
+        special = set(view.special_token_ids)
+        self.token_bytes = [b"" if i in special else view.tokens[i] for i in range(self.size)]
+        # Tokens that only close JSON: a string (a quote, then brackets) or objects and arrays (brackets only).
+        # Longest first: the one that closes the most wins.
+        closing = sorted(range(self.size), key=lambda i: -len(self.token_bytes[i]))
+        self.string_closers = np.array([i for i in closing if re.fullmatch(rb'"[]}]*', self.token_bytes[i])], dtype=np.int64)
+        self.bracket_closers = np.array([i for i in closing if re.fullmatch(rb"[]}]+", self.token_bytes[i])], dtype=np.int64)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -154,6 +161,23 @@ def starts_a_match(vocabulary: ConstraintVocabulary, grammar: str, text: str) ->
 
 
 # ----------------------------------------------------------------------------- one completion's matcher
+class _JsonScanner:
+    """Whether JSON text written so far ends inside a string."""
+
+    def __init__(self) -> None:
+        self.in_string = False
+        self._escaped = False
+
+    def feed(self, data: bytes) -> None:
+        for byte in data:
+            if self._escaped:
+                self._escaped = False
+            elif self.in_string and byte == 0x5C:  # backslash
+                self._escaped = True
+            elif byte == 0x22:  # quote
+                self.in_string = not self.in_string
+
+
 class TokenMatcher:
     """The grammar state of one completion; used on its engine thread only."""
 
@@ -161,8 +185,11 @@ class TokenMatcher:
         self.vocabulary = vocabulary
         self._matcher = llguidance.LLMatcher(vocabulary.lltokenizer, constraint.grammar, log_level=0)
         self._allowed: np.ndarray | None = None
+        self._json = _JsonScanner() if constraint.json else None
         if constraint.prefix and not self._matcher.consume_tokens(vocabulary.encode(constraint.prefix)):
             raise ValueError(f"the constraint's prefix {constraint.prefix!r} does not match its grammar: {self._matcher.get_error()}")
+        if self._json is not None:
+            self._json.feed(constraint.prefix.encode())
 
     @property
     def complete(self) -> bool:
@@ -194,10 +221,30 @@ class TokenMatcher:
         self._allowed = None
         if not self._matcher.consume_token(token_id):
             raise RuntimeError(f"the grammar refused token {token_id}: {self.error}")
+        if self._json is not None:
+            self._json.feed(self.vocabulary.token_bytes[token_id])
+
+    def closer(self) -> int | None:
+        """The allowed token that closes the most of a JSON value here (the open string, else brackets), or None
+        (not JSON, or nothing may close yet: a required key, an array's minItems, a string's minLength...)."""
+        if self._json is None:
+            return None
+        allowed = self.allowed()
+        candidates = self.vocabulary.string_closers if self._json.in_string else self.vocabulary.bracket_closers
+        hits = candidates[allowed[candidates]]
+        return int(hits[0]) if hits.size else None
 
     def forced(self) -> list[int]:
         """Tokens the grammar allows and no alternative to, which may be appended without asking the model."""
         return [] if self._matcher.is_stopped() else list(self._matcher.compute_ff_tokens())
+
+    def logprob(self, logits, token_id: int) -> float:
+        """The model's log-probability of ``token_id`` in ``logits`` (0.0 without logits: a token the model never saw)."""
+        if logits is None:
+            return 0.0
+        row = np.asarray(logits, dtype=np.float32).reshape(-1)[:self.vocabulary.size]
+        peak = float(row.max())
+        return float(row[token_id]) - peak - math.log(float(np.exp(row - peak).sum(dtype=np.float64)))
 
     def choose(self, logits, request: GenerationRequest, rng: np.random.Generator) -> tuple[int, float] | None:
         """The allowed token to write instead of a forbidden one, and its log-probability among all tokens: the

@@ -31,6 +31,7 @@ from .text_stream import IncrementalDecoder, StopMatcher
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 2**32 - 1  # CTranslate2's "no seed": random_device on next use
+CLOSING_TOKENS = 24  # a JSON constraint closes its value in at most this many last tokens of the budget
 
 
 # ----------------------------------------------------------------------------- one running request
@@ -79,8 +80,12 @@ class _Entry:
     def _accept(self, step, logits) -> bool:
         token_id = step.token_id
         request = self.job.request
-        if self.matcher is not None and not self.matcher.allows(token_id):
-            return self._replace(logits)
+        if self.matcher is not None:
+            closer = self.matcher.closer() if self._closing else None
+            if closer is not None and closer != token_id:
+                return self._replace(logits, closer)
+            if not self.matcher.allows(token_id):
+                return self._replace(logits)
         if step.is_last and token_id in self.job.end_ids:
             self.finish("stop")
             return True
@@ -117,23 +122,35 @@ class _Entry:
             return True
         return False
 
-    def _replace(self, logits) -> bool:
-        """The model sampled a token the grammar forbids: write the best allowed one (and what the grammar forces
-        after it) instead, and stop this entry so that it resumes from there (the model's state has seen the
-        forbidden token). Always True: the entry leaves this batch."""
-        choice = self.matcher.choose(logits, self.job.request, self._rng)
-        if choice is None:
-            self.finish("error", error=f"constraint failed: {self.matcher.error or 'no token is allowed'}")
-            return True
-        token_id, logprob = choice
+    @property
+    def _closing(self) -> bool:
+        """The last tokens of the budget of a JSON constraint: time to close the value."""
+        budget = self.job.request.max_tokens
+        return self.job.request.constraint.json and budget - self.tokens <= min(CLOSING_TOKENS, max(4, budget // 4))
+
+    def _replace(self, logits, token_id: int | None = None) -> bool:
+        """The model sampled a token the grammar forbids (or, near the budget's end, one that does not close the
+        JSON value): write ``token_id`` or the best allowed token instead, then what the grammar forces and what
+        closes the value, and stop this entry so that it resumes from there (the model's state has seen the
+        refused token). Always True: the entry leaves this batch."""
+        matcher = self.matcher
+        if token_id is None:
+            choice = matcher.choose(logits, self.job.request, self._rng)
+            if choice is None:
+                self.finish("error", error=f"constraint failed: {matcher.error or 'no token is allowed'}")
+                return True
+            token_id = choice[0]
         if token_id in self.job.end_ids:
             self.finish("stop")
             return True
-        if self._take(token_id, logprob) or self._at_limit(False):
-            return True
-        for forced in self.matcher.forced():
-            if self._take(forced, 0.0) or self._at_limit(False):
+        while token_id is not None:
+            if self._take(token_id, matcher.logprob(logits, token_id)) or self._at_limit(False):
                 return True
+            logits = None  # the tokens after the first were not seen by the model
+            for forced in matcher.forced():
+                if self._take(forced, 0.0) or self._at_limit(False):
+                    return True
+            token_id = matcher.closer() if self._closing else None
         self.resume = True
         return True
 
