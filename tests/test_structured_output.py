@@ -157,8 +157,11 @@ def _anthropic_call(client, name: str, temperature: float, stream: bool) -> tupl
 
 
 def test_forced_calls_with_complex_arguments_always_validate(openai_client, anthropic_client):
+    # Long prompts (two tools' schemas) and several resumes per call: each resume re-prefills its batch, so these
+    # run four at a time with a generous timeout.
+    openai_client, anthropic_client = openai_client.with_options(timeout=600), anthropic_client.with_options(timeout=600)
     jobs = [(_openai_call, openai_client, case) for case in CALL_GRID] + [(_anthropic_call, anthropic_client, case) for case in CALL_GRID]
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda job: (job, job[0](job[1], *job[2])), jobs))
     failures = []
     for (call, _, (name, temperature, stream)), (called, arguments, finish) in results:
