@@ -18,6 +18,19 @@ from .errors import GenerationFailed, InvalidModelOutput
 
 
 # ----------------------------------------------------------------------------- the request
+@dataclass(frozen=True)
+class Constraint:
+    """The completion's text must match ``grammar`` (an llguidance grammar; engine/constraints.py builds them from a
+    JSON Schema, a regex, a list of choices or a Lark grammar). ``prefix``: text the prompt already wrote as the start
+    of the match (a prefilled ``{"city": "``). The engine ends the completion ("stop") as soon as the grammar is
+    complete, and never lets the model write a token the grammar forbids. With ``json``, the last tokens of the
+    budget close the value wherever the grammar allows it, so that ``max_tokens`` rarely cuts it."""
+
+    grammar: str
+    prefix: str = ""
+    json: bool = False  # the grammar is JSON: near max_tokens the engine closes open strings, objects and arrays
+
+
 @dataclass
 class GenerationRequest:
     """What to generate, independent of any wire protocol."""
@@ -35,9 +48,7 @@ class GenerationRequest:
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token (with logprobs): read from the step's whole-vocabulary logits
     min_tokens: int = 0
-    # Not None: stop (reason "stop") as soon as the JSON object/array that this
-    # prefill text opened (or that the output opens) is closed.
-    json_prefix: str | None = None
+    constraint: Constraint | None = None  # token-level: the text always matches the grammar
     # Prompt prefixes (token counts) that end at a message boundary: the prompt cache may keep the model state
     # after them. ``cache_points`` are found automatically (system + tools, the conversation before the last user
     # message); ``cache_marks`` are the client's own (Anthropic cache_control, OpenAI prompt_cache_key).
@@ -92,6 +103,19 @@ class ToolCall:
     fragments: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a tool call's arguments, as it is generated (a constrained call streams this way); the call's
+    :class:`ToolCall` follows once it is complete. Every delta names its call, so a formatter opens the call at
+    the first one."""
+
+    index: int
+    call_index: int
+    id: str
+    name: str
+    fragment: str
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -108,7 +132,7 @@ ENDINGS = {"stop": END_TURN, "cancelled": END_TURN, "stop_sequence": STOP_SEQUEN
 @dataclass(frozen=True)
 class Finish:
     """Completion ``index`` ended. ``reason``: stop, length, stop_sequence, cancelled, error;
-    the chat pipeline adds tool_calls and invalid_output (structured output that never validated)."""
+    the chat pipeline adds tool_calls and invalid_output (a forced call whose arguments max_tokens cut)."""
 
     index: int
     reason: str
@@ -131,7 +155,7 @@ class Finish:
 
     def raise_failure(self) -> None:
         """A failed completion raises the error every protocol renders: before the first byte as an HTTP
-        error, mid-stream as its error event (structured output that never validated is the model's failure)."""
+        error, mid-stream as its error event (a forced call cut by max_tokens cannot be returned)."""
         if self.reason == "invalid_output":
             raise InvalidModelOutput(self.error or "invalid output")
         if self.reason == "error":
@@ -154,7 +178,7 @@ class Heartbeat:
 
 
 Event = TextDelta | Finish | Done | Heartbeat  # what the engine yields
-ChatEvent = Event | ReasoningDelta | ToolCall  # what the chat pipeline yields
+ChatEvent = Event | ReasoningDelta | ToolCall | ToolCallDelta  # what the chat pipeline yields
 
 
 # ----------------------------------------------------------------------------- streams of events

@@ -126,7 +126,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_MAX_TOOLS", 128, int, "most tools in one request"),
     Setting("LLM_REASONING", True, _bool,
             "split <think>…</think> out of answers into reasoning_content / thinking blocks; off = left in the text"),
-    Setting("LLM_STRUCTURED_ATTEMPTS", 3, int, "generations tried for a forced tool call or JSON answer before failing (422)"),
     Setting("LLM_SIGNING_KEY", None, _optional_str,
             "key that signs Anthropic thinking blocks (HMAC); unset = a random key per process"),
     Setting("LLM_API_KEYS", None, _key_list, "accepted API keys (comma-separated or a list); none = open API"),

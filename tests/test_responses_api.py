@@ -23,16 +23,6 @@ def _served_alone(api_server):
     wait_idle(api_server.base)
 
 
-def _forced_call(openai_client, **kwargs):
-    """A forced function call, or None when the model could not write valid arguments (422 naming the tool):
-    which happens depends on this CPU's int8 numerics, until decoding is constrained."""
-    try:
-        return openai_client.responses.create(**kwargs)
-    except openai.UnprocessableEntityError as error:
-        assert "arguments for tool 'get_weather'" in error.message
-        return None
-
-
 def test_create_with_a_string_input(openai_client):
     response = openai_client.responses.create(model="smollm2", input=QUESTION, temperature=0, max_output_tokens=40)
     assert response.object == "response" and response.id.startswith("resp_") and response.output_text
@@ -120,17 +110,14 @@ def test_bad_inputs_are_400_in_the_openai_envelope(openai_client, kwargs, param)
 
 
 def test_forced_function_tool_round_trip(openai_client):
-    first = _forced_call(openai_client, model="smollm2", input=QUESTION_WEATHER, tools=[WEATHER], tool_choice=FORCED,
-                         temperature=0, max_output_tokens=100)
-    if first is not None:
-        assert first.status == "completed" and [item.type for item in first.output] == ["function_call"]
-        call = first.output[0]
-        assert call.call_id.startswith("call_") and call.id.startswith("fc_") and call.name == "get_weather"
-        jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
-        assert first.tool_choice.name == "get_weather" and first.tools[0].name == "get_weather"
-        call_item = call.model_dump(exclude_none=True)
-    else:  # the round trip goes on with a call written by hand
-        call_item = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    first = openai_client.responses.create(model="smollm2", input=QUESTION_WEATHER, tools=[WEATHER], tool_choice=FORCED,
+                                           temperature=0, max_output_tokens=100)
+    assert first.status == "completed" and [item.type for item in first.output] == ["function_call"]
+    call = first.output[0]
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_") and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    assert first.tool_choice.name == "get_weather" and first.tools[0].name == "get_weather"
+    call_item = call.model_dump(exclude_none=True)
 
     def answer(result: str):
         history = [{"role": "user", "content": QUESTION_WEATHER}, call_item,
@@ -145,14 +132,10 @@ def test_forced_function_tool_round_trip(openai_client):
 
 
 def test_stream_helper_with_a_forced_function_tool(openai_client):
-    try:
-        with openai_client.responses.stream(model="smollm2", input=QUESTION_WEATHER, tools=[WEATHER], tool_choice="required",
-                                            temperature=0, max_output_tokens=100) as stream:
-            events = list(stream)
-            final = stream.get_final_response()
-    except openai.APIError as error:  # the model could not write valid arguments on this machine
-        assert "arguments for tool 'get_weather'" in str(error)
-        return
+    with openai_client.responses.stream(model="smollm2", input=QUESTION_WEATHER, tools=[WEATHER], tool_choice="required",
+                                        temperature=0, max_output_tokens=100) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
     deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert len(deltas) > 1 and "".join(deltas) == done[0].arguments
@@ -168,9 +151,6 @@ def test_raw_event_order_for_a_function_call(api_server):
     response = requests.post(api_server.base + "/v1/responses", json=body, stream=True, timeout=60)
     payloads = [json.loads(line[6:]) for line in response.iter_lines(decode_unicode=True) if line and line.startswith("data: ")]
     names = [p["type"] for p in payloads]
-    if names[-1] == "response.failed":  # the model could not write valid arguments on this machine
-        assert payloads[-1]["response"]["error"]["code"] == "invalid_model_output"
-        return
     deltas = names.count("response.function_call_arguments.delta")
     assert names == (["response.created", "response.in_progress", "response.output_item.added"]
                      + ["response.function_call_arguments.delta"] * deltas
@@ -186,12 +166,8 @@ def test_text_format_json_schema(openai_client):
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
               "required": ["city", "country"]}
     fmt = {"format": {"type": "json_schema", "name": "capital", "schema": schema}}
-    try:
-        response = openai_client.responses.create(model="smollm2", input="Give the city and country of the capital of France.",
-                                                  text=fmt, temperature=0, max_output_tokens=100)
-    except openai.UnprocessableEntityError as error:  # no valid JSON in 3 attempts from this model on this machine
-        assert "valid JSON output" in error.message
-        return
+    response = openai_client.responses.create(model="smollm2", input="Give the city and country of the capital of France.",
+                                              text=fmt, temperature=0, max_output_tokens=100)
     if response.status == "incomplete":
         assert response.output_text.startswith("{") and response.usage.output_tokens == 100
     else:

@@ -10,7 +10,6 @@ import pytest
 from llm_blueprint.chat.conversation import Tool
 from llm_blueprint.chat.output_parser import OutputParser
 from llm_blueprint.chat.prompt import json_opening
-from llm_blueprint.engine.text_stream import JsonEnd
 from llm_blueprint.events import ReasoningDelta, TextDelta, ToolCall
 
 WEATHER = Tool("get_weather", "Current weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
@@ -153,22 +152,6 @@ def test_think_later_in_the_answer_is_text():
 def test_unfinished_reasoning_is_all_reasoning():
     texts, reasoning, _ = run(splits("<think>still thinking when max_tokens hit", "chars"))
     assert "".join(reasoning) == "still thinking when max_tokens hit" and texts == []
-
-
-@pytest.mark.parametrize("prefix,text,end", [
-    ("", '{"a": [1, {"b": "}"}]} trailing', len('{"a": [1, {"b": "}"}]}')),
-    ('{"city": "', 'Par\\"is"} and more', len('Par\\"is"}')),
-    ("[", '1, 2] x', len("1, 2]")),
-    ("", '  "just a string"', -1),
-])
-def test_json_end(prefix, text, end):
-    scanner = JsonEnd(prefix)
-    found = -1
-    for i, char in enumerate(text):
-        if scanner.feed(char) == 1:
-            found = i + 1
-            break
-    assert found == end
 
 
 def test_json_opening_nudges_the_first_required_property():

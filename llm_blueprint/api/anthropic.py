@@ -29,7 +29,19 @@ from ..chat.conversation import (
 from ..chat.pipeline import collect_chat
 from ..chat.prompt import render
 from ..errors import InvalidRequest
-from ..events import END_TURN, MAX_TOKENS, STOP_SEQUENCE, TOOL_USE, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
+from ..events import (
+    END_TURN,
+    MAX_TOKENS,
+    STOP_SEQUENCE,
+    TOOL_USE,
+    Done,
+    Finish,
+    Heartbeat,
+    ReasoningDelta,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+)
 from ..schemas.anthropic import CountTokensRequestSchema, MessagesRequestSchema
 from ..schemas.common import load
 from ..schemas.response_bodies import AnthropicMessage, TokenCount
@@ -97,7 +109,7 @@ def _signer() -> Callable[[str], str]:
     return lambda thinking: base64.b64encode(hmac.new(key, thinking.encode("utf-8"), hashlib.sha256).digest()).decode("ascii")
 
 
-def _tool_use_id(call: ToolCall) -> str:
+def _tool_use_id(call: ToolCall | ToolCallDelta) -> str:
     return "toolu_" + call.id.removeprefix("call_")
 
 
@@ -190,11 +202,16 @@ def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: i
         elif isinstance(event, TextDelta):
             yield from blocks.ensure("text", {"type": "text", "text": ""})
             yield blocks.delta({"type": "text_delta", "text": event.text})
+        elif isinstance(event, ToolCallDelta):  # a call streamed as it is generated; its ToolCall closes it
+            yield from blocks.ensure(f"tool_use {event.id}", {"type": "tool_use", "id": _tool_use_id(event), "name": event.name, "input": {}})
+            yield blocks.delta({"type": "input_json_delta", "partial_json": event.fragment})
         elif isinstance(event, ToolCall):
-            yield from blocks.close()
-            yield from blocks.ensure("tool_use", {"type": "tool_use", "id": _tool_use_id(event), "name": event.name, "input": {}})
-            for fragment in event.fragments:
-                yield blocks.delta({"type": "input_json_delta", "partial_json": fragment})
+            streamed = blocks.kind == f"tool_use {event.id}"
+            if not streamed:
+                yield from blocks.close()
+                yield from blocks.ensure("tool_use", {"type": "tool_use", "id": _tool_use_id(event), "name": event.name, "input": {}})
+                for fragment in event.fragments:
+                    yield blocks.delta({"type": "input_json_delta", "partial_json": fragment})
             yield from blocks.close()
         elif isinstance(event, Finish):
             finish = event

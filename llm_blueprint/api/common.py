@@ -130,7 +130,5 @@ def start_chat(chat: ChatRequest, requested_max_tokens: int | None, **options: A
     prompt = render(rt.model, chat, cache_points=cache is not None and cache.enabled)
     request = GenerationRequest(prompt.ids, completion_budget(requested_max_tokens, prompt.ids),
                                 cache_points=prompt.cache_points, cache_marks=prompt.cache_marks, **options)
-    settings = rt.settings
-    stream = ChatStream(rt.engine, rt.generate, chat, prompt, request, reasoning=settings["LLM_REASONING"],
-                        attempts=settings["LLM_STRUCTURED_ATTEMPTS"])
+    stream = ChatStream(rt.engine, rt.generate, chat, prompt, request, reasoning=rt.settings["LLM_REASONING"])
     return prompt, stream

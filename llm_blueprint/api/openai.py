@@ -40,6 +40,7 @@ from ..events import (
     TextDelta,
     TokenLogprob,
     ToolCall,
+    ToolCallDelta,
     collect,
 )
 from ..schemas.common import load
@@ -197,6 +198,7 @@ def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, tokenizer:
 
     for index in range(n):
         yield chunk(index, {"role": "assistant", "content": ""})
+    streamed_calls: set[tuple[int, int]] = set()  # calls whose arguments went out as they were generated
     for event in events:
         if isinstance(event, Heartbeat):
             yield KEEPALIVE
@@ -204,10 +206,15 @@ def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, tokenizer:
             yield chunk(event.index, {"content": event.text}, logprobs=_chat_logprobs(event.logprobs, tokenizer) if tokenizer else None)
         elif isinstance(event, ReasoningDelta):
             yield chunk(event.index, {"reasoning_content": event.text})
-        elif isinstance(event, ToolCall):
-            opening = {"index": event.call_index, "id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}
-            yield chunk(event.index, {"tool_calls": [opening]})
-            for fragment in event.fragments:
+        elif isinstance(event, (ToolCall, ToolCallDelta)):
+            key = (event.index, event.call_index)
+            if key not in streamed_calls:
+                opening = {"index": event.call_index, "id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}
+                yield chunk(event.index, {"tool_calls": [opening]})
+            if isinstance(event, ToolCallDelta):
+                streamed_calls.add(key)
+            fragments = [event.fragment] if isinstance(event, ToolCallDelta) else () if key in streamed_calls else event.fragments
+            for fragment in fragments:
                 yield chunk(event.index, {"tool_calls": [{"index": event.call_index, "function": {"arguments": fragment}}]})
         elif isinstance(event, Finish):
             event.raise_failure()  # ended by the stream's wrapper with an error chunk and [DONE]

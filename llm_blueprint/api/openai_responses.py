@@ -22,7 +22,7 @@ from ..chat.conversation import (
 )
 from ..chat.pipeline import ChoiceResult, collect_chat
 from ..engine.tokenizer import Tokenizer
-from ..events import MAX_TOKENS, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall
+from ..events import MAX_TOKENS, Done, Finish, Heartbeat, ReasoningDelta, TextDelta, ToolCall, ToolCallDelta
 from ..schemas.common import load
 from ..schemas.openai_responses import ResponsesRequestSchema
 from ..schemas.response_bodies import Response
@@ -189,12 +189,24 @@ class _Items:
         self.parts.append(delta)
         yield self.event("response.reasoning_text.delta", item_id=self.item_id, output_index=self.index, content_index=0, delta=delta)
 
+    def call_delta(self, delta: ToolCallDelta) -> Iterator[str]:
+        """A piece of a call's arguments as it is generated; :meth:`call` completes it."""
+        if self.kind != f"call {delta.id}":
+            yield from self.close()
+            self.kind, self.item_id = f"call {delta.id}", _new_id("fc")
+            call = ToolCall(delta.index, delta.call_index, delta.id, delta.name, "", ())
+            yield self.event("response.output_item.added", output_index=self.index, item=_call_item(self.item_id, call, "in_progress"))
+        yield self.event("response.function_call_arguments.delta", item_id=self.item_id, output_index=self.index, delta=delta.fragment)
+
     def call(self, call: ToolCall) -> Iterator[str]:
-        yield from self.close()
-        item_id = _new_id("fc")
-        yield self.event("response.output_item.added", output_index=self.index, item=_call_item(item_id, call, "in_progress"))
-        for fragment in call.fragments:
-            yield self.event("response.function_call_arguments.delta", item_id=item_id, output_index=self.index, delta=fragment)
+        if self.kind == f"call {call.id}":  # its arguments were streamed already
+            item_id, self.kind = self.item_id, None
+        else:
+            yield from self.close()
+            item_id = _new_id("fc")
+            yield self.event("response.output_item.added", output_index=self.index, item=_call_item(item_id, call, "in_progress"))
+            for fragment in call.fragments:
+                yield self.event("response.function_call_arguments.delta", item_id=item_id, output_index=self.index, delta=fragment)
         yield self.event("response.function_call_arguments.done", item_id=item_id, output_index=self.index,
                          arguments=call.arguments, name=call.name)
         item = _call_item(item_id, call)
@@ -202,7 +214,8 @@ class _Items:
         self.done.append(item)
 
     def close(self, status: str = "completed") -> Iterator[str]:
-        if self.kind is None:
+        if self.kind is None or self.kind.startswith("call "):  # an unfinished call (cut) is not an output item
+            self.kind = None
             return
         text, index = "".join(self.parts), self.index
         if self.kind == "message":
@@ -242,6 +255,8 @@ class _ResponseStream:
                 yield from items.text(item.text, item.logprobs)
             elif isinstance(item, ReasoningDelta):
                 yield from items.reasoning(item.text)
+            elif isinstance(item, ToolCallDelta):
+                yield from items.call_delta(item)
             elif isinstance(item, ToolCall):
                 yield from items.call(item)
             elif isinstance(item, Finish):

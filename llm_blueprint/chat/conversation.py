@@ -13,6 +13,7 @@ from typing import Any
 
 from jsonschema import SchemaError, validators
 
+from ..engine.constraints import json_schema_grammar
 from ..errors import InvalidRequest
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -71,6 +72,7 @@ class ResponseFormat:
     kind: str
     schema: dict[str, Any] | None = None
     name: str | None = None
+    param: str | None = None  # where the request gave the schema, for errors
 
 
 @dataclass
@@ -130,7 +132,7 @@ def response_format(kind: str | None, schema: dict[str, Any] | None, name: str |
     if kind == "json_object":
         return ResponseFormat("json_object", {"type": "object"})
     check_json_schema(schema, param)
-    return ResponseFormat("json_schema", schema, name)
+    return ResponseFormat("json_schema", schema, name, param)
 
 
 def chat_request(messages: list[Message], tools: list[Tool], choice: ToolChoice, fmt: ResponseFormat | None = None,
@@ -139,6 +141,15 @@ def chat_request(messages: list[Message], tools: list[Tool], choice: ToolChoice,
     check_choice(choice, tools)
     if fmt is not None and choice.forced:
         raise InvalidRequest("a JSON response format cannot be combined with a forced tool call", param="tool_choice")
+    # Structured output is enforced token by token: a schema the matcher cannot enforce is refused, by name.
+    if fmt is not None:
+        json_schema_grammar(fmt.schema, fmt.param)
+    for tool in tools if choice.forced else ():
+        if choice.name in (None, tool.name):
+            try:
+                json_schema_grammar(tool.parameters)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"tool {tool.name!r}: {exc.message}", param="tools") from None
     return ChatRequest(messages, tools, choice, fmt, **options)
 
 

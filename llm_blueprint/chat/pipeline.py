@@ -1,29 +1,34 @@
-"""One chat request's generation: prompt, engine, parsing, forced calls and JSON output, retries.
+"""One chat request's generation: prompt, engine, parsing, and structured output guaranteed token by token.
 
-Three ways to run, chosen by the request:
+Two ways to run, chosen by the request:
 
 - free: the model answers; :class:`OutputParser` splits its text into answer,
   reasoning and tool calls as it streams;
-- forced call (``tool_choice`` required / a named tool / Anthropic ``any``):
-  the server writes the call's opening itself (prefill) up to the arguments
-  object, so the model only writes the arguments; when several tools are
-  allowed, the model's likelihood of each name after the opening picks one;
-- JSON output (``response_format``): the prefill opens the JSON value.
+- structured: a forced call (``tool_choice`` required / a named tool /
+  Anthropic ``any`` or ``tool``) or a JSON answer (``response_format``,
+  Anthropic ``output_config.format``, Responses ``text.format``). The server
+  writes a forced call's opening itself (prefill) up to the arguments object,
+  so the model only writes the arguments; when several tools are allowed, the
+  model's likelihood of each name after the opening picks one, so the name is
+  always one of them. The arguments (or the JSON answer) are then generated
+  under a token-level constraint compiled from the JSON Schema
+  (engine/constraints.py): the engine never keeps a token the schema forbids,
+  and ends the completion when the value is complete. So the value always
+  validates, and it streams as it is generated (text deltas, or tool-call
+  argument deltas).
 
-CTranslate2 has no logits hook, so the model cannot be constrained token by
-token. For the last two the engine stops as soon as the JSON value closes; the
-value is parsed and checked against its JSON Schema with ``jsonschema``; an
-invalid value is regenerated (sampled, since a greedy retry would repeat
-itself) up to ``attempts`` times, and then the request fails with
-``invalid_output``. A first JSON answer cut by ``max_tokens`` is returned as
-cut (finish reason ``length``), as the hosted APIs do. Nothing of a forced call or a JSON answer is sent before it
-validated, so a stream never carries output that is later withdrawn.
+The one way to miss: ``max_tokens`` ends the value before it closes. A JSON
+answer is then returned as cut (finish reason ``length``), as the hosted APIs
+do; a forced call, whose arguments must parse, fails with ``invalid_output``
+(422) and says to raise ``max_tokens``. A schema the matcher cannot enforce
+is refused up front (400, chat/conversation.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,10 +37,12 @@ from typing import Any
 from jsonschema import validators
 from jsonschema.exceptions import best_match
 
+from ..engine.constraints import json_schema_grammar, starts_a_match, vocabulary_for
 from ..engine.generation import Engine
 from ..errors import InvalidRequest
 from ..events import (
     ChatEvent,
+    Constraint,
     Done,
     Event,
     EventStream,
@@ -46,13 +53,14 @@ from ..events import (
     TextDelta,
     TokenLogprob,
     ToolCall,
+    ToolCallDelta,
     new_call_id,
 )
 from .conversation import ChatRequest
 from .output_parser import THINK_CLOSE, OutputParser, Piece
 from .prompt import ChatPrompt, call_opening, conversation_so_far, json_opening
 
-RETRY_TEMPERATURE = 0.7
+log = logging.getLogger(__name__)
 
 
 def schema_problem(value: Any, schema: dict[str, Any] | None) -> str | None:
@@ -67,28 +75,25 @@ def schema_problem(value: Any, schema: dict[str, Any] | None) -> str | None:
 
 
 class ChatStream(EventStream[ChatEvent]):
-    """The events of one chat request. Closing or cancelling it acts on whichever generation is
-    running (a structured answer may take several), even before the first event was read."""
+    """The events of one chat request. Closing or cancelling it acts on its generation, even before the first
+    event was read."""
 
     def __init__(self, engine: Engine, generate: Callable[[GenerationRequest], EventStream[Event]], chat: ChatRequest,
-                 prompt: ChatPrompt, request: GenerationRequest, reasoning: bool = True, attempts: int = 3):
+                 prompt: ChatPrompt, request: GenerationRequest, reasoning: bool = True):
         self.engine = engine
-        self._generate = generate
         self.chat = chat
         self.prompt = prompt
         self.request = request
         self.reasoning = reasoning
-        self.attempts = max(1, attempts)
-        # The first generation starts now, so typed errors (context too long, overloaded) reach the client
+        # The generation starts now, so typed errors (context too long, overloaded) reach the client
         # as an HTTP error before any byte of a stream.
         forced = bool(chat.tool_choice.forced and chat.active_tools)
         if forced or chat.response_format is not None:
             if request.n > 1:
                 raise InvalidRequest("n > 1 is not supported with a forced tool call or a JSON response_format", param="n")
-            engine.validate(request)  # the client's own budget must fit: the attempts run a prefilled copy of it
-            self._prepare_constrained(forced)
-            self._current = generate(self._attempt(0))
-            events = self._constrained(forced)
+            engine.validate(request)  # the client's own budget must fit: the generation runs a prefilled copy of it
+            self._current = generate(self._structured_request(forced))
+            events = self._structured(forced)
         else:
             self._current = generate(request)
             events = self._free(self._current)
@@ -143,93 +148,80 @@ class ChatStream(EventStream[ChatEvent]):
                 yield piece
 
     # Forced call or JSON output ------------------------------------------------
-    def _prepare_constrained(self, forced: bool) -> None:
-        """The tool (forced call) or schema (JSON output), and the prefilled prompt."""
-        chat = self.chat
+    def _structured_request(self, forced: bool) -> GenerationRequest:
+        """The tool (forced call) or schema (JSON output), the prefilled prompt, and the constrained request."""
+        chat, model = self.chat, self.engine.model
         self.tool_name = None
         if forced:
             self.tool_name = chat.tool_choice.name or self._choose_tool()
             self.schema = chat.tool(self.tool_name).parameters
-            self.opening = json_opening(self.schema)
-            prefill = call_opening(self.prompt, self.tool_name) + self.opening
+            head = call_opening(self.prompt, self.tool_name)
         else:
             self.schema = chat.response_format.schema
-            self.opening = json_opening(self.schema)
-            prefill = (f"{THINK_CLOSE}\n\n" if self.prompt.in_reasoning else "") + self.opening
-        self.prefilled_ids = self.engine.model.encode_text(self.prompt.text + prefill)
+            head = f"{THINK_CLOSE}\n\n" if self.prompt.in_reasoning else ""
+        grammar = json_schema_grammar(self.schema)
+        vocabulary = vocabulary_for(model.tokenizer, model.end_token_ids)
+        # The value's first key, written by the server, keeps a small model on track; the grammar must allow it
+        # (it orders properties as the schema lists them), else the value starts with its bracket or nothing.
+        nudge = json_opening(self.schema)
+        self.opening = next(o for o in (nudge, nudge[:1], "") if starts_a_match(vocabulary, grammar, o))
+        prefilled = model.encode_text(self.prompt.text + head + self.opening)
+        self.prefilled_tokens = len(prefilled) - len(self.prompt.ids)
+        room = model.context_length - len(prefilled)
+        return dataclasses.replace(self.request, prompt_ids=prefilled, max_tokens=max(1, min(self.request.max_tokens, room)),
+                                   n=1, stop=[], constraint=Constraint(grammar, self.opening, json=True))
 
-    def _attempt(self, attempt: int) -> GenerationRequest:
-        request = self.request
-        room = self.engine.model.context_length - len(self.prefilled_ids)
-        gen = dataclasses.replace(request, prompt_ids=self.prefilled_ids, max_tokens=max(1, min(request.max_tokens, room)),
-                                  json_prefix=self.opening, n=1, stop=[])
-        if attempt:  # sampled, since a greedy retry would write the same thing again; seeded requests stay reproducible
-            gen = dataclasses.replace(gen, seed=None if request.seed is None else request.seed + attempt)
-            if gen.greedy:
-                gen = dataclasses.replace(gen, temperature=RETRY_TEMPERATURE, top_k=0)
-        return gen
+    def _structured(self, forced: bool) -> Iterator[ChatEvent]:
+        name, opening = self.tool_name, self.opening
+        call_id = new_call_id()
+        parts: list[str] = []
+        finish: Finish | None = None
+        completion_tokens = 0
 
-    def _constrained(self, forced: bool) -> Iterator[ChatEvent]:
-        name, schema, opening, ids = self.tool_name, self.schema, self.opening, self.prefilled_ids
-        completion_tokens, problem = 0, None
-        for attempt in range(self.attempts):
-            if attempt:
-                self._current.close()
-                self._current = self._generate(self._attempt(attempt))
-            deltas: list[str] = []
-            finish: Finish | None = None
-            for event in self._current:
-                if isinstance(event, Heartbeat):
-                    yield event
-                elif isinstance(event, TextDelta):
-                    deltas.append(event.text)
-                elif isinstance(event, Finish):
-                    finish = event
-                elif isinstance(event, Done):
-                    completion_tokens += event.completion_tokens
-            # The prefilled part of the answer counts as output, so input_tokens stays the prompt's own count.
-            done = Done(len(self.prompt.ids), completion_tokens + len(ids) - len(self.prompt.ids))
-            text = opening + "".join(deltas)
-            if finish is None or finish.failed:
-                yield Finish(0, "error", completion_tokens, error=finish.error if finish else "generation ended early")
-                yield done
-                return
-            if finish.reason == "length" and not forced and not attempt:  # cut by max_tokens: returned as cut, like the APIs
-                yield from self._json_text(opening, deltas)
-                yield Finish(0, "length", completion_tokens)
-                yield done
-                return
-            problem = self._problem(text, schema, finish)
-            if problem is None:
-                if forced:
-                    yield ToolCall(0, 0, new_call_id(), name, text, tuple(f for f in [opening, *deltas] if f))
-                    yield Finish(0, "tool_calls", completion_tokens)
-                else:
-                    yield from self._json_text(opening, deltas)
-                    yield Finish(0, "stop", completion_tokens)
-                yield done
-                return
-            if finish.reason == "length" and forced:
-                break  # the arguments outgrew max_tokens; more attempts with the same budget would be cut again
-        what = f"arguments for tool {name!r}" if forced else "JSON output"
-        message = f"the model did not produce valid {what} in {attempt + 1} attempt(s): {problem}"
-        yield Finish(0, "invalid_output", completion_tokens, error=message)
-        yield Done(len(self.prompt.ids), completion_tokens)
+        def delta(text: str, logprobs=()) -> ChatEvent:
+            parts.append(text)
+            return ToolCallDelta(0, 0, call_id, name, text) if forced else TextDelta(0, text, logprobs)
 
-    def _json_text(self, opening: str, deltas: list[str]) -> Iterator[TextDelta]:
-        for text in [opening, *deltas]:
-            if text:
-                yield TextDelta(0, text)
+        if opening:
+            yield delta(opening)
+        for event in self._current:
+            if isinstance(event, Heartbeat):
+                yield event
+            elif isinstance(event, TextDelta):
+                yield delta(event.text, event.logprobs)
+            elif isinstance(event, Finish):
+                finish = event
+            elif isinstance(event, Done):
+                completion_tokens = event.completion_tokens
+        # The prefilled part of the answer counts as output, so input_tokens stays the prompt's own count.
+        done = Done(len(self.prompt.ids), completion_tokens + self.prefilled_tokens)
+        text = "".join(parts)
+        if finish is None or finish.failed:
+            yield Finish(0, "error", completion_tokens, error=finish.error if finish else "generation ended early")
+        elif finish.reason == "length" and forced:
+            yield Finish(0, "invalid_output", completion_tokens, error=(
+                f"max_tokens ({self.request.max_tokens}) was reached before the arguments for tool {name!r} were "
+                "complete; raise max_tokens"))
+        elif finish.reason in ("length", "cancelled"):  # cut by max_tokens: returned as cut, like the hosted APIs
+            yield Finish(0, finish.reason, completion_tokens)
+        else:
+            self._check(text)
+            if forced:
+                yield ToolCall(0, 0, call_id, name, text, tuple(parts))
+                yield Finish(0, "tool_calls", completion_tokens)
+            else:
+                yield Finish(0, "stop", completion_tokens)
+        yield done
 
-    @staticmethod
-    def _problem(text: str, schema: dict[str, Any] | None, finish: Finish) -> str | None:
-        if finish.reason == "length":
-            return "max_tokens was reached before the JSON value was complete; raise max_tokens"
+    def _check(self, text: str) -> None:
+        """The grammar guarantees the value; a value that still fails ``jsonschema`` means the two disagree on a
+        keyword (e.g. a ``format``), which is logged."""
         try:
-            value = json.loads(text)
+            problem = schema_problem(json.loads(text), self.schema)
         except ValueError as exc:
-            return f"not valid JSON ({exc})"
-        return schema_problem(value, schema)
+            problem = f"not JSON ({exc})"
+        if problem:
+            log.warning("a constrained value does not validate (%s): %s", problem, text[:200])
 
     def _choose_tool(self) -> str:
         """The allowed tool the model itself finds likeliest after a call's opening."""

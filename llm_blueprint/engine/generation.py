@@ -23,14 +23,16 @@ import numpy as np
 
 from ..errors import ContextTooLong, EngineShutDown, InvalidRequest, Overloaded
 from ..events import Done, Event, EventStream, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob
+from .constraints import TokenMatcher, vocabulary_for
 from .handoff import Channel, Empty, NativeThread, WorkQueue, allocate_native_lock, native_sleep, run_on_native_thread
 from .model import Model
 from .prompt_cache import NO_PLAN, Plan, PromptCache, release_freed_memory
-from .text_stream import IncrementalDecoder, JsonEnd, StopMatcher
+from .text_stream import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 2**32 - 1  # CTranslate2's "no seed": random_device on next use
+CLOSING_TOKENS = 24  # a JSON constraint closes its value in at most this many last tokens of the budget
 
 
 # ----------------------------------------------------------------------------- one running request
@@ -43,10 +45,15 @@ class _Entry:
         self.index = index
         self.decoder = IncrementalDecoder(model.tokenizer, request.prompt_ids)
         self.stops = StopMatcher(request.stop)
-        self.json_end = JsonEnd(request.json_prefix) if request.json_prefix is not None else None
         self.tokens = 0
         self.generated: list[int] = []  # to continue after a batch restart
         self.restarts = 0
+        self.matcher: TokenMatcher | None = None
+        if request.constraint is not None:
+            self.matcher = TokenMatcher(vocabulary_for(model.tokenizer, model.end_token_ids), request.constraint)
+            self._rng = np.random.default_rng(request.seed)
+        self.resume = False  # stopped at a token its grammar forbids: goes back to the queue to continue
+        self.resumes = 0
         self.finished = False
         self.pending_logprobs: list[TokenLogprob] = []
 
@@ -55,49 +62,98 @@ class _Entry:
         """Tokens the engine must prefill for this entry: prompt plus what it generated so far."""
         return len(self.job.request.prompt_ids) + len(self.generated)
 
-    # Runs on the engine thread, once per generated token of this entry.
-    def on_step(self, step) -> bool:
+    # Runs on the engine thread, once per generated token of this entry; ``logits``: this entry's row of the step's
+    # logits (None unless the batch asked for them).
+    def on_step(self, step, logits=None) -> bool:
         job = self.job
-        if self.finished:
+        if self.finished or self.resume:
             return True
         if job.cancelled:
             self.finish("cancelled")
             return True
         try:
-            return self._accept(step)
+            return self._accept(step, logits)
         except Exception as exc:  # never let an exception escape into C++
             log.exception("token processing failed")
             self.finish("error", error=str(exc))
             return True
 
-    def _accept(self, step) -> bool:
+    def _accept(self, step, logits) -> bool:
         token_id = step.token_id
         request = self.job.request
+        if self.matcher is not None:
+            closer = self.matcher.closer() if self._closing else None
+            if closer is not None and closer != token_id:
+                return self._replace(logits, closer)
+            if not self.matcher.allows(token_id):
+                return self._replace(logits)
         if step.is_last and token_id in self.job.end_ids:
             self.finish("stop")
             return True
+        top = _top_logprobs(logits, request.top_logprobs) if request.logprobs and request.top_logprobs else ()
+        return self._take(token_id, float(step.log_prob or 0.0), top) or self._at_limit(step.is_last)
+
+    def _take(self, token_id: int, logprob: float, top: tuple = ()) -> bool:
+        """Adds one token to the completion; True when that ended it."""
+        request = self.job.request
         self.tokens += 1
         self.generated.append(token_id)
         if request.logprobs:
-            top = _top_logprobs(step.logits, request.top_logprobs) if request.top_logprobs else ()
-            self.pending_logprobs.append(TokenLogprob(token_id, float(step.log_prob or 0.0), top))
+            self.pending_logprobs.append(TokenLogprob(token_id, logprob, top))
         text = self.decoder.push(token_id)
         if text:
             visible, matched = self.stops.feed(text)
-            if self.json_end is not None:
-                end = self.json_end.feed(visible)
-                if end >= 0:
-                    self._emit(visible[:end])
-                    self.finish("stop", release=False)
-                    return True
             self._emit(visible)
             if matched is not None:
                 self.finish("stop_sequence", stop_sequence=matched)
                 return True
-        if step.is_last or self.tokens >= request.max_tokens:
+        if self.matcher is not None:
+            self.matcher.accept(token_id)
+            if self.matcher.complete:
+                if self.matcher.error:
+                    self.finish("error", error=f"constraint failed: {self.matcher.error}")
+                else:
+                    self.finish("stop")
+                return True
+        return False
+
+    def _at_limit(self, last_step: bool) -> bool:
+        if last_step or self.tokens >= self.job.request.max_tokens:
             self.finish("length")
             return True
         return False
+
+    @property
+    def _closing(self) -> bool:
+        """The last tokens of the budget of a JSON constraint: time to close the value."""
+        budget = self.job.request.max_tokens
+        return self.job.request.constraint.json and budget - self.tokens <= min(CLOSING_TOKENS, max(4, budget // 4))
+
+    def _replace(self, logits, token_id: int | None = None) -> bool:
+        """The model sampled a token the grammar forbids (or, near the budget's end, one that does not close the
+        JSON value): write ``token_id`` or the best allowed token instead, then what the grammar forces and what
+        closes the value, and stop this entry so that it resumes from there (the model's state has seen the
+        refused token). Always True: the entry leaves this batch."""
+        matcher = self.matcher
+        if token_id is None:
+            choice = matcher.choose(logits, self.job.request, self._rng)
+            if choice is None:
+                self.finish("error", error=f"constraint failed: {matcher.error or 'no token is allowed'}")
+                return True
+            token_id = choice[0]
+        if token_id in self.job.end_ids:
+            self.finish("stop")
+            return True
+        while token_id is not None:
+            if self._take(token_id, matcher.logprob(logits, token_id)) or self._at_limit(False):
+                return True
+            logits = None  # the tokens after the first were not seen by the model
+            for forced in matcher.forced():
+                if self._take(forced, 0.0) or self._at_limit(False):
+                    return True
+            token_id = matcher.closer() if self._closing else None
+        self.resume = True
+        return True
 
     def _emit(self, text: str) -> None:
         if text:
@@ -133,6 +189,39 @@ def _top_logprobs(logits, k: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(i), float(row[i]) - log_total) for i in best)
 
 
+class _StepLogits:
+    """Each entry's row of a step's logits (``return_logits_vocab``).
+
+    CTranslate2 (4.8) hands the whole step's matrix, one row per entry still
+    running, to the first callback of the step only (later ones get an empty
+    view), and orders a batch's rows longest prompt first. The batch is
+    therefore passed longest first, so that entry ``i``'s row is the number
+    of running entries before it.
+    """
+
+    def __init__(self, size: int):
+        self._running = [True] * size
+        self._step = -1
+        self._rows_before: list[int] = []
+        self._matrix = None
+        self._view = None  # keeps the matrix's memory alive
+
+    def row(self, step):
+        if step.step != self._step:
+            self._step, self._matrix = step.step, None
+            self._rows_before = np.cumsum([0, *self._running[:-1]]).tolist()
+        if self._matrix is None:
+            view = step.logits
+            shape = list(getattr(view, "shape", None) or [])
+            matrix = np.asarray(view) if shape and shape[0] else None  # empty: moved to an earlier callback
+            if matrix is not None:
+                self._view, self._matrix = view, matrix.reshape(-1, matrix.shape[-1])
+        return None if self._matrix is None else self._matrix[self._rows_before[step.batch_id]]
+
+    def ended(self, batch_id: int) -> None:
+        self._running[batch_id] = False
+
+
 class _Job:
     """One request: its entries, its consumer's channel, its cancellation flag."""
 
@@ -141,6 +230,7 @@ class _Job:
         self.channel = channel
         self.cancelled = False
         self.end_ids = set(engine.model.end_token_ids) | set(request.end_token_ids)
+        self.constrained = request.constraint is not None
         self.entries = [_Entry(self, i, engine.model) for i in range(request.n)]
         self._unfinished = request.n
         self._count_lock = allocate_native_lock()  # entries may finish on different threads (cancel_all, workers)
@@ -160,7 +250,8 @@ class _Job:
         """Requests with equal keys may share a batch (CTranslate2's options are per call)."""
         r = self.request
         sampling = ("greedy",) if r.greedy else (r.temperature, r.top_p, r.top_k)
-        return (*sampling, r.repetition_penalty, r.min_tokens, tuple(sorted(self.end_ids)))
+        # Constrained entries batch only together: their batches copy every step's logits and stop entries to resume.
+        return (*sampling, r.repetition_penalty, r.min_tokens, tuple(sorted(self.end_ids)), self.constrained)
 
     def cancel(self) -> None:
         """Every entry ends ("cancelled") at its next step; waiting ones when a worker reaches them."""
@@ -258,6 +349,7 @@ class Engine:
         self._idle_workers = 0
         self._batches_running = 0  # workers between taking a batch and finishing it
         self.batch_sizes: list[int] = []  # every batch run, for tests and metrics
+        self.resumes = 0  # constrained entries stopped at a forbidden token and continued with an allowed one
         self._closed = False
         self._threads = [NativeThread(self._worker, f"llm-engine-{i}") for i in range(max(1, model.inter_threads))]
         for thread in self._threads:
@@ -437,9 +529,13 @@ class Engine:
                 entry.finish("error", error=str(exc))
         finally:
             self._plan_done(state)
-            survivors = [e for e in batch if not e.finished and not e.job.cancelled] if state.restart else []
+            survivors = [e for e in batch if not e.finished and not e.job.cancelled and (state.restart or e.resume)]
             for entry in survivors:
-                entry.restarts += 1
+                if entry.resume:  # stopped at a token its grammar forbids: continues with an allowed one
+                    entry.resume, entry.resumes = False, entry.resumes + 1
+                    self.resumes += 1
+                else:
+                    entry.restarts += 1
             with self._pending_lock:
                 if state.joiners and survivors:
                     chosen = set(map(id, state.joiners))
@@ -693,12 +789,18 @@ class Engine:
         tokenizer = self.model.tokenizer
         seeded = first.seed is not None and not first.greedy
 
+        batch.sort(key=lambda e: -e.length)  # CTranslate2's own row order (see _StepLogits)
+        want_logits = any(e.job.constrained or (e.job.request.logprobs and e.job.request.top_logprobs) for e in batch)
+        logits = _StepLogits(len(batch)) if want_logits else None
+
         def callback(step) -> bool:
             if not state.prefilled:
                 self._prefilled(state, batch)
-            if batch[step.batch_id].on_step(step):
-                return True
-            return not seeded and self._should_restart(batch, state, step)
+            row = logits.row(step) if logits is not None else None
+            stop = batch[step.batch_id].on_step(step, row) or (not seeded and self._should_restart(batch, state, step))
+            if logits is not None and (stop or step.is_last):
+                logits.ended(step.batch_id)
+            return stop
 
         options = dict(
             max_length=max(e.job.request.max_tokens - e.tokens for e in batch),
@@ -707,8 +809,8 @@ class Engine:
             end_token=tokenizer.ids_to_tokens(sorted(batch[0].job.end_ids)),
             repetition_penalty=first.repetition_penalty,
             return_scores=any(e.job.request.logprobs for e in batch),
-            # A vocabulary-sized copy per token and entry: only when an entry asked for alternatives.
-            return_logits_vocab=any(e.job.request.logprobs and e.job.request.top_logprobs for e in batch),
+            # A vocabulary-sized copy per token and entry: only when an entry asked for alternatives or is constrained.
+            return_logits_vocab=want_logits,
             callback=callback,
         )
         if first.greedy:

@@ -52,6 +52,10 @@ class Tokenizer:
         """Decode ids to text, special tokens dropped."""
         raise NotImplementedError
 
+    def special_token_ids(self) -> list[int]:
+        """Ids of control tokens (turn markers, BOS/EOS): never part of text, and never written by a text constraint."""
+        raise NotImplementedError
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (a part of a multi-byte character stays that part)."""
         piece = self.vocabulary[token_id]
@@ -110,6 +114,9 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def special_token_ids(self) -> list[int]:
+        return sorted(i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special)
+
     def token_bytes(self, token_id: int) -> bytes:
         if self._byte_level:
             piece = self.vocabulary[token_id]
@@ -149,6 +156,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([i for i in ids if i not in self._control])
+
+    def special_token_ids(self) -> list[int]:
+        return sorted(self._control)
 
 
 def load_vocabulary(model_dir: str) -> list[str]:
