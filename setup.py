@@ -28,6 +28,10 @@ setup(
             "schemathesis>=4",
             "playwright>=1.45",
             "wheel",  # tests/test_packaging.py builds a wheel without build isolation (setuptools < 70 needs it)
+            # real structured-output clients (tests/test_structured_clients.py)
+            "instructor>=1.7",
+            "langchain-openai>=0.3",
+            "langchain-anthropic>=0.3",
         ],
     },
     entry_points={"console_scripts": ["llm-blueprint=llm_blueprint.cli:main"]},
