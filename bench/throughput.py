@@ -82,8 +82,9 @@ def bench_raw(model_dir: str, concurrencies: list[int], tokens: int, rounds: int
 
 
 # ----------------------------------------------------------------------------- 2./3. HTTP servers
-def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client: int) -> dict[str, float]:
-    """c clients, each streaming ``per_client`` chat completions back to back."""
+def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client: int,
+          extra_body: dict | None = None) -> dict[str, float]:
+    """c clients, each streaming ``per_client`` chat completions back to back (``extra_body``: server-specific fields)."""
     ttfts: list[float] = []
     generated = [0]
     lock = threading.Lock()
@@ -101,7 +102,7 @@ def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client:
         session = requests.Session()
         for r in range(per_client):
             body = {"model": model_name, "messages": all_prompts[(k * per_client + r) % len(all_prompts)], "stream": True,
-                    "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream_options": {"include_usage": True}}
+                    "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream_options": {"include_usage": True}, **(extra_body or {})}
             started = time.perf_counter()
             first = None
             count = 0
