@@ -142,7 +142,7 @@ def start_llama_server(gguf_path: str, log_dir: str, name: str, slots: int) -> t
 # ----------------------------------------------------------------------------- the run
 def measure(process: subprocess.Popen, base: str, extra: dict, c: int, tokens: int, per_client: int) -> dict:
     before = cpu_seconds(process.pid)
-    result = drive(base, "bench", c, tokens, per_client, extra)
+    result = drive(base, "bench", c, tokens, per_client, extra, keep_alive=False)  # llama-server closes streams' connections
     generated = result["requests"] * tokens  # every completion is exactly ``tokens`` long
     return {**result, "cpu_per_token_ms": 1000 * (cpu_seconds(process.pid) - before) / generated}
 
