@@ -17,18 +17,16 @@ import os
 import subprocess
 import sys
 import time
-import zlib
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, HERE, os.path.join(ROOT, "tests")]
 
-import gguf  # noqa: E402
 import tiny_models as tm  # noqa: E402
+from llama_1b import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, tensor, tensor_shapes, write_f16_tensors  # noqa: E402
 
-LAYERS, HIDDEN, HEADS, KV_HEADS, FFN = 16, 2048, 32, 8, 8192
 CHILD = """
 import json, resource, sys, time
 from llm_blueprint.convert import convert_model
@@ -51,30 +49,6 @@ def model_description(vocab: int) -> tm.Tiny:
                    base.special_tokens, base.generation_eos, extra_vocab=vocab - tokens, gguf_ftype="F16")
 
 
-def tensor_shapes(vocab: int) -> dict[str, tuple[int, ...]]:
-    head_dim = HIDDEN // HEADS
-    shapes = {"model.embed_tokens.weight": (vocab, HIDDEN), "model.norm.weight": (HIDDEN,)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "self_attn.q_proj.weight": (HEADS * head_dim, HIDDEN),
-            p + "self_attn.k_proj.weight": (KV_HEADS * head_dim, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV_HEADS * head_dim, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HEADS * head_dim),
-            p + "mlp.gate_proj.weight": (FFN, HIDDEN), p + "mlp.up_proj.weight": (FFN, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, FFN),
-        })
-    return shapes
-
-
-def tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
-    if len(shape) == 1:
-        return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-    return rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / np.sqrt(shape[1]))
-
-
 def write_sources(tiny: tm.Tiny, vocab: int, folder: str, gguf_path: str) -> None:
     shapes = tensor_shapes(vocab)
     os.makedirs(folder, exist_ok=True)
@@ -92,29 +66,9 @@ def write_sources(tiny: tm.Tiny, vocab: int, folder: str, gguf_path: str) -> Non
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
-    # GGUF F16, streamed: tensor infos first, then the data one tensor at a time.
+    # GGUF F16, streamed (the Llama 3 rope scaling as llama.cpp's converter writes it: a rope_freqs tensor)
     writer = tm.gguf_writer(tiny, gguf_path, folder)
-    extra = tm.extra_tensors(tiny, tm.full_config(tiny))
-    plan = [(gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, LAYERS).get_name(n, try_suffixes=(".weight",)), n)
-            for n in shapes]
-    for name, t in extra.items():
-        writer.add_tensor_info(name, t.shape, np.dtype(np.float32), t.nbytes)
-    for gguf_name, name in plan:
-        dtype = np.float32 if len(shapes[name]) == 1 else np.float16
-        writer.add_tensor_info(gguf_name, shapes[name], np.dtype(dtype), int(np.prod(shapes[name])) * np.dtype(dtype).itemsize)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in extra.values():
-        writer.write_tensor_data(t)
-    for _, name in plan:
-        data = tensor(name, shapes[name])
-        if name.endswith("q_proj.weight"):
-            data = tm.llama_permute(data, HEADS)
-        elif name.endswith("k_proj.weight"):
-            data = tm.llama_permute(data, KV_HEADS)
-        writer.write_tensor_data(data if data.ndim == 1 else data.astype(np.float16))
-    writer.close()
+    write_f16_tensors(writer, vocab, tm.extra_tensors(tiny, tm.full_config(tiny)))
 
 
 def main() -> None:

@@ -82,8 +82,10 @@ def bench_raw(model_dir: str, concurrencies: list[int], tokens: int, rounds: int
 
 
 # ----------------------------------------------------------------------------- 2./3. HTTP servers
-def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client: int) -> dict[str, float]:
-    """c clients, each streaming ``per_client`` chat completions back to back."""
+def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client: int,
+          extra_body: dict | None = None, keep_alive: bool = True) -> dict[str, float]:
+    """c clients, each streaming ``per_client`` chat completions back to back (``extra_body``: server-specific fields;
+    ``keep_alive=False``: a new connection per request, for servers that close a streamed response's connection)."""
     ttfts: list[float] = []
     generated = [0]
     lock = threading.Lock()
@@ -100,8 +102,11 @@ def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client:
     def run_client(k: int) -> None:
         session = requests.Session()
         for r in range(per_client):
+            if not keep_alive:
+                session.close()
+                session = requests.Session()
             body = {"model": model_name, "messages": all_prompts[(k * per_client + r) % len(all_prompts)], "stream": True,
-                    "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream_options": {"include_usage": True}}
+                    "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream_options": {"include_usage": True}, **(extra_body or {})}
             started = time.perf_counter()
             first = None
             count = 0
@@ -185,16 +190,8 @@ def worker_rss_mb(master_pid: int) -> float:
 
 
 def bench_server(model_dir: str, concurrencies, tokens, per_client, memory_requests, log_dir) -> tuple[dict, dict]:
-    port = free_port()
-    env = {**os.environ, "LLM_MODEL_PATH": model_dir, "LLM_MODEL_ID": "bench", "LLM_EAGER_LOAD": "1",
-           "LLM_BIND": f"127.0.0.1:{port}", "LLM_MAX_QUEUE": "256"}
-    log = open(os.path.join(log_dir, "server.log"), "w")
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"), "wsgi:app"],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    process, base = start_server(model_dir, log_dir, "throughput", {})
     try:
-        wait_ready(base + "/v1/models", process)
-        drive(base, "bench", 1, 8, 1)  # warm-up
         results = {c: drive(base, "bench", c, tokens, per_client) for c in concurrencies}
         memory = {}
         if memory_requests:
@@ -210,7 +207,6 @@ def bench_server(model_dir: str, concurrencies, tokens, per_client, memory_reque
         return results, memory
     finally:
         stop(process)
-        log.close()
 
 
 def bench_peer(gguf_path: str, concurrencies, tokens, per_client, log_dir) -> dict | None:

@@ -170,13 +170,13 @@ def _generate(generator, prompts, tokens: int) -> None:
     generator.generate_batch(prompts, max_length=tokens, min_length=tokens, include_prompt_in_result=False, sampling_topk=1)
 
 
-def _rate(generator, replicas: int, batch: int, prompt: list[str]) -> float:
-    """Generated tokens/s with ``replicas`` concurrent calls of ``batch`` prompts each."""
+def _rate(generator, replicas: int, batch: int, prompt: list[str], tokens: int = CALIBRATION_TOKENS) -> float:
+    """Generated tokens/s with ``replicas`` concurrent calls of ``batch`` prompts each (bench/peer.py sweeps it)."""
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            _generate(generator, [prompt] * batch, CALIBRATION_TOKENS)
+            _generate(generator, [prompt] * batch, tokens)
         except BaseException as exc:
             errors.append(exc)
 
@@ -189,4 +189,4 @@ def _rate(generator, replicas: int, batch: int, prompt: list[str]) -> float:
     elapsed = time.perf_counter() - started
     if errors:
         raise errors[0]
-    return replicas * batch * CALIBRATION_TOKENS / elapsed
+    return replicas * batch * tokens / elapsed

@@ -1,0 +1,248 @@
+"""This server against llama.cpp's own ``llama-server``, side by side in one run, per model.
+
+    python bench/peer.py [--models smollm2,1b] [--concurrency 1,4,8,16] [--tokens 128] [--tokens-1b 64]
+                         [--rounds 2] [--quick]
+
+Per model:
+1. the raw engine (``generate_batch``, no HTTP) in every thread layout
+   (replicas x threads = the cores) at 1, 8 and 16 concurrent completions
+   (split evenly over the replicas): the limit;
+2. this server under ``gunicorn -k gevent`` with its default settings;
+3. ``llama-server -np 16 -t <cores> -c <16 x per-slot context>`` (llama.cpp
+   built from the llama-cpp-python 0.3.36 sdist, bench/llama_cpp_build.py;
+   continuous batching is its default) on GGUF files: SmolLM2's own packaged
+   file, or for the 1B shape (bench/llama_1b.py, random weights, SmolLM2's
+   tokenizer) its Q8_0 and Q4_K_M quantizations of the F16 file that our int8
+   model is converted from.
+
+Both servers get the same chat prompts from the same streaming clients, in
+alternating order each round, closed-loop (each of c clients sends its next
+request when the last ends) and burst (c clients, one request each, started
+together). Every completion is greedy and exactly ``--tokens`` long
+(``min_tokens`` here, ``ignore_eos`` there). Per server and c: aggregate
+tokens/s, TTFT p50/p95, server CPU seconds per generated token (utime+stime
+of the server's process tree) and peak RSS (the tree's VmHWM summed), then the
+ratios issue #15 asks for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
+
+from llama_1b import smollm2_vocab_gguf  # noqa: E402
+from llama_cpp_build import binaries  # noqa: E402
+from throughput import drive, free_port, start_server, stop, wait_ready  # noqa: E402
+
+BATCHES = (1, 8, 16)
+SLOT_CONTEXT = 512  # prompt (~30 tokens) + the longest completion, per llama-server slot
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                     "llm-blueprint", "bench-1b")
+
+
+# ----------------------------------------------------------------------------- models
+def prepare(model: str) -> tuple[str, dict[str, str]]:
+    """(our CTranslate2 int8 directory, {peer label: GGUF path}) for ``model``, made once and cached."""
+    from llm_blueprint.convert import convert_model
+    from llm_blueprint.engine.default_model import default_gguf_path, prepare_default_model
+
+    if model == "smollm2":
+        return prepare_default_model(os.environ.get("LLM_CACHE_DIR") or None), {"Q4_1": default_gguf_path()}
+    os.makedirs(CACHE, exist_ok=True)
+    f16 = smollm2_vocab_gguf(os.path.join(CACHE, "llama-1b-shape-smollm2-vocab.F16.gguf"))
+    peers = {}
+    for kind in ("Q8_0", "Q4_K_M"):
+        path = f16.replace(".F16.", f".{kind}.")
+        if not os.path.isfile(path):
+            subprocess.run([binaries()["llama-quantize"], f16, path + ".tmp", kind, str(os.cpu_count() or 1)],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            os.replace(path + ".tmp", path)
+        peers[kind] = path
+    ours = os.path.join(CACHE, "ct2-int8")
+    if not os.path.isdir(ours):
+        convert_model(f16, ours, quantization="int8", show_progress=False)
+    return ours, peers
+
+
+# ----------------------------------------------------------------------------- 1. raw engine
+def raw_sweep(model_dir: str, tokens: int) -> dict[tuple[int, int], dict[int, float]]:
+    """{(replicas, threads): {concurrent completions: tokens/s}}, one layout's generator in memory at a time."""
+    import ctranslate2
+
+    from llm_blueprint.engine import layout
+
+    prompt = layout._prompt(model_dir)
+    results = {}
+    for inter, intra in layout.splits(layout.usable_cores()):
+        generator = ctranslate2.Generator(model_dir, device="cpu", compute_type="int8", inter_threads=inter,
+                                          intra_threads=intra)
+        layout._rate(generator, 1, 1, prompt, 4)  # warm-up
+        results[(inter, intra)] = {n: layout._rate(generator, min(inter, n), n // min(inter, n), prompt, tokens)
+                                   for n in BATCHES}
+        print(f"  raw {inter} x {intra}: " + ", ".join(f"{n}: {r:.1f}" for n, r in results[(inter, intra)].items())
+              + " tok/s", flush=True)
+        del generator
+    return results
+
+
+# ----------------------------------------------------------------------------- process-tree accounting
+def tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo += [int(c) for c in subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout.split()]
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+# ----------------------------------------------------------------------------- 3. llama-server
+def start_llama_server(gguf_path: str, log_dir: str, name: str, slots: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cores = str(os.cpu_count() or 1)
+    log = open(os.path.join(log_dir, f"llama-server-{name}.log"), "w")
+    process = subprocess.Popen([binaries()["llama-server"], "-m", gguf_path, "-np", str(slots), "-t", cores, "-tb", cores,
+                                "-c", str(slots * SLOT_CONTEXT), "--host", "127.0.0.1", "--port", str(port),
+                                "--alias", "bench"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base + "/health", process)
+    drive(base, "bench", 1, 8, 1, {"ignore_eos": True})  # warm-up
+    return process, base
+
+
+# ----------------------------------------------------------------------------- the run
+def measure(process: subprocess.Popen, base: str, extra: dict, c: int, tokens: int, per_client: int) -> dict:
+    before = cpu_seconds(process.pid)
+    result = drive(base, "bench", c, tokens, per_client, extra, keep_alive=False)  # llama-server closes streams' connections
+    generated = result["requests"] * tokens  # every completion is exactly ``tokens`` long
+    return {**result, "cpu_per_token_ms": 1000 * (cpu_seconds(process.pid) - before) / generated}
+
+
+def bench_model(model: str, concurrency: list[int], tokens: int, rounds: int, per_client: int, log_dir: str) -> dict:
+    ours_dir, peer_files = prepare(model)
+    print(f"\n== {model}: ours {ours_dir}; peers {peer_files}; {tokens} tokens per completion", flush=True)
+    raw = raw_sweep(ours_dir, tokens)
+    servers = {"ours": start_server(ours_dir, log_dir, model, {}) + ({},)}
+    with open(os.path.join(log_dir, f"server-{model}.log")) as f:
+        chosen = [line.strip() for line in f if "layout" in line]
+    print(f"  ours: {chosen[-1] if chosen else '(no layout line in the log)'}", flush=True)
+    try:
+        for label, path in peer_files.items():
+            servers[f"llama.cpp {label}"] = start_llama_server(path, log_dir, f"{model}-{label}", 16) + ({"ignore_eos": True},)
+        figures: dict[tuple[str, str, int], list[dict]] = {}
+        for r in range(rounds):
+            names = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for c in concurrency:
+                for name in names:
+                    process, base, extra = servers[name]
+                    for mode, n in (("closed", per_client), ("burst", 1)):
+                        result = measure(process, base, extra, c, tokens, n)
+                        figures.setdefault((name, mode, c), []).append(result)
+                        print(f"  round {r + 1} {mode:6s} c={c:<3} {name:18s} {result['tokens_per_s']:7.1f} tok/s  "
+                              f"ttft p50 {result['ttft_p50']:6.2f}s p95 {result['ttft_p95']:6.2f}s  "
+                              f"cpu {result['cpu_per_token_ms']:5.1f} ms/token  (load avg {os.getloadavg()[0]:.1f})", flush=True)
+        rss = {name: peak_rss_mb(process.pid) for name, (process, _, _) in servers.items()}
+    finally:
+        for process, _, _ in servers.values():
+            stop(process)
+    mean = {key: {k: sum(f[k] for f in runs) / len(runs) for k in runs[0]} for key, runs in figures.items()}
+    return {"raw": raw, "figures": mean, "rss": rss, "servers": list(servers)}
+
+
+def report(model: str, result: dict, concurrency: list[int]) -> None:
+    raw, figures, rss = result["raw"], result["figures"], result["rss"]
+    print(f"\n### {model}\n\nraw engine, tokens/s (replicas x threads; concurrent completions split over the replicas)")
+    print(f"{'layout':>8} " + " ".join(f"{n:>8}" for n in BATCHES))
+    for split, rates in raw.items():
+        print(f"{split[0]:>4} x {split[1]:<1} " + " ".join(f"{rates[n]:>8.1f}" for n in BATCHES))
+    print(f"\n{'server':18s} {'mode':6s} {'c':>3} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'cpu ms/tok':>10} {'peak RSS MB':>11}")
+    for name in result["servers"]:
+        for mode in ("closed", "burst"):
+            for c in concurrency:
+                f = figures[(name, mode, c)]
+                print(f"{name:18s} {mode:6s} {c:>3} {f['tokens_per_s']:>7.1f} {f['ttft_p50']:>6.2f} {f['ttft_p95']:>6.2f} "
+                      f"{f['cpu_per_token_ms']:>10.1f} {rss[name]:>11.0f}")
+
+    def tps(name: str, mode: str, c: int) -> float:
+        return figures[(name, mode, c)]["tokens_per_s"] if (name, mode, c) in figures else float("nan")
+
+    best = {n: max(rates[n] for rates in raw.values()) for n in BATCHES}
+    lines = [("ours c=1 / raw best single stream", tps("ours", "closed", 1) / best[1], ">= 0.95"),
+             ("ours c=16 / raw best 16 concurrent", tps("ours", "closed", 16) / best[16], ">= 0.8")]
+    peers = [name for name in result["servers"] if name != "ours"]
+    for peer in peers:
+        for mode in ("closed", "burst"):
+            for c in (8, 16):
+                target = ">= 1.5" if model == "smollm2" else {("Q8_0", 16): ">= 1.3", ("Q4_K_M", 16): ">= 0.9",
+                                                               ("Q4_K_M", 8): ">= 0.8"}.get((peer.split()[-1], c), "")
+                lines.append((f"ours / {peer} {mode} c={c}", tps("ours", mode, c) / tps(peer, mode, c), target))
+        if (peer, "closed", 16) in figures:
+            lines.append((f"ttft p95 c=16 closed ours / {peer}", figures[("ours", "closed", 16)]["ttft_p95"]
+                          / figures[(peer, "closed", 16)]["ttft_p95"], "<= 1" if model == "smollm2" else ""))
+        lines.append((f"single stream {peer} / ours", tps(peer, "closed", 1) / tps("ours", "closed", 1),
+                      "(expected 2.5-4)"))
+    print("\nratios [targets]")
+    for label, value, target in lines:
+        print(f"  {label:48s} {value:6.2f}  {('[' + target + ']') if target else ''}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2,1b")
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--tokens", type=int, default=None, help="per completion (default 128, quick 32)")
+    parser.add_argument("--tokens-1b", type=int, default=None, help="per completion on the 1B shape (default 64)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2, quick 1)")
+    parser.add_argument("--per-client", type=int, default=2, help="closed-loop requests per client")
+    parser.add_argument("--quick", action="store_true", help="32 tokens, one round, one closed-loop request per client")
+    args = parser.parse_args()
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    tokens = args.tokens or (32 if args.quick else 128)
+    tokens_1b = args.tokens_1b or (32 if args.quick else 64)
+    rounds = args.rounds or (1 if args.quick else 2)
+    per_client = 1 if args.quick else args.per_client
+    log_dir = tempfile.mkdtemp(prefix="bench-peer-")
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
+    print(f"{cpu}, {os.cpu_count()} cores; llama.cpp {binaries()['llama-server']}; logs in {log_dir}", flush=True)
+    started = time.monotonic()
+    results = {}
+    for model in args.models.split(","):
+        results[model] = bench_model(model, concurrency, tokens_1b if model == "1b" else tokens, rounds, per_client,
+                                     log_dir)
+    for model, result in results.items():
+        report(model, result, concurrency)
+    print(f"\ntotal {time.monotonic() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
