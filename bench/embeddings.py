@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from throughput import free_port, percentile  # noqa: E402
+from throughput import free_port, percentile, stop, wait_ready  # noqa: E402
 
 DEFAULT_LLAMA_SERVER = os.path.expanduser("~/.cache/llm-blueprint/llama.cpp-0.3.36/bin/llama-server")
 SPECIALS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}  # where bert-base-uncased has them
@@ -140,29 +140,6 @@ def vectors(url: str, model: str, batch: list[str]) -> np.ndarray:
     return np.array([d["embedding"] for d in sorted(response.json()["data"], key=lambda d: d["index"])])
 
 
-def wait_for(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def rss_mb(pid: int) -> float:
     """Resident memory of ``pid`` and its children (gunicorn's workers)."""
     children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
@@ -188,7 +165,7 @@ def bench_ours(folder: str, work: str, replicas: int, threads: int, args) -> tup
     url = f"http://127.0.0.1:{port}/v1/embeddings"
     figures: dict = {}
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", server)
+        wait_ready(f"http://127.0.0.1:{port}/healthz", server)
         started = time.perf_counter()
         check = vectors(url, "bge", texts(8, seed=3))  # converts (once) and loads the model
         print(f"ours {replicas}x{threads}: first request (conversion to int8, once, + load) {time.perf_counter() - started:.1f} s")
@@ -216,7 +193,7 @@ def bench_peer(args, gguf_path: str, slots: int, work: str, ours_vectors: np.nda
     url = f"http://127.0.0.1:{port}/v1/embeddings"
     figures: dict = {}
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", peer)
+        wait_ready(f"http://127.0.0.1:{port}/health", peer)
         theirs = vectors(url, "bge", texts(8, seed=3))
         cosines = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(ours_vectors, theirs, strict=True)]
         figures["cosine_vs_ours_min"] = min(cosines)

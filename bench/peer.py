@@ -126,12 +126,13 @@ def peak_rss_mb(pid: int) -> float:
 
 
 # ----------------------------------------------------------------------------- 3. llama-server
-def start_llama_server(gguf_path: str, log_dir: str, name: str, slots: int) -> tuple[subprocess.Popen, str]:
+def start_llama_server(gguf_path: str, log_dir: str, name: str, slots: int,
+                       slot_context: int = SLOT_CONTEXT) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cores = str(os.cpu_count() or 1)
     log = open(os.path.join(log_dir, f"llama-server-{name}.log"), "w")
     process = subprocess.Popen([binaries()["llama-server"], "-m", gguf_path, "-np", str(slots), "-t", cores, "-tb", cores,
-                                "-c", str(slots * SLOT_CONTEXT), "--host", "127.0.0.1", "--port", str(port),
+                                "-c", str(slots * slot_context), "--host", "127.0.0.1", "--port", str(port),
                                 "--alias", "bench"], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/health", process)

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +34,7 @@ import requests
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from throughput import ROOT, free_port, percentile, start_server, stop, wait_ready, worker_rss_mb  # noqa: E402
+from throughput import ROOT, percentile, start_server, stop, stream_chat, worker_rss_mb  # noqa: E402
 
 WORDS = ("customer order invoice shipping refund warranty account password delivery return discount payment "
          "subscription support privacy cookie gift card policy section business days politely answer never promise "
@@ -57,50 +56,27 @@ QUESTIONS = ["What are your opening hours?", "How do I return a parcel?", "Can I
              "Can I pay with a gift card?", "What does express shipping cost?"]
 
 
-def stream_chat(base: str, model: str, messages: list[dict[str, str]], max_tokens: int, session=None,
-                exact: bool = False) -> tuple[float, str, int]:
+def ask(base: str, messages: list[dict[str, str]], max_tokens: int, session=None, exact: bool = False) -> tuple[float, str, int]:
     """(time to first token, answer, generated tokens) of one streamed greedy chat completion."""
-    body = {"model": model, "messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+    body = {"model": "bench", "messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 0,
             "stream_options": {"include_usage": True}}
     if exact:
         body.update(min_tokens=max_tokens, ignore_eos=True)  # ours reads min_tokens, llama-server ignore_eos
-    started = time.perf_counter()
-    first, text, count = None, [], 0
-    with (session or requests).post(base + "/v1/chat/completions", json=body, stream=True, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                count = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                if choice["delta"].get("content"):
-                    if first is None:
-                        first = time.perf_counter() - started
-                    text.append(choice["delta"]["content"])
-    return (first if first is not None else float("nan")), "".join(text), count
+    first, text, count, _ = stream_chat(session or requests.Session(), base, body)
+    return first, text, count
 
 
 # ----------------------------------------------------------------------------- the three servers
 class Peer:
     def __init__(self, log_dir: str, slots: int = 4, context: int = 4096):
-        from llama_cpp_build import binaries
+        from peer import start_llama_server
 
         from llm_blueprint.engine.default_model import default_gguf_path
 
-        port = free_port()
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = open(os.path.join(log_dir, "llama-server.log"), "w")
-        self.process = subprocess.Popen(
-            [binaries()["llama-server"], "-m", default_gguf_path(), "--host", "127.0.0.1", "--port", str(port),
-             "-t", str(os.cpu_count() or 1), "-np", str(slots), "-c", str(slots * context), "--alias", "bench"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        wait_ready(self.base + "/health", self.process)
+        self.process, self.base = start_llama_server(default_gguf_path(), log_dir, "prompt-cache", slots, context)
 
     def close(self) -> None:
         stop(self.process)
-        self.log.close()
 
 
 class Ours:
@@ -114,8 +90,8 @@ class Ours:
 # ----------------------------------------------------------------------------- the measurements
 def same_system_prompt(base: str, seed: int) -> dict[str, float]:
     system = system_prompt(seed)
-    cold = stream_chat(base, "bench", [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[0]}], 8)[0]
-    warm = [stream_chat(base, "bench", [{"role": "system", "content": system}, {"role": "user", "content": q}], 8)[0]
+    cold = ask(base, [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[0]}], 8)[0]
+    warm = [ask(base, [{"role": "system", "content": system}, {"role": "user", "content": q}], 8)[0]
             for q in QUESTIONS[1:4]]
     return {"cold": cold, "warm": percentile(warm, 0.5)}
 
@@ -125,7 +101,7 @@ def conversation(base: str, seed: int, think: float, turns: int = 5) -> list[flo
     ttfts = []
     for turn in range(turns):
         messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
-        ttft, answer, _ = stream_chat(base, "bench", messages, 48)
+        ttft, answer, _ = ask(base, messages, 48)
         ttfts.append(ttft)
         messages.append({"role": "assistant", "content": answer})
         time.sleep(think)
@@ -146,7 +122,7 @@ def closed_loop(base: str, systems: list[str], clients: int = 8, seconds: float 
             while time.perf_counter() < stop_at:
                 messages = [{"role": "system", "content": systems[k % len(systems)]},
                             {"role": "user", "content": QUESTIONS[(k + r) % len(QUESTIONS)]}]
-                _, _, count = stream_chat(base, "bench", messages, tokens, session, exact=True)
+                _, _, count = ask(base, messages, tokens, session, exact=True)
                 with lock:
                     generated[0] += count
                 r += 1

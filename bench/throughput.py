@@ -82,6 +82,27 @@ def bench_raw(model_dir: str, concurrencies: list[int], tokens: int, rounds: int
 
 
 # ----------------------------------------------------------------------------- 2./3. HTTP servers
+def stream_chat(session, base: str, body: dict) -> tuple[float, str, int, int]:
+    """One streamed chat completion: (time to its first content, the content, completion tokens from the usage chunk
+    (0 when the server sends none), content chunks)."""
+    started = time.perf_counter()
+    first, text, count = None, [], 0
+    with session.post(base + "/v1/chat/completions", json=body, stream=True, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                count = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if choice["delta"].get("content"):
+                    if first is None:
+                        first = time.perf_counter() - started
+                    text.append(choice["delta"]["content"])
+    return (first if first is not None else float("nan")), "".join(text), count, len(text)
+
+
 def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client: int,
           extra_body: dict | None = None, keep_alive: bool = True) -> dict[str, float]:
     """c clients, each streaming ``per_client`` chat completions back to back (``extra_body``: server-specific fields;
@@ -107,25 +128,9 @@ def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client:
                 session = requests.Session()
             body = {"model": model_name, "messages": all_prompts[(k * per_client + r) % len(all_prompts)], "stream": True,
                     "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream_options": {"include_usage": True}, **(extra_body or {})}
-            started = time.perf_counter()
-            first = None
-            count = 0
-            chunks = 0
-            with session.post(base + "/v1/chat/completions", json=body, stream=True, timeout=600) as response:
-                response.raise_for_status()
-                for line in response.iter_lines():
-                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        count = chunk["usage"]["completion_tokens"]
-                    for choice in chunk.get("choices", []):
-                        if choice["delta"].get("content"):
-                            chunks += 1
-                            if first is None:
-                                first = time.perf_counter() - started
+            first, _, count, chunks = stream_chat(session, base, body)
             with lock:
-                ttfts.append(first if first is not None else float("nan"))
+                ttfts.append(first)
                 # exact usage when the server reports it in streams; else one token per content chunk (llama-cpp-python)
                 generated[0] += count or chunks
 
