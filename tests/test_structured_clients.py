@@ -65,7 +65,8 @@ def test_instructor_anthropic_tools(anthropic_client):
     client = instructor.from_anthropic(anthropic_client, mode=instructor.Mode.ANTHROPIC_TOOLS)
     for temperature in (0.0, 1.0):
         capital = client.messages.create(model="smollm2", response_model=Capital, max_retries=0, max_tokens=200,
-                                         temperature=temperature, messages=[{"role": "user", "content": QUESTION}])
+                                         extra_body={"temperature": temperature},  # SDK 2.x: no temperature argument
+                                         messages=[{"role": "user", "content": QUESTION}])
         _check(capital)
 
 
