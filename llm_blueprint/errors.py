@@ -119,7 +119,7 @@ class RateLimitUnavailable(LLMBlueprintError):
 
 
 class InvalidModelOutput(LLMBlueprintError):
-    """The model did not produce the structured output (forced tool call, JSON) asked for, within the retries."""
+    """Structured output that cannot be returned: a forced tool call whose arguments max_tokens cut before they closed."""
 
     def __init__(self, message: str):
         super().__init__(message)

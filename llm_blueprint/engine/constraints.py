@@ -34,6 +34,8 @@ from .tokenizer import Tokenizer
 # Whitespace the model may write between JSON tokens: a newline and an indentation, but not an endless run of it.
 JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,24}"
 JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": JSON_WHITESPACE}
+NUMBER_BYTES = frozenset(b"0123456789.eE+-")
+LONGEST_NUMBER = 20  # characters; a model writing more is repeating a digit ("11.7888888…"): the number is ended
 
 
 class ConstraintVocabulary:
@@ -53,6 +55,9 @@ class ConstraintVocabulary:
         closing = sorted(range(self.size), key=lambda i: -len(self.token_bytes[i]))
         self.string_closers = np.array([i for i in closing if re.fullmatch(rb'"[]}]*', self.token_bytes[i])], dtype=np.int64)
         self.bracket_closers = np.array([i for i in closing if re.fullmatch(rb"[]}]+", self.token_bytes[i])], dtype=np.int64)
+        # When nothing may close yet (a required key or an array's minItems is missing), a comma ends the value in
+        # progress (a number that would run on) and moves to the next one.
+        self.separators = np.array([i for i in range(self.size) if self.token_bytes[i] == b","], dtype=np.int64)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -162,11 +167,12 @@ def starts_a_match(vocabulary: ConstraintVocabulary, grammar: str, text: str) ->
 
 # ----------------------------------------------------------------------------- one completion's matcher
 class _JsonScanner:
-    """Whether JSON text written so far ends inside a string."""
+    """Whether JSON text written so far ends inside a string, and how long the number it ends with is."""
 
     def __init__(self) -> None:
         self.in_string = False
         self._escaped = False
+        self.number_length = 0
 
     def feed(self, data: bytes) -> None:
         for byte in data:
@@ -176,6 +182,10 @@ class _JsonScanner:
                 self._escaped = True
             elif byte == 0x22:  # quote
                 self.in_string = not self.in_string
+            if not self.in_string and byte in NUMBER_BYTES:
+                self.number_length += 1
+            else:
+                self.number_length = 0
 
 
 class TokenMatcher:
@@ -202,6 +212,11 @@ class TokenMatcher:
         return self._matcher.is_accepting()
 
     @property
+    def runaway(self) -> bool:
+        """The JSON text ends with a number longer than any a model means to write."""
+        return self._json is not None and self._json.number_length >= LONGEST_NUMBER
+
+    @property
     def error(self) -> str:
         return self._matcher.get_error() or ""
 
@@ -226,13 +241,18 @@ class TokenMatcher:
 
     def closer(self) -> int | None:
         """The allowed token that closes the most of a JSON value here (the open string, else brackets), or None
-        (not JSON, or nothing may close yet: a required key, an array's minItems, a string's minLength...)."""
+        (not JSON, or nothing may close yet: a string's minLength...). Outside strings, when no bracket may close
+        (a required key or an array's minItems is missing), a comma moves on to the next value."""
         if self._json is None:
             return None
         allowed = self.allowed()
-        candidates = self.vocabulary.string_closers if self._json.in_string else self.vocabulary.bracket_closers
-        hits = candidates[allowed[candidates]]
-        return int(hits[0]) if hits.size else None
+        vocabulary = self.vocabulary
+        groups = (vocabulary.string_closers,) if self._json.in_string else (vocabulary.bracket_closers, vocabulary.separators)
+        for candidates in groups:
+            hits = candidates[allowed[candidates]]
+            if hits.size:
+                return int(hits[0])
+        return None
 
     def forced(self) -> list[int]:
         """Tokens the grammar allows and no alternative to, which may be appended without asking the model."""

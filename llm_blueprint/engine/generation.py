@@ -32,7 +32,7 @@ from .text_stream import IncrementalDecoder, StopMatcher
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 2**32 - 1  # CTranslate2's "no seed": random_device on next use
-CLOSING_TOKENS = 24  # a JSON constraint closes its value in at most this many last tokens of the budget
+CLOSING_TOKENS = 32  # a JSON constraint closes its value in at most this many last tokens of the budget
 
 
 # ----------------------------------------------------------------------------- one running request
@@ -82,7 +82,7 @@ class _Entry:
         token_id = step.token_id
         request = self.job.request
         if self.matcher is not None:
-            closer = self.matcher.closer() if self._closing else None
+            closer = self.matcher.closer() if self._closing or self.matcher.runaway else None
             if closer is not None and closer != token_id:
                 return self._replace(logits, closer)
             if not self.matcher.allows(token_id):
