@@ -56,14 +56,15 @@ def build(model, engine, question: str, schema: dict, tool: str | None, temperat
         chat = ChatRequest([Message("user", question)], [Tool(tool, "", schema)], ToolChoice("required", tool))
     else:
         chat = ChatRequest([Message("user", question)], response_format=ResponseFormat("json_schema", schema))
-    prompt = render(model, chat)
+    prompt = render(model, chat, cache_points=True)  # as the server does with its prompt cache on (the default)
     captured = []
 
     def generate(request):
         captured.append(request)
         return engine.generate(request)
 
-    stream = ChatStream(engine, generate, chat, prompt, GenerationRequest(prompt.ids, max_tokens, temperature=temperature))
+    stream = ChatStream(engine, generate, chat, prompt, GenerationRequest(
+        prompt.ids, max_tokens, temperature=temperature, cache_points=prompt.cache_points, cache_marks=prompt.cache_marks))
     stream.close()
     return captured[0]
 
@@ -87,10 +88,13 @@ def main() -> None:
     from llm_blueprint.engine import EngineOptions, Model
     from llm_blueprint.engine.default_model import prepare_default_model
     from llm_blueprint.engine.generation import BatchingOptions, Engine
+    from llm_blueprint.engine.prompt_cache import PromptCache, state_bytes_per_token
 
     model_dir = prepare_default_model(os.environ.get("LLM_CACHE_DIR") or None)
     model = Model(model_dir, EngineOptions(device="cpu", inter_threads=1, intra_threads=os.cpu_count() or 1))
-    engine = Engine(model, batching=BatchingOptions(gather_seconds=0))
+    # The server's default prompt cache: a resume then re-prefills only what follows the held system prompt.
+    cache = PromptCache(state_bytes_per_token(model_dir, "cpu"), 2048 * 2**20, weights_bytes=model.weights_bytes)
+    engine = Engine(model, batching=BatchingOptions(gather_seconds=0), prompt_cache=cache)
     print(f"model {model_dir}, {os.cpu_count()} cores, {args.rounds} rounds, one request at a time", flush=True)
     rows = []
     try:
