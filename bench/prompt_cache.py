@@ -144,8 +144,7 @@ def memory_bound(model_dir: str, log_dir: str, budget_mb: int, requests_count: i
     """The workload against a server with the budget and against one without a cache (what the requests themselves
     need: each running request's own copy of its prompt state and its growing keys and values)."""
     cached = _peak_memory(model_dir, log_dir, budget_mb, requests_count)
-    plain = _peak_memory(model_dir, log_dir, 0, requests_count) if os.environ.get("BENCH_PLAIN_GROWTH_MB") is None else {
-        "growth_mb": float(os.environ["BENCH_PLAIN_GROWTH_MB"]), "answered": "(given)"}
+    plain = _peak_memory(model_dir, log_dir, 0, requests_count)
     return {**cached, "plain_growth_mb": plain["growth_mb"], "net_growth_mb": cached["growth_mb"] - plain["growth_mb"],
             "plain_answered": plain["answered"]}
 
