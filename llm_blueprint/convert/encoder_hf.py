@@ -13,13 +13,13 @@ import json
 import os
 import re
 import shutil
-from typing import Any
 
 import numpy as np
 
 from ..errors import ConversionError
 from .encoder_source import ENCODER_FAMILIES, EncoderConfig, EncoderSource, Pooling
 from .hf_folder import FLOAT_DTYPES, SafetensorsFile, _read_json
+from .hf_tokenizer import _tokens_from_tokenizer_json
 
 MODEL_TYPES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "xlm-roberta", "camembert": "roberta",
                "distilbert": "distilbert"}
@@ -69,7 +69,7 @@ def read_pooling(path: str, has_modules: bool) -> Pooling:
     OpenAI's embeddings have)."""
     if not has_modules:
         return Pooling()
-    modules = _read_json_list(os.path.join(path, "modules.json"))
+    modules = [m for m in _read_json(os.path.join(path, "modules.json"), list) if isinstance(m, dict)]
     pooling, normalize, source = None, False, "modules.json"
     for module in modules:
         kind = str(module.get("type", ""))
@@ -91,17 +91,6 @@ def read_pooling(path: str, has_modules: bool) -> Pooling:
     if pooling is None:
         raise ConversionError(f"{path}: modules.json has no Pooling module")
     return Pooling(pooling, normalize, source)
-
-
-def _read_json_list(path: str) -> list[dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, list):
-        raise ConversionError(f"{path}: expected a JSON list")
-    return [m for m in data if isinstance(m, dict)]
 
 
 class HFEncoderFolder(EncoderSource):
@@ -236,19 +225,7 @@ class HFEncoderFolder(EncoderSource):
 
 def _tokens_of(tokenizer_json: str) -> list[str]:
     """Token strings by id (gaps filled with placeholders), as many as the tokenizer knows."""
-    with open(tokenizer_json, encoding="utf-8") as f:
-        data = json.load(f)
-    model = data.get("model") or {}
-    vocab = model.get("vocab")
-    by_id: dict[int, str] = {}
-    if isinstance(vocab, dict):
-        by_id.update({int(i): tok for tok, i in vocab.items()})
-    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-        by_id.update({i: entry[0] for i, entry in enumerate(vocab)})
-    for token in data.get("added_tokens") or []:
-        by_id[int(token["id"])] = token["content"]
-    size = max(by_id) + 1 if by_id else 0
-    return [by_id.get(i, f"<unused_{i}>") for i in range(size)]
+    return [tok if tok is not None else f"<unused_{i}>" for i, tok in enumerate(_tokens_from_tokenizer_json(tokenizer_json))]
 
 
 def open_encoder_folder(path: str) -> HFEncoderFolder:

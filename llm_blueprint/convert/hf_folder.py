@@ -54,14 +54,15 @@ NAME_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head."
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def _read_json(path: str, kind: type = dict) -> Any:
+    """A JSON file's value, which must be a ``kind`` (an object unless told)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
         raise ConversionError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
+    if not isinstance(data, kind):
+        raise ConversionError(f"{path}: expected a JSON {'object' if kind is dict else 'list'}")
     return data
 
 
