@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 from llm_blueprint.engine import EngineOptions, Model
@@ -27,8 +29,9 @@ def test_settings_win_and_nothing_is_measured(default_model_dir, tmp_path, monke
     assert layouts.choose(default_model_dir, "cuda", "int8_float16", str(tmp_path), cores=2).how == "device"
 
 
-def test_measured_once_then_read_from_the_cache(default_model_dir, tmp_path, caplog):
+def test_measured_once_then_read_from_the_cache(default_model_dir, tmp_path, caplog, monkeypatch):
     caplog.set_level("INFO", logger="llm_blueprint.engine.layout")
+    monkeypatch.setattr(layouts, "BUSY_SHARE", 1.0)  # whatever else this machine runs now (a busy one: next test)
     started = time.monotonic()
     first = layouts.choose(default_model_dir, "cpu", "int8", str(tmp_path), cores=2)
     measuring = time.monotonic() - started
@@ -47,6 +50,24 @@ def test_measured_once_then_read_from_the_cache(default_model_dir, tmp_path, cap
     assert (only_inter.inter_threads, only_inter.intra_threads) == (2, 1)
     assert only_inter.how == "measured" and len(json.loads((tmp_path / "layouts.json").read_text())) == 2
     assert layouts.choose(default_model_dir, "cpu", "int8", str(tmp_path), cores=2, max_batch_size=3).max_batch_size == 3
+
+
+def test_a_layout_measured_while_other_processes_use_the_cores_is_not_cached(default_model_dir, tmp_path, caplog):
+    caplog.set_level("INFO", logger="llm_blueprint.engine.layout")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in layouts._cores()]
+    try:
+        time.sleep(0.5)
+        busy = layouts.choose(default_model_dir, "cpu", "int8", str(tmp_path), cores=2)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert busy.how == "measured on a busy machine" and (busy.inter_threads, busy.intra_threads) in layouts.splits(2)
+    assert "other processes used" in caplog.text and "the next start measures again" in caplog.text
+    cache_file = tmp_path / "layouts.json"
+    assert not cache_file.exists() or json.loads(cache_file.read_text()) == {}
+    again = layouts.choose(default_model_dir, "cpu", "int8", str(tmp_path), cores=2)
+    assert again.how.startswith("measured")  # measured again, not read from a cache
 
 
 def test_usable_cores_are_shared_between_workers(monkeypatch):

@@ -183,6 +183,77 @@ def test_openai_auto_text_never_carries_markup(openai_client):
         assert finish[0] in ("stop", "length")
 
 
+# Auto calls: the model decides whether to call; once it opens a call, the call is generated under the tool's schema.
+STRICT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "unit", "days"], "properties": {
+    "city": {"type": "string", "minLength": 1}, "unit": {"enum": ["celsius", "fahrenheit"]},
+    "days": {"type": "integer", "minimum": 1, "maximum": 7}}}
+FORECAST = {"type": "function", "function": {"name": "get_forecast", "description": "Weather forecast for a city",
+                                             "parameters": STRICT_SCHEMA}}
+FORECAST_ANTHROPIC = {"name": "get_forecast", "description": "Weather forecast for a city", "input_schema": STRICT_SCHEMA}
+SHOTS = [("Berlin", {"city": "Berlin", "unit": "celsius", "days": 3}), ("Boston", {"city": "Boston", "unit": "fahrenheit", "days": 2})]
+
+
+def _openai_history() -> list[dict]:
+    """Earlier turns in which the assistant called the tool: they make the model likely to open a call itself."""
+    messages = []
+    for k, (city, arguments) in enumerate(SHOTS):
+        call = {"id": f"call_{k}", "type": "function", "function": {"name": "get_forecast", "arguments": json.dumps(arguments)}}
+        messages += [{"role": "user", "content": f"Forecast for {city}, please."},
+                     {"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": f"call_{k}", "content": "Sunny, 20 degrees."},
+                     {"role": "assistant", "content": f"It will be sunny in {city}."}]
+    return messages + [{"role": "user", "content": "Forecast for Rome, please."}]
+
+
+def test_openai_auto_calls_are_generated_under_the_tools_schema(openai_client):
+    made = 0
+    for seed in range(6):
+        kwargs = dict(messages=_openai_history(), tools=[FORECAST], max_tokens=120, temperature=1.0, seed=seed)
+        if seed % 2:
+            _, text, calls, firsts, finish = _stream_chat(openai_client, **kwargs)
+            calls = [(c["name"], c["arguments"]) for c in calls.values()]
+            assert all(f.id.startswith("call_") for f in firsts)
+        else:
+            choice = openai_client.chat.completions.create(model="smollm2", **kwargs).choices[0]
+            text, finish = choice.message.content or "", [choice.finish_reason]
+            calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+        assert "<tool_call>" not in text and "get_forecast" not in text
+        for name, arguments in calls:
+            assert name == "get_forecast"
+            jsonschema.validate(json.loads(arguments), STRICT_SCHEMA)
+        assert finish == (["tool_calls"] if calls else finish) and finish[0] in ("tool_calls", "stop", "length")
+        made += len(calls)
+    assert made, "the model never opened a call: the constrained path was not exercised"
+
+
+def test_anthropic_auto_calls_are_generated_under_the_tools_schema(anthropic_client):
+    messages = []
+    for k, (city, arguments) in enumerate(SHOTS):
+        messages += [{"role": "user", "content": f"Forecast for {city}, please."},
+                     {"role": "assistant", "content": [{"type": "tool_use", "id": f"toolu_{k}", "name": "get_forecast",
+                                                        "input": arguments}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{k}",
+                                                   "content": "Sunny, 20 degrees."}]},
+                     {"role": "assistant", "content": f"It will be sunny in {city}."}]
+    messages.append({"role": "user", "content": "Forecast for Rome, please."})
+    made = 0
+    for attempt in range(6):
+        kwargs = dict(model="smollm2", max_tokens=120, messages=messages, tools=[FORECAST_ANTHROPIC], extra_body={"temperature": 1.0})
+        if attempt % 2:
+            with anthropic_client.messages.stream(**kwargs) as stream:
+                message = stream.get_final_message()
+        else:
+            message = anthropic_client.messages.create(**kwargs)
+        uses = [b for b in message.content if b.type == "tool_use"]
+        for use in uses:
+            assert use.name == "get_forecast" and use.id.startswith("toolu_")
+            jsonschema.validate(use.input, STRICT_SCHEMA)
+        assert all("<tool_call>" not in b.text for b in message.content if b.type == "text")
+        assert message.stop_reason == ("tool_use" if uses else message.stop_reason) in ("tool_use", "end_turn", "max_tokens")
+        made += len(uses)
+    assert made, "the model never opened a call: the constrained path was not exercised"
+
+
 @pytest.mark.parametrize("body,param", [
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "nonsense"}}}]}, "tools[0].function.parameters"),
@@ -301,8 +372,9 @@ def test_anthropic_forced_weather_round_trip(anthropic_client):
     (made,) = first.content
     assert made.type == "tool_use" and made.id.startswith("toolu_") and made.name == "get_weather"
     jsonschema.validate(made.input, WEATHER_SCHEMA)
-    assert first.usage.input_tokens == anthropic_client.messages.count_tokens(
-        model="smollm2", messages=messages, tools=[WEATHER_ANTHROPIC]).input_tokens
+    usage = first.usage  # the prompt: what the prompt cache read or wrote (the tool prompt is held) plus the rest
+    assert usage.input_tokens + (usage.cache_read_input_tokens or 0) + (usage.cache_creation_input_tokens or 0) == \
+        anthropic_client.messages.count_tokens(model="smollm2", messages=messages, tools=[WEATHER_ANTHROPIC]).input_tokens
     block = made.model_dump()
 
     final, other = _anthropic_answer(anthropic_client, block, RESULT), _anthropic_answer(anthropic_client, block, OTHER_RESULT)

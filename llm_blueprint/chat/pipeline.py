@@ -17,6 +17,14 @@ Two ways to run, chosen by the request:
   validates, and it streams as it is generated (text deltas, or tool-call
   argument deltas).
 
+With ``tool_choice`` auto and the Hermes call format (``<tool_call>``), the
+model writes freely until it opens a call: ``<tool_call>`` is an internal stop
+string, and the call then runs as a forced one would from that point (the name
+picked among the allowed tools, the arguments under the tool's schema); with
+parallel calls allowed, the model then goes on after the call (it may open
+another one, answer, or end). Other call formats (a bare JSON answer, Gemma's
+``tool_code``) are parsed from the free text as the model wrote them.
+
 The one way to miss: ``max_tokens`` ends the value before it closes. A JSON
 answer is then returned as cut (finish reason ``length``), as the hosted APIs
 do; a forced call, whose arguments must parse, fails with ``invalid_output``
@@ -57,7 +65,7 @@ from ..events import (
     new_call_id,
 )
 from .conversation import ChatRequest
-from .output_parser import THINK_CLOSE, OutputParser, Piece
+from .output_parser import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, OutputParser, Piece
 from .prompt import ChatPrompt, call_opening, conversation_so_far, json_opening
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,7 @@ class ChatStream(EventStream[ChatEvent]):
     def __init__(self, engine: Engine, generate: Callable[[GenerationRequest], EventStream[Event]], chat: ChatRequest,
                  prompt: ChatPrompt, request: GenerationRequest, reasoning: bool = True):
         self.engine = engine
+        self._generate = generate
         self.chat = chat
         self.prompt = prompt
         self.request = request
@@ -94,6 +103,9 @@ class ChatStream(EventStream[ChatEvent]):
             engine.validate(request)  # the client's own budget must fit: the generation runs a prefilled copy of it
             self._current = generate(self._structured_request(forced))
             events = self._structured(forced)
+        elif request.n == 1 and chat.active_tools and prompt.call_format == "hermes" and CALL_OPEN not in request.stop:
+            self._current = generate(dataclasses.replace(request, stop=[*request.stop, CALL_OPEN]))
+            events = self._auto()
         else:
             self._current = generate(request)
             events = self._free(self._current)
@@ -124,6 +136,87 @@ class ChatStream(EventStream[ChatEvent]):
         if self.request.n == 1 and ended is not None and ended.reason in ("stop", "length") and self.request.cache_points:
             self._hold_conversation("".join(answer))
 
+    def _auto(self) -> Iterator[ChatEvent]:
+        """``tool_choice`` auto: free text until the model opens a call (the engine stops at ``<tool_call>``), then
+        the call under its tool's schema, then (parallel calls allowed) the model goes on after it."""
+        chat, request, model = self.chat, self.request, self.engine.model
+        parser = OutputParser(chat.active_tools, self.reasoning, self.prompt.in_reasoning)
+        written: list[str] = []  # what the model and the calls wrote after the prompt: the continuations' prompt
+        used, first_done, answer = 0, None, []
+        stream = self._current
+        while True:
+            finish = None
+            for event in stream:
+                if isinstance(event, TextDelta):
+                    written.append(event.text)
+                    pieces = parser.feed(event.text)
+                    answer.extend(p.text for p in pieces if isinstance(p, TextDelta))
+                    yield from self._pieces(pieces, event.logprobs, stream)
+                elif isinstance(event, Finish):
+                    finish = event
+                elif isinstance(event, Done):
+                    used += event.completion_tokens
+                    first_done = first_done or event
+                else:
+                    yield event
+            if finish is not None and finish.stop_sequence == CALL_OPEN and used < request.max_tokens:
+                call = yield from self._auto_call(parser, "".join(written), request.max_tokens - used)
+                if isinstance(call, Finish):  # failed or cut
+                    yield call
+                    break
+                call_text, call_tokens = call
+                used += call_tokens
+                written.append(call_text)
+                parser.calls += 1
+                parser.after_block = True
+                budget = min(request.max_tokens - used, model.context_length - len(self.prompt.ids) - used - 16)
+                if not chat.tool_choice.parallel or budget < 1:
+                    yield Finish(0, "tool_calls", used)
+                    break
+                ids = model.encode_text(self.prompt.text + "".join(written))
+                budget = min(budget, model.context_length - len(ids))
+                if budget < 1:
+                    yield Finish(0, "tool_calls", used)
+                    break
+                stream = self._current = self._generate(dataclasses.replace(
+                    request, prompt_ids=ids, max_tokens=budget, min_tokens=0, stop=[*request.stop, CALL_OPEN]))
+                continue
+            pieces = parser.finish()
+            answer.extend(p.text for p in pieces if isinstance(p, TextDelta))
+            yield from self._pieces(pieces, (), stream)
+            if finish is None:
+                finish = Finish(0, "error", used, error="generation ended early")
+            ended = dataclasses.replace(finish, completion_tokens=used, stop_sequence=(
+                None if finish.stop_sequence == CALL_OPEN else finish.stop_sequence))
+            if ended.reason == "stop_sequence" and ended.stop_sequence is None:  # the call opening ended the budget
+                ended = dataclasses.replace(ended, reason="length")
+            yield ended.after_tool_calls() if parser.calls else ended
+            if not parser.calls and ended.reason in ("stop", "length") and request.cache_points:
+                self._hold_conversation("".join(answer))
+            break
+        first_done = first_done or Done(0, 0)
+        yield Done(len(self.prompt.ids), used, first_done.cached_tokens, first_done.cache_write_tokens)
+
+    def _auto_call(self, parser: OutputParser, written: str, budget: int):
+        """The call the model opened after ``written``, generated as a forced call; its events, then returns
+        (the call's text as the model's template writes it, its tokens), or the Finish that ended it."""
+        in_reasoning = parser.state == "reasoning"
+        self._current = self._generate(self._structured_request(
+            True, self.prompt.text + written, in_reasoning, budget))
+        name = self.tool_name
+        for event in self._structured(True, parser.calls):
+            if isinstance(event, Finish):
+                if event.reason != "tool_calls":
+                    return event
+            elif isinstance(event, Done):
+                tokens = event.completion_tokens
+            else:
+                if isinstance(event, ToolCall):
+                    arguments = event.arguments
+                yield event
+        head = call_opening(self.prompt, name, in_reasoning)
+        return f"{head}{arguments}}}\n{CALL_CLOSE}", tokens
+
     def _hold_conversation(self, answer: str) -> None:
         """Ask the engine to hold this conversation with its answer, for the next turn (an idle replica does it)."""
         try:
@@ -148,14 +241,18 @@ class ChatStream(EventStream[ChatEvent]):
                 yield piece
 
     # Forced call or JSON output ------------------------------------------------
-    def _structured_request(self, forced: bool) -> GenerationRequest:
-        """The tool (forced call) or schema (JSON output), the prefilled prompt, and the constrained request."""
+    def _structured_request(self, forced: bool, text: str | None = None, in_reasoning: bool | None = None,
+                            budget: int | None = None) -> GenerationRequest:
+        """The tool (forced call) or schema (JSON output), the prefilled prompt, and the constrained request.
+        ``text``: what precedes the call (default: the prompt; an auto call: the prompt and what the model wrote);
+        ``budget``: the tokens left for it (default: ``max_tokens``)."""
         chat, model = self.chat, self.engine.model
         self.tool_name = None
+        before = self.prompt.text if text is None else text
         if forced:
-            self.tool_name = chat.tool_choice.name or self._choose_tool()
+            self.tool_name = chat.tool_choice.name or self._choose_tool(before, in_reasoning)
             self.schema = chat.tool(self.tool_name).parameters
-            head = call_opening(self.prompt, self.tool_name)
+            head = call_opening(self.prompt, self.tool_name, in_reasoning)
         else:
             self.schema = chat.response_format.schema
             head = f"{THINK_CLOSE}\n\n" if self.prompt.in_reasoning else ""
@@ -165,22 +262,24 @@ class ChatStream(EventStream[ChatEvent]):
         # (it orders properties as the schema lists them), else the value starts with its bracket or nothing.
         nudge = json_opening(self.schema)
         self.opening = next(o for o in (nudge, nudge[:1], "") if starts_a_match(vocabulary, grammar, o))
-        prefilled = model.encode_text(self.prompt.text + head + self.opening)
-        self.prefilled_tokens = len(prefilled) - len(self.prompt.ids)
+        prefilled = model.encode_text(before + head + self.opening)
+        self.prefilled_tokens = len(prefilled) - (len(self.prompt.ids) if text is None else len(model.encode_text(before)))
         room = model.context_length - len(prefilled)
-        return dataclasses.replace(self.request, prompt_ids=prefilled, max_tokens=max(1, min(self.request.max_tokens, room)),
+        budget = self.request.max_tokens if budget is None else budget
+        return dataclasses.replace(self.request, prompt_ids=prefilled, max_tokens=max(1, min(budget, room)), min_tokens=0,
                                    n=1, stop=[], constraint=Constraint(grammar, self.opening, json=True))
 
-    def _structured(self, forced: bool) -> Iterator[ChatEvent]:
+    def _structured(self, forced: bool, call_index: int = 0) -> Iterator[ChatEvent]:
         name, opening = self.tool_name, self.opening
         call_id = new_call_id()
         parts: list[str] = []
         finish: Finish | None = None
         completion_tokens = 0
+        engine_done = Done(0, 0)
 
         def delta(text: str, logprobs=()) -> ChatEvent:
             parts.append(text)
-            return ToolCallDelta(0, 0, call_id, name, text) if forced else TextDelta(0, text, logprobs)
+            return ToolCallDelta(0, call_index, call_id, name, text) if forced else TextDelta(0, text, logprobs)
 
         if opening:
             yield delta(opening)
@@ -192,9 +291,10 @@ class ChatStream(EventStream[ChatEvent]):
             elif isinstance(event, Finish):
                 finish = event
             elif isinstance(event, Done):
-                completion_tokens = event.completion_tokens
+                completion_tokens, engine_done = event.completion_tokens, event
         # The prefilled part of the answer counts as output, so input_tokens stays the prompt's own count.
-        done = Done(len(self.prompt.ids), completion_tokens + self.prefilled_tokens)
+        done = Done(len(self.prompt.ids), completion_tokens + self.prefilled_tokens, engine_done.cached_tokens,
+                    engine_done.cache_write_tokens)
         text = "".join(parts)
         if finish is None or finish.failed:
             yield Finish(0, "error", completion_tokens, error=finish.error if finish else "generation ended early")
@@ -207,7 +307,7 @@ class ChatStream(EventStream[ChatEvent]):
         else:
             self._check(text)
             if forced:
-                yield ToolCall(0, 0, call_id, name, text, tuple(parts))
+                yield ToolCall(0, call_index, call_id, name, text, tuple(parts))
                 yield Finish(0, "tool_calls", completion_tokens)
             else:
                 yield Finish(0, "stop", completion_tokens)
@@ -223,13 +323,13 @@ class ChatStream(EventStream[ChatEvent]):
         if problem:
             log.warning("a constrained value does not validate (%s): %s", problem, text[:200])
 
-    def _choose_tool(self) -> str:
-        """The allowed tool the model itself finds likeliest after a call's opening."""
+    def _choose_tool(self, before: str, in_reasoning: bool | None = None) -> str:
+        """The allowed tool the model itself finds likeliest after ``before`` and a call's opening."""
         tools = self.chat.active_tools
         if len(tools) == 1:
             return tools[0].name
         model = self.engine.model
-        head = self.prompt.text + call_opening(self.prompt, None)
+        head = before + call_opening(self.prompt, None, in_reasoning)
         candidates = [model.encode_text(head + json.dumps(t.name)[1:]) for t in tools]  # name + closing quote
         common = len(os.path.commonprefix(candidates))
         scores = self.engine.score_continuations(candidates[0][:common], [c[common:] for c in candidates])

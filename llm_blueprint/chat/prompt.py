@@ -164,9 +164,10 @@ def conversation_so_far(model: Model, chat: ChatRequest, answer: str) -> list[in
     return closed[: len(os.path.commonprefix([closed, following]))]
 
 
-def call_opening(prompt: ChatPrompt, name: str | None) -> str:
-    """The text that opens a forced call, up to its arguments (or up to the name when ``name`` is None)."""
-    skip_thinking = f"{THINK_CLOSE}\n\n" if prompt.in_reasoning else ""
+def call_opening(prompt: ChatPrompt, name: str | None, in_reasoning: bool | None = None) -> str:
+    """The text that opens a forced call, up to its arguments (or up to the name when ``name`` is None);
+    ``in_reasoning``: whether the text before it is inside an open reasoning block (default: the prompt's)."""
+    skip_thinking = f"{THINK_CLOSE}\n\n" if (prompt.in_reasoning if in_reasoning is None else in_reasoning) else ""
     head = CALL_OPEN + "\n" if prompt.call_format == "hermes" else ""
     if name is None:
         return f'{skip_thinking}{head}{{"name": "'

@@ -9,8 +9,11 @@ once: every split of the usable cores generates a short single stream and a
 full batch per replica, and the split that keeps both closest to their best
 wins (the larger of the two shortfalls is the smallest). Then the batch size
 per replica grows while it still pays. The result is cached per model, device,
-compute type, core count and CTranslate2 version, so a restart reads it.
-Settings given explicitly are never second-guessed.
+compute type, core count and CTranslate2 version, so a restart reads it; unless
+other processes kept the cores busy during the measurement (more than
+``BUSY_SHARE`` of them, from ``/proc/stat``), which makes its figures those of a
+loaded machine: such a layout is used but not cached, so the next start measures
+again. Settings given explicitly are never second-guessed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ CALIBRATION_PROMPT_TOKENS = 32
 BATCH_SIZES = (8, 16, 32)
 BATCH_GAIN = 1.1  # a larger batch must beat the smaller one by this much to be chosen
 LAYOUT_VERSION = 1
+BUSY_SHARE = 0.15  # other processes' share of our cores during a measurement beyond which it is not cached
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class Layout:
     inter_threads: int
     intra_threads: int
     max_batch_size: int
-    how: str  # "settings", "measured", "cached" or "device"
+    how: str  # "settings", "measured", "measured on a busy machine", "cached" or "device"
 
 
 def usable_cores() -> int:
@@ -81,9 +85,10 @@ def choose(path: str, device: str, compute_type: str, cache_dir: str, cores: int
             layout = Layout(cached["inter_threads"], cached["intra_threads"], cached["max_batch_size"], "cached")
         else:
             layout = _measure(path, device, compute_type, fixed or splits(cores))
-            entries = _read(cache_file)
-            entries[key] = asdict(layout)
-            _write(cache_file, entries)
+            if layout.how == "measured":
+                entries = _read(cache_file)
+                entries[key] = asdict(layout)
+                _write(cache_file, entries)
     if max_batch_size:
         layout = Layout(layout.inter_threads, layout.intra_threads, max_batch_size, layout.how)
     return layout
@@ -120,6 +125,7 @@ def _measure(path: str, device: str, compute_type: str, candidates: list[tuple[i
     import ctranslate2
 
     started = time.monotonic()
+    machine, own = _busy_cpu_seconds(), _own_cpu_seconds()
     prompt = _prompt(path)
 
     def load(inter: int, intra: int):
@@ -152,10 +158,43 @@ def _measure(path: str, device: str, compute_type: str, candidates: list[tuple[i
                 break
             batch, rate = size, larger
         del generator
+    elapsed = time.monotonic() - started
+    others = _busy_cpu_seconds() - machine - (_own_cpu_seconds() - own)
+    share = others / (elapsed * len(_cores())) if machine >= 0 and elapsed > 0 else 0.0
+    how = "measured" if share <= BUSY_SHARE else "measured on a busy machine"
     log.info("thread layout measured in %.1fs over %s: %d replica(s) x %d thread(s), batch %d "
-             "(single stream %.0f tok/s, %d x batch %d: %.0f tok/s)",
-             time.monotonic() - started, candidates, inter, intra, batch, single, inter, batch, rate)
-    return Layout(inter, intra, batch, "measured")
+             "(single stream %.0f tok/s, %d x batch %d: %.0f tok/s); other processes used %.0f%% of the cores%s",
+             elapsed, candidates, inter, intra, batch, single, inter, batch, rate, 100 * share,
+             "" if how == "measured" else ": not cached, the next start measures again")
+    return Layout(inter, intra, batch, how)
+
+
+def _cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return list(range(os.cpu_count() or 1))
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU seconds spent by every process on this process's cores since boot (-1 where /proc/stat is missing)."""
+    wanted = {f"cpu{n}" for n in _cores()}
+    busy = 0
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] in wanted:
+                    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+                    busy += sum(values) - values[3] - values[4]
+    except (OSError, ValueError):
+        return -1.0
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def _prompt(path: str) -> list[str]:

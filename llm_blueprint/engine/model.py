@@ -64,6 +64,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux; 0 where unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class Model:
     """A loaded model directory. Thread-safe for concurrent generation calls."""
 
@@ -101,7 +110,11 @@ class Model:
         self.compute_type = options.compute_type or DEFAULT_COMPUTE_TYPES[self.device]
         self.inter_threads = options.inter_threads
         self.intra_threads = options.intra_threads
+        resident = _resident_bytes()
         self.generator = self.new_generator()
+        # What the weights take once loaded (on CPU with MKL about twice model.bin: it keeps packed int8 copies);
+        # a prompt cache swap holds a second copy for a moment, so its budget reserves this.
+        self.loaded_bytes = max(0, _resident_bytes() - resident) if self.device == "cpu" else 0
         log.info(
             "loaded model %s on %s (%s), context %d, end tokens %s",
             self.path, self.device, self.compute_type, self.context_length, self.end_tokens,
@@ -120,7 +133,8 @@ class Model:
 
     @property
     def weights_bytes(self) -> int:
-        return os.path.getsize(os.path.join(self.path, "model.bin"))
+        """Memory one loaded copy of the weights takes: measured at load (CPU), at least ``model.bin``'s size."""
+        return max(os.path.getsize(os.path.join(self.path, "model.bin")), self.loaded_bytes)
 
     # Loading helpers ---------------------------------------------------------
     def _special_tokens(self) -> dict[str, str | None]:
