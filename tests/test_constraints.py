@@ -88,6 +88,43 @@ def test_max_tokens_too_small_ends_with_length_and_a_prefix_of_a_match(engine, m
     assert text.lstrip().startswith("{")
 
 
+def _matcher_after(model, schema, text):
+    from llm_blueprint.engine.constraints import TokenMatcher, vocabulary_for
+
+    vocabulary = vocabulary_for(model.tokenizer, model.end_token_ids)
+    return TokenMatcher(vocabulary, Constraint(json_schema_grammar(schema), prefix=text, json=True)), vocabulary
+
+
+def test_json_is_written_on_one_line_and_separators_are_forced(model):
+    schema = {"type": "object", "required": ["a", "b"], "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}
+    matcher, vocabulary = _matcher_after(model, schema, '{"a": 12')
+    newline = vocabulary.encode("\n")[-1]
+    assert not matcher.allows(newline)  # no pretty-printing: between two values only the separator may follow
+    comma = next(i for i in range(vocabulary.size) if vocabulary.token_bytes[i] == b",")
+    matcher.accept(comma)
+    forced = b"".join(vocabulary.token_bytes[t] for t in matcher.forced())
+    assert forced.startswith(b' "b":')  # the next key comes without asking the model
+
+
+def test_a_refused_separator_after_digits_ends_the_number(model):
+    """The model writes "2,161,000" or "2.1 million" in an integer field: the number ends where it wanted punctuation
+    (a closing brace here), instead of growing by digits it never meant."""
+    import numpy as np
+
+    schema = {"type": "object", "required": ["population"], "properties": {"population": {"type": "integer"}}}
+    matcher, vocabulary = _matcher_after(model, schema, '{"population": 2')
+    point = next(i for i in range(vocabulary.size) if vocabulary.token_bytes[i] == b".")
+    digit = next(i for i in range(vocabulary.size) if vocabulary.token_bytes[i] == b"1")
+    logits = np.full(vocabulary.size, -10.0, dtype=np.float32)
+    logits[point], logits[digit] = 5.0, 4.0  # the model's next choices: "." (refused), then a digit
+    request = GenerationRequest([1], 10, temperature=0)
+    rng = np.random.default_rng(0)
+    assert not matcher.allows(point)
+    chosen, _ = matcher.choose(logits, request, rng, refused=point)
+    assert vocabulary.token_bytes[chosen].startswith(b"}")
+    assert matcher.choose(logits, request, rng)[0] == digit  # without a refused punctuation: the likeliest allowed
+
+
 def test_sampled_replacements_are_reproducible_with_a_seed(engine, model):
     ids = model.encode_chat([{"role": "user", "content": "Is the sky blue?"}])
     grammar = json_schema_grammar({"type": "object", "required": ["answer"], "properties": {"answer": {"enum": ["yes", "no"]}}})

@@ -86,7 +86,7 @@ class _Entry:
             if closer is not None and closer != token_id:
                 return self._replace(logits, closer)
             if not self.matcher.allows(token_id):
-                return self._replace(logits)
+                return self._replace(logits, refused=token_id)
         if step.is_last and token_id in self.job.end_ids:
             self.finish("stop")
             return True
@@ -129,14 +129,14 @@ class _Entry:
         budget = self.job.request.max_tokens
         return self.job.request.constraint.json and budget - self.tokens <= min(CLOSING_TOKENS, max(4, budget // 4))
 
-    def _replace(self, logits, token_id: int | None = None) -> bool:
+    def _replace(self, logits, token_id: int | None = None, refused: int | None = None) -> bool:
         """The model sampled a token the grammar forbids (or, near the budget's end, one that does not close the
         JSON value): write ``token_id`` or the best allowed token instead, then what the grammar forces and what
         closes the value, and stop this entry so that it resumes from there (the model's state has seen the
         refused token). Always True: the entry leaves this batch."""
         matcher = self.matcher
         if token_id is None:
-            choice = matcher.choose(logits, self.job.request, self._rng)
+            choice = matcher.choose(logits, self.job.request, self._rng, refused)
             if choice is None:
                 self.finish("error", error=f"constraint failed: {matcher.error or 'no token is allowed'}")
                 return True
