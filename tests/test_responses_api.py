@@ -145,6 +145,36 @@ def test_stream_helper_with_a_forced_function_tool(openai_client):
     assert events[-1].type == "response.completed"
 
 
+def test_auto_calls_are_generated_under_the_tools_schema(openai_client):
+    """tool_choice auto: earlier calls in the input make the model open one itself; from its opening on, the call is
+    generated under the tool's schema, streamed as argument deltas after any text."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "unit"], "properties": {
+        "city": {"type": "string", "minLength": 1}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+    tool = {"type": "function", "name": "get_forecast", "description": "Weather forecast for a city", "parameters": schema}
+    history = []
+    for k, city in enumerate(("Berlin", "Boston")):
+        history += [{"role": "user", "content": f"Forecast for {city}, please."},
+                    {"type": "function_call", "call_id": f"call_{k}", "name": "get_forecast",
+                     "arguments": json.dumps({"city": city, "unit": "celsius"})},
+                    {"type": "function_call_output", "call_id": f"call_{k}", "output": "Sunny, 20 degrees."},
+                    {"role": "assistant", "content": f"It will be sunny in {city}."}]
+    history.append({"role": "user", "content": "Forecast for Rome, please."})
+    made = 0
+    for _ in range(4):
+        with openai_client.responses.stream(model="smollm2", input=history, tools=[tool], temperature=1.0,
+                                            max_output_tokens=120) as stream:
+            events = list(stream)
+            final = stream.get_final_response()
+        calls = [item for item in final.output if item.type == "function_call"]
+        for call in calls:
+            assert call.name == "get_forecast"
+            jsonschema.validate(json.loads(call.arguments), schema)
+        assert "<tool_call>" not in final.output_text
+        assert events[-1].type in ("response.completed", "response.incomplete")
+        made += len(calls)
+    assert made, "the model never opened a call: the constrained path was not exercised"
+
+
 def test_raw_event_order_for_a_function_call(api_server):
     body = {"model": "smollm2", "input": QUESTION_WEATHER, "stream": True, "temperature": 0, "max_output_tokens": 60,
             "tools": [WEATHER], "tool_choice": FORCED}
