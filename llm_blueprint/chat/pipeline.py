@@ -169,13 +169,9 @@ class ChatStream(EventStream[ChatEvent]):
                 written.append(call_text)
                 parser.calls += 1
                 parser.after_block = True
-                budget = min(request.max_tokens - used, model.context_length - len(self.prompt.ids) - used - 16)
-                if not chat.tool_choice.parallel or budget < 1:
-                    yield Finish(0, "tool_calls", used)
-                    break
-                ids = model.encode_text(self.prompt.text + "".join(written))
-                budget = min(budget, model.context_length - len(ids))
-                if budget < 1:
+                ids = model.encode_text(self.prompt.text + "".join(written)) if chat.tool_choice.parallel else []
+                budget = min(request.max_tokens - used, model.context_length - len(ids))
+                if not ids or budget < 1:  # one call asked for, or no room for more
                     yield Finish(0, "tool_calls", used)
                     break
                 stream = self._current = self._generate(dataclasses.replace(
@@ -203,7 +199,6 @@ class ChatStream(EventStream[ChatEvent]):
         in_reasoning = parser.state == "reasoning"
         self._current = self._generate(self._structured_request(
             True, self.prompt.text + written, in_reasoning, budget))
-        name = self.tool_name
         for event in self._structured(True, parser.calls):
             if isinstance(event, Finish):
                 if event.reason != "tool_calls":
@@ -214,8 +209,7 @@ class ChatStream(EventStream[ChatEvent]):
                 if isinstance(event, ToolCall):
                     arguments = event.arguments
                 yield event
-        head = call_opening(self.prompt, name, in_reasoning)
-        return f"{head}{arguments}}}\n{CALL_CLOSE}", tokens
+        return f"{self.head}{arguments}}}\n{CALL_CLOSE}", tokens
 
     def _hold_conversation(self, answer: str) -> None:
         """Ask the engine to hold this conversation with its answer, for the next turn (an idle replica does it)."""
@@ -256,6 +250,7 @@ class ChatStream(EventStream[ChatEvent]):
         else:
             self.schema = chat.response_format.schema
             head = f"{THINK_CLOSE}\n\n" if self.prompt.in_reasoning else ""
+        self.head = head
         grammar = json_schema_grammar(self.schema)
         vocabulary = vocabulary_for(model.tokenizer, model.end_token_ids)
         # The value's first key, written by the server, keeps a small model on track; the grammar must allow it

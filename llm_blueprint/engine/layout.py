@@ -49,10 +49,7 @@ class Layout:
 
 def usable_cores() -> int:
     """CPUs this process may run on, shared between the gunicorn workers (``LLM_WORKERS``) of one host."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = len(_cores())
     workers = max(1, int(os.environ.get("LLM_WORKERS", "1") or 1))
     return max(1, cores // workers)
 
@@ -170,9 +167,10 @@ def _measure(path: str, device: str, compute_type: str, candidates: list[tuple[i
 
 
 def _cores() -> list[int]:
+    """The CPUs this process may run on."""
     try:
         return sorted(os.sched_getaffinity(0))
-    except AttributeError:
+    except AttributeError:  # not on Linux
         return list(range(os.cpu_count() or 1))
 
 
