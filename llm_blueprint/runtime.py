@@ -20,7 +20,7 @@ from .engine import EngineOptions, Model
 from .engine.generation import BatchingOptions, Engine
 from .engine.handoff import NativeThread, gevent_patched, native_sleep, run_on_native_thread
 from .engine.layout import choose as choose_layout
-from .engine.model import DEFAULT_COMPUTE_TYPES, SAMPLING_KEYS, resolve_device
+from .engine.model import DEFAULT_COMPUTE_TYPES, SAMPLING_KEYS, keep_buffers_in_heap, resolve_device
 from .engine.prompt_cache import PromptCache, state_bytes_per_token
 from .errors import LLMBlueprintError, ModelLoadError
 from .events import Event, EventStream, GenerationRequest
@@ -158,6 +158,9 @@ class Runtime:
 
         device = resolve_device(settings["LLM_DEVICE"])
         compute_type = settings["LLM_COMPUTE_TYPE"] or DEFAULT_COMPUTE_TYPES[device]
+        if device == "cpu" and (threshold := keep_buffers_in_heap()):
+            log.info("glibc mmap threshold set to %d MB (the engine's growing buffers are reused from the heap)",
+                     threshold // 2**20)
         layout = choose_layout(path, device, compute_type, settings["LLM_CACHE_DIR"] or default_cache_dir(),
                                cores=settings["LLM_CORES"], inter_threads=settings["LLM_INTER_THREADS"],
                                intra_threads=settings["LLM_INTRA_THREADS"], max_batch_size=settings["LLM_MAX_BATCH_SIZE"])

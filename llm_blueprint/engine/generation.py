@@ -275,6 +275,7 @@ class _BatchState:
     prefilled: bool = False
     started: float = 0.0  # when the engine call began
     first_step_at: float | None = None  # when its first token came (the prefill's end)
+    steps: int = 0  # decoding steps run
     joiners: list = None  # waiting entries that an old batch's restart merges with it directly
 
 
@@ -558,6 +559,13 @@ class Engine:
                         self._typical_tokens = entry.tokens if typical is None else 0.9 * typical + 0.1 * entry.tokens
             self._running.difference_update(jobs)
             self._release(state)
+        if log.isEnabledFor(logging.DEBUG) and state.started:
+            now = time.monotonic()
+            log.debug("batch of %d (%d prompt tokens after %d cached): prefill %.3f s, %d steps in %.3f s%s",
+                      len(batch), sum(e.length for e in batch) - len(batch) * state.plan.length, state.plan.length,
+                      (state.first_step_at or now) - state.started, state.steps, now - (state.first_step_at or now),
+                      ", restarted" + (f" with {len(state.joiners)} joining" if state.joiners else "")
+                      if state.restart else "")
         return merged, following
 
     def _take_batch(self) -> tuple[list[_Entry], _BatchState | None]:
@@ -796,6 +804,7 @@ class Engine:
         def callback(step) -> bool:
             if not state.prefilled:
                 self._prefilled(state, batch)
+            state.steps = step.step + 1
             row = logits.row(step) if logits is not None else None
             stop = batch[step.batch_id].on_step(step, row) or (not seeded and self._should_restart(batch, state, step))
             if logits is not None and (stop or step.is_last):
