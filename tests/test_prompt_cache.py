@@ -183,10 +183,15 @@ def test_a_full_cache_swaps_in_a_fresh_generator_while_requests_go_on(model):
             time.sleep(0.1)
         assert engine.prompt_cache.swaps >= 1 and model.generator is not first_generator
         assert engine.prompt_cache.held_bytes <= engine.prompt_cache.capacity
-        # the cache works on the fresh generator
+        # the cache works on the fresh generator: the same prompt is read from it within a few requests (a swap
+        # that the other system prompts asked for may still be due, and one request computes the prefix)
         ids2, point2 = _chat_ids(model, "Do you ship abroad?")
-        _answer(engine, ids2, point2)
-        assert _answer(engine, ids2, point2)[1].cached_tokens > 0
+        cached = []
+        for _ in range(4):
+            cached.append(_answer(engine, ids2, point2)[1].cached_tokens)
+            if cached[-1]:
+                break
+        assert cached[-1] == point2, cached
     finally:
         engine.shutdown()
 

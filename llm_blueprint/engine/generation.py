@@ -31,6 +31,9 @@ from .text_stream import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger(__name__)
 
+GATHER_SHARE = 0.2  # a burst is gathered for at most this share of its first request's prefill time...
+MAX_GATHER_SECONDS = 0.1  # ...and never longer than this
+
 DEFAULT_SEED = 2**32 - 1  # CTranslate2's "no seed": random_device on next use
 CLOSING_TOKENS = 32  # a JSON constraint closes its value in at most this many last tokens of the budget
 
@@ -277,6 +280,7 @@ class _BatchState:
     started: float = 0.0  # when the engine call began
     first_step_at: float | None = None  # when its first token came (the prefill's end)
     steps: int = 0  # decoding steps run
+    prefill_tokens: int = 0  # tokens the engine call was given beyond the cached prefix
     entries: list = None  # the batch's entries, while it runs
     young_restart: bool = False  # the restart asked for is a young batch's
     joiners: list = None  # waiting entries that an old batch's restart merges with it directly
@@ -512,7 +516,7 @@ class Engine:
             if token is None:
                 return
             if self.batching.gather_seconds > 0:
-                native_sleep(self.batching.gather_seconds)
+                self._gather()
             batch, state = self._take_batch()
             if not batch:
                 if state is not None:
@@ -524,6 +528,25 @@ class Engine:
                 batch, state = self._run_batch(batch, state)
             if self._pending:
                 self._wakeup.put(True)  # leftovers that did not fit this batch
+
+    def _gather(self) -> None:
+        """Wait ``gather_seconds`` for companions of the first arrival, and longer while more keep arriving, up to
+        a fifth of what prefilling that request costs (measured rate): a burst's requests come in over tens of
+        milliseconds, and a batch that starts with the first few restarts for the rest, prefilling its entries
+        again (on a 1B model that is about 0.6 s a prompt; on the default model a few ms, so it never waits longer)."""
+        step = self.batching.gather_seconds
+        native_sleep(step)
+        rate, pending = self._prefill_seconds_per_token, self._pending
+        if not rate or not pending:
+            return
+        limit = min(MAX_GATHER_SECONDS, GATHER_SHARE * rate * pending[0].length)
+        waited, seen = step, len(pending)
+        while waited + step <= limit:
+            native_sleep(step)
+            waited += step
+            if len(self._pending) == seen:
+                return  # arrivals stopped
+            seen = len(self._pending)
 
     def _run_batch(self, batch: list[_Entry], state: _BatchState) -> tuple[list[_Entry], _BatchState | None]:
         """Run one batch; returns the merged batch to run next when it restarted for waiting requests that do not
@@ -563,6 +586,7 @@ class Engine:
                                                                                  plan.keep and state.prefilled))
                     for entry in joiners:
                         entry.job.note_plan(following.plan)
+                    following.entries = merged
                     self._states.append(following)
                 else:
                     self._pending[:0] = survivors  # first in line for the merged batch
@@ -578,7 +602,7 @@ class Engine:
         if log.isEnabledFor(logging.DEBUG) and state.started:
             now = time.monotonic()
             log.debug("batch of %d (%d prompt tokens after %d cached): prefill %.3f s, %d steps in %.3f s%s",
-                      len(batch), sum(e.length for e in batch) - len(batch) * state.plan.length, state.plan.length,
+                      len(batch), state.prefill_tokens, state.plan.length,
                       (state.first_step_at or now) - state.started, state.steps, now - (state.first_step_at or now),
                       ", restarted" + (f" with {len(state.joiners)} joining" if state.joiners else "")
                       if state.restart else "")
@@ -620,6 +644,7 @@ class Engine:
             chosen = set(map(id, batch))
             self._pending = [e for e in self._pending if id(e) not in chosen]
             self._batches_running += 1
+            state.entries = batch  # seen by the other workers' sharing from now on
             self._states.append(state)
             for entry in batch:
                 entry.job.note_plan(plan)
@@ -679,7 +704,7 @@ class Engine:
         state.prefilled = True
         state.first_step_at = time.monotonic()
         tokens = sum(e.length - state.plan.length for e in batch)
-        if tokens > 64 and state.started:
+        if tokens >= 32 and state.started:
             rate = (state.first_step_at - state.started) / tokens
             previous = self._prefill_seconds_per_token
             self._prefill_seconds_per_token = rate if previous is None else 0.8 * previous + 0.2 * rate
@@ -873,6 +898,7 @@ class Engine:
         if cut:
             options.update(static_prompt=tokenizer.ids_to_tokens(list(state.plan.prefix)), cache_static_prompt=state.plan.keep)
         self.batch_sizes.append(len(batch))
+        state.prefill_tokens = sum(map(len, prompts))
         state.started = time.monotonic()
         if not seeded:
             state.generator.generate_batch(prompts, **options)
