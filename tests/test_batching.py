@@ -217,7 +217,6 @@ def test_an_old_batch_restarts_merged_with_a_newcomer_when_that_saves_its_wait(m
         engine.shutdown()
 
 
-
 def test_arrivals_are_shared_between_replicas_running_young_batches(default_model_dir):
     # Two replicas, each running a young batch of one: ten arrivals are split between them (each young batch
     # restarts for its share), not all taken by whichever restarts first.
@@ -227,12 +226,13 @@ def test_arrivals_are_shared_between_replicas_running_young_batches(default_mode
         def request(topic):
             return GenerationRequest(_prompt(two, topic), 40, min_tokens=40, temperature=0)
 
+        topics = ("a cow", "a fox", "a hen", "a pig", "an owl", "a bee", "a rat", "a yak", "an elk", "a ram")
+        arrivals = [request(t) for t in topics]  # tokenized first: they arrive while both batches are young
         first = [engine.generate(request(t)) for t in ("a cat", "a dog")]
         for stream in first:
             next(e for e in stream if isinstance(e, TextDelta))
         assert engine.batch_sizes == [1, 1]  # one on each replica
-        topics = ("a cow", "a fox", "a hen", "a pig", "an owl", "a bee", "a rat", "a yak", "an elk", "a ram")
-        late = [engine.generate(request(t)) for t in topics]
+        late = [engine.generate(r) for r in arrivals]
         results = [collect(s, 1) for s in first + late]
         assert all(done.completion_tokens == 40 for _, _, done, _ in results)
         assert max(engine.batch_sizes) <= 8, engine.batch_sizes  # 12 entries over two replicas: about 6 each
