@@ -64,6 +64,8 @@ PROMPT_CACHE = Counter("llm_prompt_cache_total", "Prompt cache decisions: hit (a
 PROMPT_CACHE_TOKENS = Counter("llm_prompt_cache_tokens_total", "Prompt tokens read from the prompt cache (read) or "
                               "stored in it (written)", ["direction"])
 PROMPT_CACHE_BYTES = Gauge("llm_prompt_cache_bytes", "Memory held by the prompt cache's states", multiprocess_mode="livesum")
+SHARED_HEAD_TOKENS = Counter("llm_prompt_shared_head_tokens_total", "Prompt tokens not prefilled because the prompts of "
+                             "their batch share them (prefilled once for the batch)")
 PROMPT_CACHE_SWAPS = Counter("llm_prompt_cache_swaps_total", "Fresh generators swapped in because the prompt cache was full")
 
 
@@ -95,6 +97,7 @@ class _BatchSizeReader:
 
     def __init__(self) -> None:
         self._seen = 0
+        self._head_tokens = 0
 
     def drain(self, engine: Engine) -> None:
         sizes = engine.batch_sizes
@@ -102,6 +105,9 @@ class _BatchSizeReader:
         for size in sizes[self._seen:end]:
             BATCH_SIZE.observe(size)
         self._seen = end
+        if engine.shared_head_tokens > self._head_tokens:
+            SHARED_HEAD_TOKENS.inc(engine.shared_head_tokens - self._head_tokens)
+            self._head_tokens = engine.shared_head_tokens
 
 
 batch_sizes = _BatchSizeReader()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import anthropic
@@ -43,7 +44,8 @@ def test_concurrent_requests_share_a_batch(model):
 
 
 def test_equal_length_batched_greedy_equals_alone_and_mixed_lengths_are_split(model):
-    engine = Engine(model, batching=BatchingOptions(gather_seconds=0.05, length_tolerance=0.0))
+    # no shared head: this is about lengths (the split of a shared head is compared in the test below)
+    engine = Engine(model, batching=BatchingOptions(gather_seconds=0.05, length_tolerance=0.0, shared_head_tokens=0))
     try:
         same = [_prompt(model, t) for t in ("a cat", "a dog", "a cow")]
         assert len({len(p) for p in same}) == 1
@@ -61,6 +63,35 @@ def test_equal_length_batched_greedy_equals_alone_and_mixed_lengths_are_split(mo
         assert engine.batch_sizes[before:] == [1, 1]  # tolerance 0: different lengths never share a batch
     finally:
         engine.shutdown()
+
+
+def test_a_head_the_prompts_of_a_batch_share_is_prefilled_once(model):
+    """The template's default system prompt and the user turn's opening ("Write a long story about") are the same
+    tokens in every prompt: the batch prefills them once. The model's next-token distributions after the whole
+    prompt are those of the unsplit prefill (int8 rounding apart): a head cut at the wrong place would change them."""
+    prompts = [_prompt(model, t) for t in ("a cat", "a dog", "a lighthouse keeper", "two old friends")]
+    head = len(os.path.commonprefix(prompts))
+    assert head >= 25
+
+    def first_steps(shared_head_tokens):
+        engine = Engine(model, batching=BatchingOptions(gather_seconds=0.05, shared_head_tokens=shared_head_tokens))
+        try:
+            results = _run_concurrently(engine, [GenerationRequest(p, 4, min_tokens=4, temperature=0, logprobs=True,
+                                                                   top_logprobs=5) for p in prompts])
+            assert engine.batch_sizes == [4]
+            assert all(r[2].completion_tokens == 4 for r in results)
+            return engine.shared_head_tokens, [dict(r[3][0][0].top) for r in results]
+        finally:
+            engine.shutdown()
+
+    saved, split = first_steps(8)
+    assert saved == 3 * head  # the head is prefilled once instead of four times
+    none, whole = first_steps(0)
+    assert none == 0
+    for a, b in zip(split, whole, strict=True):
+        common = a.keys() & b.keys()
+        assert len(common) >= 4
+        assert max(abs(a[t] - b[t]) for t in common) < 0.05, (a, b)
 
 
 def test_incompatible_sampling_is_not_batched_together(model):

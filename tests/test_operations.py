@@ -109,6 +109,21 @@ def test_health_readiness_and_metrics(secured_server):
     assert 'llm_requests_total{route="/v1/chat/completions",status="401"}' in text
 
 
+def _metric(server, name: str) -> float:
+    text = requests.get(server.base + "/metrics", headers={"Authorization": "Bearer scrape-me"}, timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_choices_of_one_prompt_prefill_it_once(secured_server):
+    """n choices run as one batch of the same prompt: all of it but its last token is prefilled once (counted)."""
+    before = _metric(secured_server, "llm_prompt_shared_head_tokens_total")
+    reply = _openai(secured_server, "key-one").chat.completions.create(model="smollm2", messages=FRANCE, max_tokens=3,
+                                                                       n=3, temperature=0.8)
+    assert len(reply.choices) == 3
+    saved = _metric(secured_server, "llm_prompt_shared_head_tokens_total") - before
+    assert saved == 2 * (reply.usage.prompt_tokens - 1)
+
+
 def test_cors_only_for_configured_origins(secured_server):
     preflight = requests.options(secured_server.base + "/v1/chat/completions", timeout=10, headers={
         "Origin": "https://chat.example", "Access-Control-Request-Method": "POST",

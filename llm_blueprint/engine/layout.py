@@ -207,17 +207,20 @@ def _generate(generator, prompts, tokens: int) -> None:
     generator.generate_batch(prompts, max_length=tokens, min_length=tokens, include_prompt_in_result=False, sampling_topk=1)
 
 
-def _rate(generator, replicas: int, batch: int, prompt: list[str], tokens: int = CALIBRATION_TOKENS) -> float:
-    """Generated tokens/s with ``replicas`` concurrent calls of ``batch`` prompts each (bench/peer.py sweeps it)."""
+def _rate(generator, replicas: int, batch: int, prompt: list[str], tokens: int = CALIBRATION_TOKENS,
+          prompts: list[list[str]] | None = None) -> float:
+    """Generated tokens/s with ``replicas`` concurrent calls of ``batch`` prompts each: ``prompt`` repeated, or the
+    first ``replicas`` x ``batch`` of ``prompts`` in turn (bench/peer.py sweeps it on the servers' chat prompts)."""
     errors: list[BaseException] = []
+    calls = [prompts[i * batch:(i + 1) * batch] for i in range(replicas)] if prompts else [[prompt] * batch] * replicas
 
-    def run() -> None:
+    def run(call: list[list[str]]) -> None:
         try:
-            _generate(generator, [prompt] * batch, tokens)
+            _generate(generator, call, tokens)
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [NativeThread(run, f"llm-layout-{i}") for i in range(replicas)]
+    threads = [NativeThread(lambda call=call: run(call), f"llm-layout-{i}") for i, call in enumerate(calls)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
