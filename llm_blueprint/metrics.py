@@ -64,9 +64,9 @@ PROMPT_CACHE = Counter("llm_prompt_cache_total", "Prompt cache decisions: hit (a
 PROMPT_CACHE_TOKENS = Counter("llm_prompt_cache_tokens_total", "Prompt tokens read from the prompt cache (read) or "
                               "stored in it (written)", ["direction"])
 PROMPT_CACHE_BYTES = Gauge("llm_prompt_cache_bytes", "Memory held by the prompt cache's states", multiprocess_mode="livesum")
+PROMPT_CACHE_SWAPS = Counter("llm_prompt_cache_swaps_total", "Fresh generators swapped in because the prompt cache was full")
 SHARED_HEAD_TOKENS = Counter("llm_prompt_shared_head_tokens_total", "Prompt tokens not prefilled because the prompts of "
                              "their batch share them (prefilled once for the batch)")
-PROMPT_CACHE_SWAPS = Counter("llm_prompt_cache_swaps_total", "Fresh generators swapped in because the prompt cache was full")
 
 
 class _CacheReader:
@@ -93,7 +93,8 @@ cache_reader = _CacheReader()
 
 
 class _BatchSizeReader:
-    """Moves new entries of ``engine.batch_sizes`` (appended by native threads) into the histogram."""
+    """Moves new entries of ``engine.batch_sizes`` (appended by native threads) into the histogram, and the growth of
+    ``engine.shared_head_tokens`` into its counter."""
 
     def __init__(self) -> None:
         self._seen = 0
