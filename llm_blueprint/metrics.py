@@ -65,6 +65,11 @@ PROMPT_CACHE_TOKENS = Counter("llm_prompt_cache_tokens_total", "Prompt tokens re
                               "stored in it (written)", ["direction"])
 PROMPT_CACHE_BYTES = Gauge("llm_prompt_cache_bytes", "Memory held by the prompt cache's states", multiprocess_mode="livesum")
 PROMPT_CACHE_SWAPS = Counter("llm_prompt_cache_swaps_total", "Fresh generators swapped in because the prompt cache was full")
+RESTARTS = Counter("llm_batch_restarts_total", "Entries whose batch stopped and started again with waiting requests "
+                   "(young: a young batch taking in arrivals; merged: an older one merged with them), and "
+                   "constrained entries resumed after a refused token (resume)", ["kind"])
+INVARIANT_VIOLATIONS = Counter("llm_generation_invariant_violations_total", "Completions ended with an error because "
+                               "the engine's tokens did not continue exactly what it had fed (should stay 0)")
 SHARED_HEAD_TOKENS = Counter("llm_prompt_shared_head_tokens_total", "Prompt tokens not prefilled because the prompts of "
                              "their batch share them (prefilled once for the batch)")
 
@@ -94,11 +99,16 @@ cache_reader = _CacheReader()
 
 class _BatchSizeReader:
     """Moves new entries of ``engine.batch_sizes`` (appended by native threads) into the histogram, and the growth of
-    ``engine.shared_head_tokens`` into its counter."""
+    the engine's counters (shared heads, restarts, invariant violations) into theirs."""
 
     def __init__(self) -> None:
         self._seen = 0
-        self._head_tokens = 0
+        self._counted: dict[str, int] = {}
+
+    def _count(self, name: str, value: int, metric) -> None:
+        if value > self._counted.get(name, 0):
+            metric.inc(value - self._counted.get(name, 0))
+        self._counted[name] = value
 
     def drain(self, engine: Engine) -> None:
         sizes = engine.batch_sizes
@@ -106,9 +116,11 @@ class _BatchSizeReader:
         for size in sizes[self._seen:end]:
             BATCH_SIZE.observe(size)
         self._seen = end
-        if engine.shared_head_tokens > self._head_tokens:
-            SHARED_HEAD_TOKENS.inc(engine.shared_head_tokens - self._head_tokens)
-            self._head_tokens = engine.shared_head_tokens
+        self._count("head", engine.shared_head_tokens, SHARED_HEAD_TOKENS)
+        for kind, value in engine.restarts.items():
+            self._count(kind, value, RESTARTS.labels(kind))
+        self._count("resume", engine.resumes, RESTARTS.labels("resume"))
+        self._count("violations", engine.invariant_violations, INVARIANT_VIOLATIONS)
 
 
 batch_sizes = _BatchSizeReader()

@@ -65,10 +65,13 @@ def test_equal_length_batched_greedy_equals_alone_and_mixed_lengths_are_split(mo
         engine.shutdown()
 
 
-def test_a_head_the_prompts_of_a_batch_share_is_prefilled_once(model):
+def test_a_head_the_prompts_of_a_batch_share_is_prefilled_once(smollm2_f32):
     """The template's default system prompt and the user turn's opening ("Write a long story about") are the same
     tokens in every prompt: the batch prefills them once. The model's next-token distributions after the whole
-    prompt are those of the unsplit prefill (int8 rounding apart): a head cut at the wrong place would change them."""
+    prompt are those of the unsplit prefill: a head cut at the wrong place, or a state not handed on whole, would
+    change them. In float32, where the split changes nothing but summation order (int8 requantizes the activations
+    per call, and oneDNN's rounding moves top-5 log-probabilities by up to 0.35 with the split: measured)."""
+    model = smollm2_f32
     prompts = [_prompt(model, t) for t in ("a cat", "a dog", "a lighthouse keeper", "two old friends")]
     head = len(os.path.commonprefix(prompts))
     assert head >= 25
@@ -91,7 +94,7 @@ def test_a_head_the_prompts_of_a_batch_share_is_prefilled_once(model):
     for a, b in zip(split, whole, strict=True):
         common = a.keys() & b.keys()
         assert len(common) >= 4
-        assert max(abs(a[t] - b[t]) for t in common) < 0.05, (a, b)
+        assert max(abs(a[t] - b[t]) for t in common) < 1e-3, (a, b)
 
 
 def test_incompatible_sampling_is_not_batched_together(model):

@@ -94,6 +94,7 @@ class ChatStream(EventStream[ChatEvent]):
         self.prompt = prompt
         self.request = request
         self.reasoning = reasoning
+        self._unsent_logprobs: dict[int, tuple[TokenLogprob, ...]] = {}  # by completion: see _pieces
         # The generation starts now, so typed errors (context too long, overloaded) reach the client
         # as an HTTP error before any byte of a stream.
         forced = bool(chat.tool_choice.forced and chat.active_tools)
@@ -123,12 +124,12 @@ class ChatStream(EventStream[ChatEvent]):
                 for piece in (pieces := parsers[event.index].feed(event.text)):
                     if isinstance(piece, TextDelta):
                         answer.append(piece.text)
-                yield from self._pieces(pieces, event.logprobs, stream)
+                yield from self._pieces(pieces, event.logprobs, stream, event.index)
             elif isinstance(event, Finish):
                 parser = parsers[event.index]
                 pieces = parser.finish()
                 answer.extend(p.text for p in pieces if isinstance(p, TextDelta))
-                yield from self._pieces(pieces, (), stream)
+                yield from self._pieces(pieces, (), stream, event.index, final=True)
                 ended = event.after_tool_calls() if parser.calls else event
                 yield ended
             else:
@@ -151,7 +152,7 @@ class ChatStream(EventStream[ChatEvent]):
                     written.append(event.text)
                     pieces = parser.feed(event.text)
                     answer.extend(p.text for p in pieces if isinstance(p, TextDelta))
-                    yield from self._pieces(pieces, event.logprobs, stream)
+                    yield from self._pieces(pieces, event.logprobs, stream, 0)
                 elif isinstance(event, Finish):
                     finish = event
                 elif isinstance(event, Done):
@@ -179,7 +180,7 @@ class ChatStream(EventStream[ChatEvent]):
                 continue
             pieces = parser.finish()
             answer.extend(p.text for p in pieces if isinstance(p, TextDelta))
-            yield from self._pieces(pieces, (), stream)
+            yield from self._pieces(pieces, (), stream, 0, final=True)
             if finish is None:
                 finish = Finish(0, "error", used, error="generation ended early")
             ended = dataclasses.replace(finish, completion_tokens=used, stop_sequence=(
@@ -220,11 +221,17 @@ class ChatStream(EventStream[ChatEvent]):
         if len(ids) > max(self.request.cache_points):
             self.engine.warm(ids)
 
-    def _pieces(self, pieces: list[Piece], logprobs: tuple[TokenLogprob, ...], stream) -> Iterator[ChatEvent]:
+    def _pieces(self, pieces: list[Piece], logprobs: tuple[TokenLogprob, ...], stream, index: int,
+                final: bool = False) -> Iterator[ChatEvent]:
+        """The parser's pieces as events. A delta's token log-probabilities go with its first text; those of a delta
+        whose text the parser holds back (a space, the start of a possible marker) wait for the next text, and those
+        of text that never shows (trailing whitespace) end the completion in an empty delta: every answer token keeps
+        its entry (reasoning and tool-call tokens have none, as in OpenAI's API)."""
         parallel = self.chat.tool_choice.parallel
+        logprobs = self._unsent_logprobs.pop(index, ()) + tuple(logprobs)
         for piece in pieces:
             if isinstance(piece, TextDelta):
-                yield dataclasses.replace(piece, logprobs=logprobs)  # the delta's tokens go with its first text
+                yield dataclasses.replace(piece, logprobs=logprobs)
                 logprobs = ()
             elif isinstance(piece, ToolCall):
                 if parallel or piece.call_index == 0:
@@ -233,6 +240,11 @@ class ChatStream(EventStream[ChatEvent]):
                         stream.cancel()  # one call was asked for: stop generating
             else:
                 yield piece
+        if logprobs and not pieces:
+            if final:
+                yield TextDelta(index, "", logprobs)
+            else:
+                self._unsent_logprobs[index] = logprobs
 
     # Forced call or JSON output ------------------------------------------------
     def _structured_request(self, forced: bool, text: str | None = None, in_reasoning: bool | None = None,

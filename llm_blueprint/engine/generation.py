@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import ContextTooLong, EngineShutDown, InvalidRequest, Overloaded
 from ..events import Done, Event, EventStream, Finish, GenerationRequest, Heartbeat, TextDelta, TokenLogprob
+from . import ct2_batch
 from .constraints import TokenMatcher, vocabulary_for
 from .handoff import Channel, Empty, NativeThread, WorkQueue, allocate_native_lock, native_sleep, run_on_native_thread
 from .model import Model
@@ -193,39 +194,6 @@ def _top_logprobs(logits, k: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(i), float(row[i]) - log_total) for i in best)
 
 
-class _StepLogits:
-    """Each entry's row of a step's logits (``return_logits_vocab``).
-
-    CTranslate2 (4.8) hands the whole step's matrix, one row per entry still
-    running, to the first callback of the step only (later ones get an empty
-    view), and orders a batch's rows longest prompt first. The batch is
-    therefore passed longest first, so that entry ``i``'s row is the number
-    of running entries before it.
-    """
-
-    def __init__(self, size: int):
-        self._running = [True] * size
-        self._step = -1
-        self._rows_before: list[int] = []
-        self._matrix = None
-        self._view = None  # keeps the matrix's memory alive
-
-    def row(self, step):
-        if step.step != self._step:
-            self._step, self._matrix = step.step, None
-            self._rows_before = np.cumsum([0, *self._running[:-1]]).tolist()
-        if self._matrix is None:
-            view = step.logits
-            shape = list(getattr(view, "shape", None) or [])
-            matrix = np.asarray(view) if shape and shape[0] else None  # empty: moved to an earlier callback
-            if matrix is not None:
-                self._view, self._matrix = view, matrix.reshape(-1, matrix.shape[-1])
-        return None if self._matrix is None else self._matrix[self._rows_before[step.batch_id]]
-
-    def ended(self, batch_id: int) -> None:
-        self._running[batch_id] = False
-
-
 class _Job:
     """One request: its entries, its consumer's channel, its cancellation flag."""
 
@@ -374,6 +342,8 @@ class Engine:
         self.batch_sizes: list[int] = []  # every batch run, for tests and metrics
         self.shared_head_tokens = 0  # prefill tokens saved by heads shared within a batch (read by the metrics)
         self.resumes = 0  # constrained entries stopped at a forbidden token and continued with an allowed one
+        self.restarts = {"young": 0, "merged": 0}  # entries whose batch restarted to take in waiting requests
+        self.invariant_violations = 0  # entries ended because their tokens did not continue what was fed
         self._closed = False
         self._threads = [NativeThread(self._worker, f"llm-engine-{i}") for i in range(max(1, model.inter_threads))]
         for thread in self._threads:
@@ -580,8 +550,10 @@ class Engine:
                     self.resumes += 1
                 elif not state.joiners:  # a young batch's restart (an older one merges with its joiners)
                     entry.young_restarts += 1
+                    self.restarts["young"] += 1
                 else:
                     entry.restarts += 1
+                    self.restarts["merged"] += 1
             with self._pending_lock:
                 if state in self._states:
                     self._states.remove(state)
@@ -748,12 +720,8 @@ class Engine:
             if not state.plan.store:
                 return
             self._batches_running += 1
-        vocabulary = self.model.vocabulary
         try:
-            state.generator.generate_batch(
-                [[vocabulary[ids[-1]]]], static_prompt=[vocabulary[t] for t in ids], cache_static_prompt=True,
-                max_length=1, sampling_topk=1, callback=lambda step: True,
-            )
+            ct2_batch.hold(state.generator, self.model.vocabulary, ids)
             state.prefilled = True
             with self._pending_lock:
                 self.prompt_cache.ready(state.plan)
@@ -865,66 +833,62 @@ class Engine:
 
     def _run(self, batch: list[_Entry], state: _BatchState) -> None:
         first = batch[0].job.request
-        tokenizer = self.model.tokenizer
         seeded = first.seed is not None and not first.greedy
+        rows = [e.job.request.prompt_ids + e.generated for e in batch]
+        static, keep = state.plan.length, state.plan.keep
+        if not static and len(rows) > 1 and self.batching.shared_head_tokens:
+            # CTranslate2 computes a static prompt once (batch of one) and copies its state to every entry. The
+            # head leaves two tokens of the shortest row (a single one would make CTranslate2 echo the longer rows'
+            # rests), and stays within a sliding window (longer ones are only safe decoded one token at a time).
+            head = min(len(os.path.commonprefix(rows)), min(map(len, rows)) - 2)
+            if self.model.sliding_window:
+                head = min(head, self.model.sliding_window)
+            if head >= self.batching.shared_head_tokens:
+                static, keep, state.head = head, False, head
+                self.shared_head_tokens += head * (len(rows) - 1)
+        call = ct2_batch.BatchCall(
+            rows=rows,
+            max_new=[e.job.request.max_tokens - e.tokens for e in batch],
+            min_new=[max(0, e.job.request.min_tokens - e.tokens) for e in batch],
+            end_tokens=self.model.tokenizer.ids_to_tokens(sorted(batch[0].job.end_ids)),
+            sampling=ct2_batch.Sampling(first.greedy, first.temperature, first.top_p, first.top_k,
+                                        first.repetition_penalty),
+            static=static,
+            keep=keep,
+            return_scores=any(e.job.request.logprobs for e in batch),
+            # A vocabulary-sized copy per token and entry: only when an entry asked for alternatives or is constrained.
+            want_logits=any(e.job.constrained or (e.job.request.logprobs and e.job.request.top_logprobs) for e in batch),
+            window=self.model.sliding_window,
+            keys=list(batch),
+        )
 
-        batch.sort(key=lambda e: -e.length)  # CTranslate2's own row order (see _StepLogits)
-        want_logits = any(e.job.constrained or (e.job.request.logprobs and e.job.request.top_logprobs) for e in batch)
-        logits = _StepLogits(len(batch)) if want_logits else None
-
-        def callback(step) -> bool:
+        def on_token(i: int, step, row) -> bool:
             if not state.prefilled:
                 self._prefilled(state, batch)
             state.steps = step.step + 1
-            row = logits.row(step) if logits is not None else None
-            stop = batch[step.batch_id].on_step(step, row) or (not seeded and self._should_restart(batch, state, step))
-            if logits is not None and (stop or step.is_last):
-                logits.ended(step.batch_id)
-            return stop
+            return batch[i].on_step(step, row) or (not seeded and self._should_restart(batch, state, step))
 
-        options = dict(
-            max_length=max(e.job.request.max_tokens - e.tokens for e in batch),
-            min_length=max(max(0, e.job.request.min_tokens - e.tokens) for e in batch),
-            include_prompt_in_result=False,
-            end_token=tokenizer.ids_to_tokens(sorted(batch[0].job.end_ids)),
-            repetition_penalty=first.repetition_penalty,
-            return_scores=any(e.job.request.logprobs for e in batch),
-            # A vocabulary-sized copy per token and entry: only when an entry asked for alternatives or is constrained.
-            return_logits_vocab=want_logits,
-            callback=callback,
-        )
-        if first.greedy:
-            options.update(sampling_topk=1)
-        else:
-            options.update(
-                sampling_topk=first.top_k if first.top_k > 1 else 0,
-                sampling_topp=first.top_p,
-                sampling_temperature=first.temperature,
-            )
-        rows = [e.job.request.prompt_ids + e.generated for e in batch]
-        prefix, keep = state.plan.prefix, state.plan.keep
-        if not prefix and len(rows) > 1 and self.batching.shared_head_tokens:
-            # CTranslate2 computes a static prompt once (batch of one) and copies its state to every entry
-            head = min(len(os.path.commonprefix(rows)), min(map(len, rows)) - 1)
-            if head >= self.batching.shared_head_tokens:
-                prefix, keep, state.head = tuple(rows[0][:head]), False, head
-                self.shared_head_tokens += head * (len(rows) - 1)
-        prompts = [tokenizer.ids_to_tokens(row[len(prefix):]) for row in rows]
-        if prefix:
-            options.update(static_prompt=tokenizer.ids_to_tokens(list(prefix)), cache_static_prompt=keep)
+        def on_violation(i: int, problem: str) -> None:
+            self.invariant_violations += 1
+            log.error("generation invariant broken, entry ended: %s", problem)
+            batch[i].finish("error", error="internal error: the engine lost track of this completion's tokens")
+
         self.batch_sizes.append(len(batch))
-        state.prefill_tokens = sum(map(len, prompts)) + state.head
+        state.prefill_tokens = sum(len(r) - static for r in rows) + state.head
         state.started = time.monotonic()
-        if not seeded:
-            state.generator.generate_batch(prompts, **options)
+        if seeded:
+            self._run_seeded(batch[0].job, call, on_token, on_violation)
         else:
-            self._run_seeded(batch[0].job, prompts, options)
+            ct2_batch.run(state.generator, self.model.vocabulary, call, on_token, on_violation)
 
-    def _run_seeded(self, job: _Job, prompts, options) -> None:
+    def _run_seeded(self, job: _Job, call: ct2_batch.BatchCall, on_token, on_violation) -> None:
         """CTranslate2's RNG is per native thread and seeded once, from a global
         seed, at its first use. A reproducible sampled completion therefore runs
         on a fresh generator (new threads) created after setting the seed; the
-        seed lock is held until the first token has been sampled."""
+        seed lock is held until the first token has been sampled. A run that
+        continues the completion (a constrained resume) is seeded anew from the
+        request's seed and the tokens so far, so it neither repeats the first
+        run's random draws nor depends on anything but the request."""
         import ctranslate2
 
         model = self.model
@@ -937,20 +901,18 @@ class Engine:
                 ctranslate2.set_random_seed(DEFAULT_SEED)
                 self._seed_lock.release()
 
-        callback = options["callback"]
-
-        def first_then_callback(step):
+        def first_then_on_token(i, step, row):
             release()
-            return callback(step)
+            return on_token(i, step, row)
 
         try:
-            ctranslate2.set_random_seed(job.request.seed % DEFAULT_SEED)
+            generated = sum(len(e.generated) for e in job.entries)
+            ctranslate2.set_random_seed((job.request.seed + 7919 * generated) % DEFAULT_SEED)
             generator = ctranslate2.Generator(
                 model.path, device=model.device, compute_type=model.compute_type,
                 inter_threads=1, intra_threads=model.intra_threads,
             )
-            generator.generate_batch(prompts, **{**options, "callback": first_then_callback})
+            ct2_batch.run(generator, model.vocabulary, call, first_then_on_token, on_violation)
             del generator
         finally:
             release()
-

@@ -131,6 +131,7 @@ class Model:
         self.end_token_ids = {self.tokenizer.token_to_id(t) for t in self.end_tokens}
         self.context_length = self._context_length(options.context_length)
         self.sampling = self._recommended_sampling()
+        self.sliding_window = self._smallest_window()
         # No token covers more characters than its vocabulary string has, so a
         # text longer than this cannot fit and is refused without tokenizing it.
         self.max_prompt_chars = self.context_length * max(len(t) for t in self.vocabulary)
@@ -214,6 +215,18 @@ class Model:
         if config.get("do_sample") is False:
             sampling["temperature"] = 0.0
         return sampling
+
+    def _smallest_window(self) -> int:
+        """The smallest sliding window of the model's attention layers (0: none): after a static prompt longer than
+        this, the engine decodes one token at a time (see ct2_batch)."""
+        from .prompt_cache import read_spec_summary
+
+        try:
+            scalars = read_spec_summary(os.path.join(self.path, "model.bin"))["scalars"]
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read {self.path}/model.bin: {exc}") from exc
+        windows = [int(v) for k, v in scalars.items() if k.endswith("sliding_window") and int(v) > 0]
+        return min(windows, default=0)
 
     def _context_length(self, override: int | None) -> int:
         if override:
