@@ -42,13 +42,33 @@ class ModelNotFound(InvalidRequest):
         )
 
 
+class UnknownRoute(InvalidRequest):
+    """No API route has this path (a typo such as ``/v1/chat/completion``), or none takes this method on it."""
+
+    def __init__(self, method: str, path: str, allowed: list[str]):
+        self.allowed = allowed
+        if allowed:
+            message = (f"Invalid method for URL ({method} {path}): this route takes {', '.join(allowed)}.")
+        else:
+            message = f"Invalid URL ({method} {path}): no such API route."
+        super().__init__(message, code="method_not_allowed" if allowed else "unknown_url")
+
+    @property
+    def status(self) -> int:
+        return 405 if self.allowed else 404
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 class WrongModelKind(InvalidRequest):
     """The request names a served model of another kind than the route serves (an embedding model on a chat route)."""
 
     def __init__(self, model: str, kind: str, wanted: str, served: list[str]):
         choices = ", ".join(f"'{m}'" for m in served) or "none"
         super().__init__(
-            f"The model '{model}' is a {kind} model; this route needs a {wanted} model (served: {choices}).",
+            f"The model '{model}' is {_a(kind)} model; this route needs {_a(wanted)} model (served: {choices}).",
             param="model", code="model_not_supported",
         )
 
@@ -56,7 +76,9 @@ class WrongModelKind(InvalidRequest):
 class ContextTooLong(InvalidRequest):
     """Prompt plus requested completion do not fit in the model's context."""
 
-    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int, param: str = "messages"):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int, param: str | None = None):
+        # the prompt alone fits: the requested completion is what does not
+        param = param or ("max_tokens" if prompt_tokens < context_length else "messages")
         message = (
             f"This model's maximum context length is {context_length} tokens. However, you "
             f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "

@@ -43,6 +43,10 @@ class LLM:
                 "NO API KEYS CONFIGURED: the LLM API under %r is open to anyone who can reach this server; "
                 "set LLM_API_KEYS, LLM_API_KEYS_FILE or LLM_AUTH_HOOK", settings["LLM_URL_PREFIX"] or "/")
         if settings["LLM_EAGER_LOAD"]:
+            if settings["LLM_MODEL_PATH"]:  # a start that can never serve stops here, naming the setting and path
+                from .convert.model_cache import check_model_path
+
+                check_model_path(settings["LLM_MODEL_PATH"])
             runtime.start_loading()  # in the background: the worker boots and answers /healthz meanwhile
         return runtime
 

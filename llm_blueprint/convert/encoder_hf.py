@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ConversionError
 from .encoder_source import ENCODER_FAMILIES, EncoderConfig, EncoderSource, Pooling
-from .hf_folder import FLOAT_DTYPES, SafetensorsFile, _read_json
+from .hf_folder import FLOAT_DTYPES, SafetensorsFile, _read_json, is_integer_buffer
 from .hf_tokenizer import _tokens_from_tokenizer_json
 
 MODEL_TYPES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "xlm-roberta", "camembert": "roberta",
@@ -116,6 +116,8 @@ class HFEncoderFolder(EncoderSource):
         for file_path in files:
             shard = SafetensorsFile(file_path)
             for name, entry in shard.entries.items():
+                if is_integer_buffer(name, entry["dtype"]):
+                    continue
                 if entry["dtype"] not in FLOAT_DTYPES:
                     raise ConversionError(f"{file_path}: tensor {name!r} has dtype {entry['dtype']}; "
                                           f"readable: {', '.join(FLOAT_DTYPES)}")

@@ -52,6 +52,14 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 # Where multimodal checkpoints keep the text model's tensors.
 NAME_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."), ("model.language_model.", "model."))
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+# Integer buffers that checkpoints carry beside the weights (transformers registers them as module buffers and older
+# versions save them): index tables, not weights; the converter computes positions itself.
+BUFFER_SUFFIXES = ("position_ids", "token_type_ids")
+
+
+def is_integer_buffer(name: str, dtype: str) -> bool:
+    """A saved index buffer (``embeddings.position_ids``, I64), skipped rather than read as a weight."""
+    return dtype not in FLOAT_DTYPES and name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES
 
 
 def _read_json(path: str, kind: type = dict) -> Any:
@@ -161,6 +169,8 @@ class HFFolder(ModelSource):
                 raise ConversionError(f"{path}: weight shard {shard_name} named by the index is missing")
             shard = SafetensorsFile(shard_path)
             for name, entry in shard.entries.items():
+                if is_integer_buffer(name, entry["dtype"]):
+                    continue
                 # Other towers of multimodal checkpoints (vision...) may hold anything: they are not read.
                 if HFFolder._canonical(name).startswith(("model.", "lm_head.")) and entry["dtype"] not in FLOAT_DTYPES:
                     raise ConversionError(

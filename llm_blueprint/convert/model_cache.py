@@ -18,6 +18,7 @@ import re
 
 from filelock import FileLock
 
+from ..errors import ModelLoadError
 from . import CONVERTER_VERSION, METADATA_FILE, convert_model
 from .source import is_ctranslate2_dir
 
@@ -48,6 +49,22 @@ def is_model_source(path: str) -> bool:
             return "model_type" in json.load(f)
     except (OSError, ValueError, TypeError):
         return False
+
+
+def check_model_path(path: str, setting: str = "LLM_MODEL_PATH") -> None:
+    """Raise :class:`ModelLoadError`, naming ``setting`` and the path as given, unless ``path`` is something a model
+    can be loaded from: a CTranslate2 directory, a ``.gguf`` file or a Hugging Face folder. Cheap: no weight is read."""
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(full):
+        raise ModelLoadError(f"{setting}={path}: no such file or directory")
+    if not os.access(full, os.R_OK):
+        raise ModelLoadError(f"{setting}={path}: not readable by this process (user {os.getuid()})")
+    if os.path.isfile(full) and not full.lower().endswith(".gguf"):
+        raise ModelLoadError(f"{setting}={path}: a file, but not a .gguf file (give a .gguf file, a CTranslate2 model "
+                             "directory or a Hugging Face model folder)")
+    if os.path.isdir(full) and not (is_ctranslate2_dir(full) or is_model_source(full)):
+        raise ModelLoadError(f"{setting}={path}: a directory, but neither a CTranslate2 model (model.bin and "
+                             "config.json) nor a Hugging Face model folder (config.json with a model_type)")
 
 
 def source_fingerprint(path: str, quantization: str) -> str:

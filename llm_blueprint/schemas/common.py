@@ -116,6 +116,6 @@ def load(schema: Schema, body: Any) -> dict[str, Any]:
         return schema.load(body)
     except ValidationError as exc:
         param, message = first_error(exc.messages)
-        if message == "Missing data for required field.":
-            message = "is required"
+        if message == "Missing data for required field." and param:
+            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter") from None
         raise InvalidRequest(f"Invalid value for '{param}': {message}" if param else message, param=param or None) from None

@@ -145,6 +145,8 @@ class Status(ResponseSchema):
     queued = fields.Integer()
     running = fields.Integer()
     error = fields.String(metadata={"description": "why the last model load failed (status 'load failed')"})
+    models = fields.Dict(keys=fields.String(), values=fields.Dict(), metadata={
+        "description": "each embedding/rerank model's state: kind, status (loaded, not loaded, failed) and error"})
 
 
 class Response(ResponseSchema):
