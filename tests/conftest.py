@@ -53,6 +53,11 @@ def gemma3_f32_dir(cache_dir, gemma3_gguf) -> str:
 
 
 @pytest.fixture(scope="session")
+def gemma3_int8_dir(cache_dir, gemma3_gguf) -> str:
+    return _converted(cache_dir, "gemma3", gemma3_gguf, "int8")
+
+
+@pytest.fixture(scope="session")
 def default_model_dir(cache_dir) -> str:
     """The default model exactly as the product prepares it (int8, in a cache dir)."""
     return prepare_default_model(cache_dir)

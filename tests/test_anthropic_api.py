@@ -81,12 +81,12 @@ def test_count_tokens(anthropic_client):
     ("body", "text"),
     [
         ({"messages": FRANCE}, "max_tokens"),
-        ({"max_tokens": 10, "messages": [{"role": "system", "content": "x"}, *FRANCE]}, "top-level `system`"),
+        ({"max_tokens": 10, "messages": [{"role": "tool", "content": "x"}, *FRANCE]}, "role must be"),
         ({"max_tokens": 10, "messages": [{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}, "image"),
         ({"max_tokens": 10, "messages": FRANCE, "temperature": 1.5}, "temperature"),
         ({"max_tokens": 10, "messages": []}, "messages"),
-        ({"max_tokens": 10, "messages": [{"role": "user", "content": "hi " * 9000}]}, "context length"),
+        ({"max_tokens": 10, "messages": [{"role": "user", "content": "hi " * 9000}]}, "prompt is too long: "),
     ],
 )
 def test_bad_input_raises_bad_request(api_server, body, text):
@@ -179,3 +179,35 @@ def test_disconnect_cancels_generation(api_server):
     reply = requests.post(api_server.base + "/v1/messages", timeout=60,
                           json={"model": "smollm2", "max_tokens": 5, "messages": FRANCE})
     assert reply.status_code == 200 and time.monotonic() - started < 5
+
+
+def test_context_errors_use_anthropics_wording_so_clients_can_retry(anthropic_client):
+    """Claude Code asks for max_tokens 32,000; on a smaller context it parses Anthropic's sentence, lowers max_tokens
+    to what is left and retries (issue #36). The OpenAI routes keep OpenAI's sentence (tests/test_first_hour.py)."""
+    import re
+
+    prompt = anthropic_client.messages.count_tokens(model="smollm2", messages=FRANCE).input_tokens
+    with pytest.raises(anthropic.BadRequestError) as info:
+        anthropic_client.messages.create(model="smollm2", max_tokens=32000, messages=FRANCE)
+    assert info.value.status_code == 400 and info.value.body["error"]["type"] == "invalid_request_error"
+    found = re.search(r"input length and `max_tokens` exceed context limit: (\d+) \+ (\d+) > (\d+)", info.value.message)
+    assert found, info.value.message
+    used, asked, limit = map(int, found.groups())
+    assert used >= prompt and asked == 32000 and limit > used
+    retried = anthropic_client.messages.create(model="smollm2", max_tokens=min(limit - used, 8), messages=FRANCE)
+    assert retried.stop_reason in ("end_turn", "max_tokens") and retried.usage.input_tokens == used
+
+
+def test_system_entries_among_the_messages_are_taken(anthropic_client):
+    """Claude Code 2.1.154 and later sends ``role: "system"`` entries inside ``messages`` (Ollama and vLLM refused
+    them with 400): first they join the system prompt, later the user turn they follow."""
+    system_first = [{"role": "system", "content": "Answer in French."}, *FRANCE]
+    reminder = [*FRANCE, {"role": "assistant", "content": "Paris."},
+                {"role": "system", "content": "<system-reminder>Be brief.</system-reminder>"},
+                {"role": "user", "content": "And of Italy?"}]
+    for messages in (system_first, reminder):
+        counted = anthropic_client.messages.count_tokens(model="smollm2", messages=messages).input_tokens
+        reply = anthropic_client.messages.create(model="smollm2", max_tokens=4, messages=messages, extra_body=GREEDY)
+        assert reply.usage.input_tokens == counted
+    plain = anthropic_client.messages.count_tokens(model="smollm2", system="Answer in French.", messages=FRANCE)
+    assert anthropic_client.messages.count_tokens(model="smollm2", messages=system_first).input_tokens == plain.input_tokens

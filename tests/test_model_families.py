@@ -34,6 +34,7 @@ from llm_blueprint.convert import convert_model
 from llm_blueprint.engine import EngineOptions, Model
 from llm_blueprint.errors import ConversionError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-3
 # Model features CTranslate2 cannot express: checked apart (see test_gemma2_attention_softcapping_is_the_one_gap).
 NOT_IN_CTRANSLATE2 = {"gemma2": {"attn_logit_softcapping": None}, "gemma2_query_scale": {"attn_logit_softcapping": None}}
@@ -217,14 +218,46 @@ def test_the_family_end_token_stops_generation(workshop, name, source):
     assert unstopped[0].sequences_ids == [[terminator] * 6]
 
 
-@pytest.mark.parametrize("name,source", [("qwen2", "gguf"), ("mistral", "hf"), ("llama3", "hf")])
-def test_int8_conversion_stays_close_to_float32(workshop, name, source):
-    """Layer-by-layer quantization, tied heads included (qwen2, llama3 are tied: one int8 copy, aliased)."""
-    ids = _ids(name)
-    exact, int8 = _logits(workshop.model(name, source), ids), _logits(workshop.model(name, source, quantization="int8"), ids)
-    spread = exact.std()
-    assert np.abs(exact - int8).max() < 0.15 * spread
-    assert (exact.argmax(-1) == int8.argmax(-1)).mean() > 0.9
+INT8_CASES = [("qwen2", "gguf"), ("mistral", "hf"), ("llama3", "hf")]
+
+
+def _int8_drift(root, name: str, source: str) -> tuple[float, float]:
+    """The int8 model's largest logit difference from its float32 self, in standard deviations of the logits, and
+    the share of positions whose most likely token both agree on."""
+    shop = Workshop(root)
+    try:
+        ids = _ids(name)
+        exact = _logits(shop.model(name, source), ids)
+        int8 = _logits(shop.model(name, source, quantization="int8"), ids)
+        return float(np.abs(exact - int8).max() / exact.std()), float((exact.argmax(-1) == int8.argmax(-1)).mean())
+    finally:
+        shop.close()
+
+
+def _int8_drift_on(backend_env: str, root) -> dict:
+    """_int8_drift of every case in a fresh process (CTranslate2 reads CT2_USE_MKL once, when it loads)."""
+    script = ("import json, pathlib, sys; sys.path.insert(0, 'tests'); import test_model_families as t; "
+              f"print(json.dumps({{f'{{n}}-{{s}}': t._int8_drift(pathlib.Path({str(root)!r}), n, s) for n, s in t.INT8_CASES}}))")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "CT2_USE_MKL": backend_env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_int8_conversion_stays_close_to_float32(tmp_path):
+    """Layer-by-layer quantization, tied heads included (qwen2, llama3 are tied: one int8 copy, aliased), checked
+    where the products are exact: on MKL (forced with CT2_USE_MKL=1 on any x86 CPU). oneDNN without VNNI saturates
+    pairs of int8 products (llm_blueprint/engine/cpu_backend.py): there the same models drift by 1.1-1.2 standard
+    deviations (measured on an AMD EPYC Zen 3), which says nothing of the conversion; it is checked to stay below
+    2, a bound a wrong scale or a misplaced tensor far exceeds."""
+    from llm_blueprint.engine.cpu_backend import int8_products_may_saturate
+
+    for case, (drift, agreement) in _int8_drift_on("1", tmp_path / "mkl").items():
+        assert drift < 0.15 and agreement > 0.9, (case, drift, agreement)
+    if int8_products_may_saturate():
+        for case, (drift, agreement) in _int8_drift_on("0", tmp_path / "onednn").items():
+            print(f"oneDNN without VNNI, {case}: {drift:.2f} standard deviations, top-1 {agreement:.0%}")
+            assert drift < 2 and agreement > 0.75, (case, drift, agreement)
 
 
 def test_tied_head_is_stored_once(workshop):

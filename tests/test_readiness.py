@@ -42,9 +42,13 @@ def test_lazy_mode_readiness_probe_starts_the_load(default_model_dir, tmp_path):
 def test_a_failed_load_is_reported_by_readyz(tmp_path):
     from servers import gunicorn
 
-    env = {"LLM_MODEL_PATH": str(tmp_path / "missing-model"), "LLM_EAGER_LOAD": "1"}
+    # A path that exists and looks like a model passes the start's check (a missing one stops the start:
+    # tests/test_first_hour.py); its load fails in the background, and /readyz says so.
+    broken = tmp_path / "broken-model.gguf"
+    broken.write_bytes(b"this is not a GGUF file" * 10)
+    env = {"LLM_MODEL_PATH": str(broken), "LLM_EAGER_LOAD": "1", "LLM_CACHE_DIR": str(tmp_path / "cache")}
     with gunicorn("wsgi:app", env, str(tmp_path / "broken.log"), "/healthz") as server:
         assert _wait(lambda: requests.get(server.base + "/readyz", timeout=10).json()["status"] == "load failed")
         body = requests.get(server.base + "/readyz", timeout=10).json()
-        assert "missing-model" in body["error"]
+        assert "broken-model.gguf" in body["error"]
         assert requests.get(server.base + "/healthz", timeout=10).status_code == 200  # the worker stays up

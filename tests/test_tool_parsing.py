@@ -186,6 +186,7 @@ def _free_run(text_deltas: list[str], parallel: bool):
     stream.chat, stream.reasoning = chat, True
     stream.request = GenerationRequest([1], 50)
     stream.prompt = ChatPrompt("", [1], False, "hermes", "arguments")
+    stream._unsent_logprobs = {}
     recorded = RecordedStream([TextDelta(0, d) for d in text_deltas] + [Finish(0, "cancelled" if not parallel else "stop", 30),
                                                                          Done(1, 30)])
     events = list(stream._free(recorded))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import anthropic
 import jsonschema
@@ -217,7 +218,8 @@ def test_openai_auto_calls_are_generated_under_the_tools_schema(openai_client):
             choice = openai_client.chat.completions.create(model="smollm2", **kwargs).choices[0]
             text, finish = choice.message.content or "", [choice.finish_reason]
             calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
-        assert "<tool_call>" not in text and "get_forecast" not in text
+        # no call leaks into the text (the model may still name the tool in prose, sampled at temperature 1)
+        assert "<tool_call>" not in text and not re.search(r'"name"\s*:\s*"get_forecast"', text), text
         for name, arguments in calls:
             assert name == "get_forecast"
             jsonschema.validate(json.loads(arguments), STRICT_SCHEMA)

@@ -66,7 +66,9 @@ def _history(data: dict[str, Any], marks: list[int] | None = None) -> list[Messa
     for i, m in enumerate(data["messages"]):
         blocks = m["content"]
         text = "".join(b["text"] for b in blocks if b["type"] == "text")
-        if m["role"] == "assistant":
+        if m["role"] == "system":
+            _fold_system(messages, text)
+        elif m["role"] == "assistant":
             calls = [ToolCallRecord(b["id"], b["name"], b["input"]) for b in blocks if b["type"] == "tool_use"]
             messages.append(Message("assistant", text, calls))
         else:
@@ -84,6 +86,24 @@ def _history(data: dict[str, Any], marks: list[int] | None = None) -> list[Messa
         marks.append(len(messages))
     check_tool_history(messages)
     return messages
+
+
+def _fold_system(messages: list[Message], text: str) -> None:
+    """A ``role: "system"`` entry among the messages (Claude Code sends its reminders so). Before the first turn it
+    joins the system prompt; later it joins the user turn it follows (or opens one), so that every chat template
+    can render it (many accept a system message only first) and the prompt's shared beginning, which the prompt
+    cache reuses, stays the same from request to request."""
+    if not text:
+        return
+    if all(m.role == "system" for m in messages):
+        if messages:
+            messages[0] = Message("system", f"{messages[0].content}\n\n{text}")
+        else:
+            messages.append(Message("system", text))
+    elif messages[-1].role == "user":
+        messages[-1] = Message("user", f"{messages[-1].content}\n\n{text}")
+    else:
+        messages.append(Message("user", text))
 
 
 def _chat_request(data: dict[str, Any]) -> ChatRequest:

@@ -11,6 +11,7 @@ from flask import Response
 
 from .. import metrics
 from ..errors import (
+    ContextTooLong,
     EngineShutDown,
     GenerationFailed,
     InvalidModelOutput,
@@ -85,9 +86,20 @@ def anthropic_body(exc: Exception, request_id: str | None = None) -> tuple[int, 
     """Status, ``{"type": "error", "error": {"type", "message"}}`` and headers for ``exc``."""
     status, kind, message, headers = _classify(exc, "anthropic", request_id)
     param = getattr(exc, "param", None)
-    if param and isinstance(exc, InvalidRequest) and not message.startswith("Invalid value"):
+    if isinstance(exc, ContextTooLong):
+        message = _anthropic_context_message(exc)
+    elif param and isinstance(exc, InvalidRequest) and not message.startswith("Invalid value"):
         message = f"{param}: {message}"
     return status, {"type": "error", "error": {"type": kind, "message": message}}, headers
+
+
+def _anthropic_context_message(exc: ContextTooLong) -> str:
+    """Anthropic's own wording: clients parse it (Claude Code reads the three numbers of the first form, lowers
+    ``max_tokens`` to what is left and retries; the second form tells it the prompt itself must shrink)."""
+    if exc.prompt_tokens >= exc.context_length:
+        return f"prompt is too long: {exc.prompt_tokens} tokens > {exc.context_length} maximum"
+    return (f"input length and `max_tokens` exceed context limit: {exc.prompt_tokens} + {exc.max_tokens} > "
+            f"{exc.context_length}, decrease input length or `max_tokens` and try again")
 
 
 def openai_error(exc: Exception) -> Response:

@@ -9,6 +9,7 @@ standard directory ``ct2-transformers-converter`` writes (``model.bin``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +36,31 @@ def _check_quantization(quantization: str) -> None:
                 f"quantization {quantization!r} needs torch (CTranslate2 writes bfloat16 through it); "
                 "use float16 or int8_float16"
             )
+
+
+@contextlib.contextmanager
+def _ticking(what: str, enabled: bool):
+    """A progress line that counts seconds while a step without progress of its own runs."""
+    if not enabled:
+        yield
+        return
+    import threading
+
+    from tqdm import tqdm
+
+    done = threading.Event()
+    with tqdm(desc=what, unit="s", bar_format="{desc}: {n:.0f} s") as bar:
+        def tick() -> None:
+            while not done.wait(1.0):
+                bar.update(1)
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
 
 
 def convert_model(
@@ -72,7 +98,8 @@ def convert_model(
         vocabulary = source.write_tokenizer_files(tokenizer_dir)
         spec = build_spec(source, vocabulary, quantization, show_progress)
         os.makedirs(model_dir)
-        spec.save(model_dir)
+        with _ticking("writing model.bin", show_progress):  # CTranslate2 checks and writes every weight: most of the time
+            spec.save(model_dir)
         del spec
         for name in os.listdir(tokenizer_dir):
             shutil.move(os.path.join(tokenizer_dir, name), os.path.join(model_dir, name))

@@ -102,6 +102,14 @@ def _resident_bytes() -> int:
         return 0
 
 
+def has_chat_template(model_dir: str) -> bool:
+    """Whether a CTranslate2 model directory ships a chat template (chat_template.jinja or tokenizer_config.json's)."""
+    if os.path.isfile(os.path.join(model_dir, "chat_template.jinja")):
+        return True
+    template = _read_json(os.path.join(model_dir, "tokenizer_config.json")).get("chat_template")
+    return bool(template) and (isinstance(template, list) or bool(str(template).strip()))
+
+
 class Model:
     """A loaded model directory. Thread-safe for concurrent generation calls."""
 
@@ -127,6 +135,9 @@ class Model:
         add_bos = self.tokenizer_config.get("add_bos_token", False)
         self.tokenizer: Tokenizer = load_tokenizer(self.path, self.vocabulary, self.bos_token, bool(add_bos))
         self.chat_template = self._load_chat_template(options.chat_template, specials)
+        if self.chat_template is None:
+            log.warning("%s has no chat template (a base model?): chat requests get 400 until LLM_CHAT_TEMPLATE gives "
+                        "one (docs/converting-models.md); /v1/completions works without one", self.path)
         self.end_tokens = self._end_tokens()
         self.end_token_ids = {self.tokenizer.token_to_id(t) for t in self.end_tokens}
         self.context_length = self._context_length(options.context_length)
@@ -149,6 +160,10 @@ class Model:
             "loaded model %s on %s (%s), context %d, end tokens %s",
             self.path, self.device, self.compute_type, self.context_length, self.end_tokens,
         )
+        if self.device == "cpu" and self.compute_type.startswith("int8"):
+            from .cpu_backend import describe, int8_products_may_saturate
+
+            (log.warning if int8_products_may_saturate() else log.info)("%s", describe())
 
     def new_generator(self):
         """A CTranslate2 generator of this model with its settings (the prompt cache swaps in a fresh one to free

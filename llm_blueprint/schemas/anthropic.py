@@ -114,12 +114,9 @@ class SystemPrompt(fields.Field):
 
 
 def _valid_role(role: str) -> None:
-    if role == "system":
-        raise ValidationError(
-            'Unexpected role "system". The Messages API accepts a top-level `system` parameter, '
-            'not "system" as an input message role.')
-    if role not in ("user", "assistant"):
-        raise ValidationError(f"role must be 'user' or 'assistant', not {role!r}")
+    # "system" entries among the messages: Claude Code (2.1.154 and later) sends them; see api/anthropic.py _history
+    if role not in ("user", "assistant", "system"):
+        raise ValidationError(f"role must be 'user', 'assistant' or 'system', not {role!r}")
 
 
 class MessageSchema(RequestSchema):
@@ -132,7 +129,7 @@ class CacheControlSchema(RequestSchema):
     ttl = StrictStr(allow_none=True, validate=validate.OneOf(["5m", "1h"]))
 
 
-class ToolSchema(RequestSchema):
+class AnthropicToolSchema(RequestSchema):
     name = StrictStr(required=True)
     cache_control = fields.Nested(CacheControlSchema, allow_none=True)
     description = StrictStr(allow_none=True)
@@ -179,7 +176,7 @@ class CountTokensRequestSchema(RequestSchema):
     model = StrictStr(required=True)
     messages = fields.List(fields.Nested(MessageSchema), required=True, validate=validate.Length(min=1))
     system = SystemPrompt(allow_none=True)
-    tools = fields.List(fields.Nested(ToolSchema), allow_none=True)
+    tools = fields.List(fields.Nested(AnthropicToolSchema), allow_none=True)
     tool_choice = fields.Nested(ToolChoiceSchema, allow_none=True)
     thinking = fields.Nested(ThinkingSchema, allow_none=True)
     output_config = fields.Nested(OutputConfigSchema, allow_none=True)
