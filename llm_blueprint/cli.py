@@ -38,27 +38,45 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    """Prepare the model once, then exec gunicorn with the settings shipped in the package (gevent worker)."""
-    if args.model:
-        os.environ["LLM_MODEL_PATH"] = args.model
-    # Convert once, before the workers start; they find the result in the cache.
+def _prepared_model(model: str | None) -> str:
+    """Convert the model (LLM_MODEL_PATH, else the embedded default) into the cache once; its CTranslate2 directory."""
+    if model:
+        os.environ["LLM_MODEL_PATH"] = model
     if not os.environ.get("LLM_MODEL_PATH"):
         from .engine.default_model import prepare_default_model
 
-        prepare_default_model()
-    else:
-        from .convert.model_cache import check_model_path, prepare_model_dir
+        return prepare_default_model()
+    from .convert.model_cache import check_model_path, prepare_model_dir
 
-        check_model_path(os.environ["LLM_MODEL_PATH"])
-        prepared = prepare_model_dir(os.environ["LLM_MODEL_PATH"], os.environ.get("LLM_CACHE_DIR"),
-                                     os.environ.get("LLM_COMPUTE_TYPE"))
-        if not os.environ.get("LLM_CHAT_TEMPLATE"):
-            _warn_without_template(prepared)
+    check_model_path(os.environ["LLM_MODEL_PATH"])
+    prepared = prepare_model_dir(os.environ["LLM_MODEL_PATH"], os.environ.get("LLM_CACHE_DIR"),
+                                 os.environ.get("LLM_COMPUTE_TYPE"))
+    if not os.environ.get("LLM_CHAT_TEMPLATE"):
+        _warn_without_template(prepared)
+    return prepared
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Prepare the model once, then exec gunicorn with the settings shipped in the package (gevent worker)."""
+    _prepared_model(args.model)  # converted once, before the workers start; they find the result in the cache
+    os.environ["LLM_WORKERS"] = str(args.workers)  # each worker's engine takes its share of the cores
     argv = [sys.executable, "-m", "gunicorn", "--config", "python:llm_blueprint.gunicorn_conf",
             "--bind", args.bind, "--workers", str(args.workers), args.app]
     os.execvp(argv[0], argv)
     return 0  # not reached
+
+
+def _layout(args: argparse.Namespace) -> int:
+    """Print the thread layout serve would load the model with; --measure measures it again and caches the result."""
+    from .runtime import layout_for
+    from .settings import from_environment, resolve
+
+    path = _prepared_model(args.model)
+    layout = layout_for(path, resolve({}, from_environment()), measure=args.measure)
+    busy = f", other processes used {layout.busy_share:.0%} of the cores meanwhile" if layout.busy_share else ""
+    print(f"{layout.inter_threads} replica(s) x {layout.intra_threads} thread(s), batches of up to "
+          f"{layout.max_batch_size} ({layout.how}{busy})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--app", default="llm_blueprint.wsgi:app",
                    help="WSGI app to serve, module:name, found from the current directory (default: %(default)s)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("layout", help="print the thread layout serve loads the model with (measured once per model and "
+                                      "machine, then cached); --measure measures it again, e.g. once the machine is quiet")
+    p.add_argument("model", nargs="?", default=None, help="as for serve (default: LLM_MODEL_PATH, else the default model)")
+    p.add_argument("--measure", action="store_true", help="measure again and replace the cached layout")
+    p.set_defaults(func=_layout)
 
     args = parser.parse_args(argv)
     try:

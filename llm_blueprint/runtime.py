@@ -47,6 +47,20 @@ def system_fingerprint(model: Model, deterministic: bool) -> str:
     return "fp_" + digest.hexdigest()[:10]
 
 
+
+def layout_for(path: str, settings: dict[str, Any], measure: bool = False):
+    """The thread layout the engine loads the model directory ``path`` with under ``settings`` (cached, or measured;
+    ``measure``: measured again, replacing the cached one)."""
+    from .convert.model_cache import default_cache_dir
+
+    device = resolve_device(settings["LLM_DEVICE"])
+    compute_type = settings["LLM_COMPUTE_TYPE"] or DEFAULT_COMPUTE_TYPES[device]
+    return choose_layout(path, device, compute_type, settings["LLM_CACHE_DIR"] or default_cache_dir(),
+                         cores=settings["LLM_CORES"], inter_threads=settings["LLM_INTER_THREADS"],
+                         intra_threads=settings["LLM_INTRA_THREADS"], max_batch_size=settings["LLM_MAX_BATCH_SIZE"],
+                         measure=measure)
+
+
 class Runtime:
     """Holds the settings, and lazily the :class:`Model` and :class:`Engine`."""
 
@@ -159,16 +173,13 @@ class Runtime:
 
             check_model_path(path)
             path = prepare_model_dir(path, settings["LLM_CACHE_DIR"], settings["LLM_COMPUTE_TYPE"])
-        from .convert.model_cache import default_cache_dir
 
         device = resolve_device(settings["LLM_DEVICE"])
         compute_type = settings["LLM_COMPUTE_TYPE"] or DEFAULT_COMPUTE_TYPES[device]
         if device == "cpu" and (threshold := keep_buffers_in_heap()):
             log.info("glibc mmap threshold set to %d MB (the engine's growing buffers are reused from the heap)",
                      threshold // 2**20)
-        layout = choose_layout(path, device, compute_type, settings["LLM_CACHE_DIR"] or default_cache_dir(),
-                               cores=settings["LLM_CORES"], inter_threads=settings["LLM_INTER_THREADS"],
-                               intra_threads=settings["LLM_INTRA_THREADS"], max_batch_size=settings["LLM_MAX_BATCH_SIZE"])
+        layout = layout_for(path, settings)
         log.info("engine layout: %d replica(s) x %d thread(s), batches of up to %d (%s)", layout.inter_threads,
                  layout.intra_threads, layout.max_batch_size, layout.how)
         model = Model(

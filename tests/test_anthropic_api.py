@@ -211,3 +211,25 @@ def test_system_entries_among_the_messages_are_taken(anthropic_client):
         assert reply.usage.input_tokens == counted
     plain = anthropic_client.messages.count_tokens(model="smollm2", system="Answer in French.", messages=FRANCE)
     assert anthropic_client.messages.count_tokens(model="smollm2", messages=system_first).input_tokens == plain.input_tokens
+
+
+def test_claude_codes_billing_header_does_not_change_the_prompt(anthropic_client):
+    """Claude Code's first system block carries a nonce (cch=) that changes with every request; left in, no two
+    prompts would share their beginning and the prompt cache could never be read (issue #36). It is dropped."""
+    rules = "You are a helpful assistant. " * 30
+
+    def system(nonce: str | None) -> list[dict]:
+        blocks = [{"type": "text", "text": rules, "cache_control": {"type": "ephemeral"}}]
+        if nonce:
+            blocks.insert(0, {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.197.a1b; "
+                                                      f"cc_entrypoint=sdk-cli; cch={nonce};"})
+        return blocks
+
+    counts = {anthropic_client.messages.count_tokens(model="smollm2", system=system(nonce), messages=FRANCE).input_tokens
+              for nonce in (None, "36ee5", "0aaa9")}
+    assert len(counts) == 1
+    first = anthropic_client.messages.create(model="smollm2", max_tokens=2, system=system("11111"), messages=FRANCE)
+    second = anthropic_client.messages.create(model="smollm2", max_tokens=2, system=system("22222"), messages=FRANCE)
+    assert first.usage.input_tokens + (first.usage.cache_read_input_tokens or 0) + \
+        (first.usage.cache_creation_input_tokens or 0) == counts.pop()
+    assert second.usage.cache_read_input_tokens and second.usage.cache_read_input_tokens > 64

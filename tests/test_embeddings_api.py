@@ -222,7 +222,7 @@ def test_openai_sdk_embeddings_beside_chat_under_gevent(live):
 
 def test_a_blueprint_without_embedding_models_says_so(default_model_dir):
     app = Flask("plain")
-    LLM(app, LLM_MODEL_PATH=default_model_dir, LLM_MODEL_ID="m")
+    LLM(app, LLM_MODEL_PATH=default_model_dir, LLM_MODEL_ID="m", LLM_DEFAULT_EMBEDDINGS=False)  # no all-MiniLM-L6-v2
     client = app.test_client()
     response = client.post("/v1/embeddings", json={"input": "x"})
     assert response.status_code == 404 and "serves no embedding model" in response.get_json()["error"]["message"]

@@ -11,6 +11,8 @@ import pytest
 import requests
 from outcomes import ended_consistently, wait_idle
 
+from llm_blueprint.engine.default_model import DEFAULT_EMBEDDING_NAME
+
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -134,7 +136,7 @@ def test_streaming_completions(openai_client):
 
 def test_models(openai_client):
     models = openai_client.models.list()
-    assert [m.id for m in models.data] == ["smollm2"]
+    assert [m.id for m in models.data] == ["smollm2", DEFAULT_EMBEDDING_NAME]  # the README installs its package
     assert openai_client.models.retrieve("smollm2").id == "smollm2"
     with pytest.raises(openai.NotFoundError):
         openai_client.models.retrieve("gpt-4o")

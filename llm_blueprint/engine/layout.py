@@ -9,11 +9,15 @@ once: every split of the usable cores generates a short single stream and a
 full batch per replica, and the split that keeps both closest to their best
 wins (the larger of the two shortfalls is the smallest). Then the batch size
 per replica grows while it still pays. The result is cached per model, device,
-compute type, core count and CTranslate2 version, so a restart reads it; unless
-other processes kept the cores busy during the measurement (more than
-``BUSY_SHARE`` of them, from ``/proc/stat``), which makes its figures those of a
-loaded machine: such a layout is used but not cached, so the next start measures
-again. Settings given explicitly are never second-guessed.
+compute type, core count and CTranslate2 version, so a restart reads it and never
+measures again. A measurement during which other processes kept the cores busy
+(more than ``BUSY_SHARE`` of them, from ``/proc/stat``: every start of a shared
+on-prem server) is cached too, marked with that share: under load the single-thread
+splits win (an OpenMP thread preempted by another process stalls its team), which
+is also what serves best on such a machine. ``llm-blueprint layout --measure``
+measures again on demand (when the machine is quiet) and replaces the cached
+layout; ``LLM_INTER_THREADS``, ``LLM_INTRA_THREADS`` and ``LLM_MAX_BATCH_SIZE``
+skip the measurement. Settings given explicitly are never second-guessed.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ CALIBRATION_PROMPT_TOKENS = 32
 BATCH_SIZES = (8, 16, 32)
 BATCH_GAIN = 1.1  # a larger batch must beat the smaller one by this much to be chosen
 LAYOUT_VERSION = 1
-BUSY_SHARE = 0.15  # other processes' share of our cores during a measurement beyond which it is not cached
+BUSY_SHARE = 0.15  # other processes' share of our cores during a measurement beyond which it is marked busy
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,9 @@ class Layout:
     inter_threads: int
     intra_threads: int
     max_batch_size: int
-    how: str  # "settings", "measured", "measured on a busy machine", "cached" or "device"
+    how: str  # "settings", "measured", "measured on a busy machine", "cached", "cached (measured on a busy machine)"
+    # or "device"
+    busy_share: float = 0.0  # other processes' share of the cores while it was measured
 
 
 def usable_cores() -> int:
@@ -60,8 +66,10 @@ def splits(cores: int) -> list[tuple[int, int]]:
 
 
 def choose(path: str, device: str, compute_type: str, cache_dir: str, cores: int | None = None,
-           inter_threads: int | None = None, intra_threads: int | None = None, max_batch_size: int | None = None) -> Layout:
-    """The layout to load ``path`` with: the settings when they give it all, else measured (or read from the cache)."""
+           inter_threads: int | None = None, intra_threads: int | None = None, max_batch_size: int | None = None,
+           measure: bool = False) -> Layout:
+    """The layout to load ``path`` with: the settings when they give it all, else read from the cache, else measured
+    (and cached). ``measure``: measure again and replace the cached layout (``llm-blueprint layout --measure``)."""
     cores = cores or usable_cores()
     if device != "cpu":  # a GPU is fed by batches, not threads
         return Layout(inter_threads or 1, intra_threads or 1, max_batch_size or 32, "device")
@@ -77,17 +85,18 @@ def choose(path: str, device: str, compute_type: str, cache_dir: str, cores: int
     cache_file = os.path.join(cache_dir, "layouts.json")
     os.makedirs(cache_dir, exist_ok=True)
     with FileLock(cache_file + ".lock"):  # workers starting together measure once, not against each other
-        cached = _read(cache_file).get(key)
+        cached = None if measure else _read(cache_file).get(key)
         if cached:
-            layout = Layout(cached["inter_threads"], cached["intra_threads"], cached["max_batch_size"], "cached")
+            busy = float(cached.get("busy_share", 0.0))
+            how = "cached" if busy <= BUSY_SHARE else "cached (measured on a busy machine)"
+            layout = Layout(cached["inter_threads"], cached["intra_threads"], cached["max_batch_size"], how, busy)
         else:
             layout = _measure(path, device, compute_type, fixed or splits(cores))
-            if layout.how == "measured":
-                entries = _read(cache_file)
-                entries[key] = asdict(layout)
-                _write(cache_file, entries)
+            entries = _read(cache_file)
+            entries[key] = asdict(layout)
+            _write(cache_file, entries)
     if max_batch_size:
-        layout = Layout(layout.inter_threads, layout.intra_threads, max_batch_size, layout.how)
+        layout = Layout(layout.inter_threads, layout.intra_threads, max_batch_size, layout.how, layout.busy_share)
     return layout
 
 
@@ -162,8 +171,9 @@ def _measure(path: str, device: str, compute_type: str, candidates: list[tuple[i
     log.info("thread layout measured in %.1fs over %s: %d replica(s) x %d thread(s), batch %d "
              "(single stream %.0f tok/s, %d x batch %d: %.0f tok/s); other processes used %.0f%% of the cores%s",
              elapsed, candidates, inter, intra, batch, single, inter, batch, rate, 100 * share,
-             "" if how == "measured" else ": not cached, the next start measures again")
-    return Layout(inter, intra, batch, how)
+             "" if how == "measured" else ": cached all the same (`llm-blueprint layout --measure` measures again "
+             "when the machine is quiet)")
+    return Layout(inter, intra, batch, how, round(share, 3))
 
 
 def _cores() -> list[int]:

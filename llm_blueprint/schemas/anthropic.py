@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from marshmallow import ValidationError, fields, validate, validates_schema
@@ -103,11 +104,21 @@ class MessageContent(fields.Field):
         return _content_blocks(value)
 
 
+# Claude Code's first system line: "x-anthropic-billing-header: cc_version=...; cc_entrypoint=cli; cch=<nonce>;". The
+# nonce changes with every request, so left in it would make every prompt new from its first tokens on and the prompt
+# cache useless (llama.cpp#20623, vllm-mlx#277 drop it too); it says nothing to the model.
+BILLING_HEADER = re.compile(r"^x-anthropic-billing-header:[^\n]*(\n|$)", re.MULTILINE)
+
+
+def without_billing_header(text: str) -> str:
+    return BILLING_HEADER.sub("", text).lstrip("\n") if "x-anthropic-billing-header:" in text else text
+
+
 class SystemPrompt(fields.Field):
     openapi = {"nullable": True, "oneOf": [{"type": "string"}, _BLOCKS]}
 
     def _deserialize(self, value, attr, data, **kwargs):
-        text = SystemText(_text_blocks(value, "system"))
+        text = SystemText(without_billing_header(_text_blocks(value, "system")))
         if isinstance(value, list):
             text.cached = any(_cache_control(b.get("cache_control"), i) for i, b in enumerate(value) if isinstance(b, dict))
         return text
