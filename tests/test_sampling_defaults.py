@@ -61,3 +61,26 @@ def test_the_default_model_ships_its_model_card_sampling(default_model_dir):
     with open(os.path.join(default_model_dir, "generation_config.json")) as f:
         config = json.load(f)
     assert {k: config[k] for k in RECOMMENDED_SAMPLING} == RECOMMENDED_SAMPLING
+
+
+def test_the_default_models_sampling_applies_to_requests_that_give_none_and_never_overrides_theirs(default_model_dir):
+    """Issue #30: the embedded model's answers looped (30 % of 96 everyday answers ran to the budget repeating
+    themselves, bench/loop_defaults.py); its defaults now carry repetition_penalty 1.1. A request's own field wins,
+    0 included (top_k 0 is "off", not "unset")."""
+    from flask import Flask
+
+    from llm_blueprint import LLM
+    from llm_blueprint.api.common import sampling_defaults
+    from llm_blueprint.engine.default_model import RECOMMENDED_SAMPLING
+
+    app = Flask("defaults")
+    LLM(app, LLM_MODEL_PATH=default_model_dir, LLM_DEFAULT_EMBEDDINGS=False)
+    try:
+        with app.app_context():
+            assert sampling_defaults({}) == {"top_k": 0, **RECOMMENDED_SAMPLING}
+            assert sampling_defaults({"temperature": None, "repetition_penalty": None}) == {"top_k": 0, **RECOMMENDED_SAMPLING}
+            own = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+            assert sampling_defaults(own) == own
+            assert sampling_defaults({"top_k": 5})["top_k"] == 5
+    finally:
+        app.extensions["llm"].shutdown()

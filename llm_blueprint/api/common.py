@@ -88,9 +88,9 @@ def sampling_defaults(data: dict[str, Any]) -> dict[str, Any]:
     rt = runtime()
     rt.engine  # noqa: B018 - the defaults come with the model
     defaults = rt.sampling_defaults
-    temperature = data.get("temperature")
-    return {"temperature": defaults["temperature"] if temperature is None else temperature,
-            **{key: data.get(key) or defaults[key] for key in ("top_p", "top_k", "repetition_penalty")}}
+    # a field the request gives wins, also when it is 0 (top_k 0: off)
+    return {key: defaults[key] if data.get(key) is None else data[key]
+            for key in ("temperature", "top_p", "top_k", "repetition_penalty")}
 
 
 def completion_budget(requested: int | None, prompt_ids: list[int]) -> int:
