@@ -40,6 +40,7 @@ if through_engine:
 else:
     generator.generate_batch([[vocab[t] for t in r[{static}:]] for r in rows], static_prompt=[vocab[t] for t in rows[0][:{static}]],
                              max_length=2, sampling_topk=1, include_prompt_in_result=False)
+del generator  # CTranslate2's threads must end before the interpreter does (else "terminate called" at exit)
 print("completed")
 """
 
