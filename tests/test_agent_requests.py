@@ -8,6 +8,7 @@ import os
 
 import pytest
 import requests
+from chat_templates import GEMMA_TEMPLATE
 
 from llm_blueprint.api.anthropic import MESSAGES_SCHEMA, _chat_request
 from llm_blueprint.chat.prompt import render
@@ -15,9 +16,6 @@ from llm_blueprint.engine import EngineOptions, Model
 from llm_blueprint.engine.prompt_cache import PromptCache
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "claude-code-2.1.197")
-GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
-                  "<start_of_turn>{{ role }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-                  "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
 def _body(turn: int) -> dict:

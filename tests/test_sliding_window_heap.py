@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 
+from chat_templates import GEMMA_TEMPLATE
+
 from llm_blueprint.engine import ct2_batch
 
 HEAP_CHECKS = {"LD_PRELOAD": "libc_malloc_debug.so.0", "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "165"}
@@ -72,9 +74,6 @@ def test_a_static_prompt_within_the_window_keeps_the_fast_path():
     assert not ct2_batch.BatchCall(rows, [4, 4], [0, 0], ["</s>"], static=513, window=0).one_by_one
 
 
-GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
-                  "<start_of_turn>{{ role }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-                  "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
 def test_concurrent_long_prefix_conversations_under_heap_checks(gemma3_gguf, cache_dir, tmp_path):
