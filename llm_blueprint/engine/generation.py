@@ -523,6 +523,8 @@ class Engine:
                 return
             self._released_at = now
         release_freed_memory()
+        if self._warm:  # a warm-up asked for meanwhile found no other replica free (this one was trimming): retry
+            self._wakeup.put(True)
 
     def _gather(self) -> None:
         """Wait ``gather_seconds`` for companions of the first arrival, and longer while more keep arriving, up to
