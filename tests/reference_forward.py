@@ -147,7 +147,7 @@ def reference_logits(gguf_path: str, ids: list[int]) -> np.ndarray:
 # nothing the converter produces.
 
 HF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "phi3",
-               "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma"}
+               "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma"}
 
 
 def _inv_freq(theta: float, dim: int, rope: dict | None, config: dict, seq_len: int) -> tuple[np.ndarray, float]:
@@ -226,7 +226,7 @@ def _sliding_layers(config: dict, kind: str, n_layers: int) -> list[bool]:
 
 
 def hf_reference_logits(config: dict, weights: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
-    """Logits of every position for a Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma 2/Gemma 3 model."""
+    """Logits of every position for a Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma/Gemma 2/Gemma 3 model."""
     kind = HF_FAMILIES[config["model_type"]]
     gemma = kind == "gemma"
     w = {name: np.asarray(t, dtype=np.float64) for name, t in weights.items()}
@@ -248,7 +248,8 @@ def hf_reference_logits(config: dict, weights: dict[str, np.ndarray], ids: list[
     local_rope = (_inv_freq(config["rope_local_base_freq"], rot_dim, None, config, T)
                   if "rope_local_base_freq" in config else global_rope)
     sliding = _sliding_layers(config, kind, n_layers)
-    scaling = (config["query_pre_attn_scalar"] if gemma else D) ** -0.5
+    scaling = ((config.get("query_pre_attn_scalar") if gemma else None) or D) ** -0.5
+    sandwich = gemma and config["model_type"] != "gemma"  # Gemma 2 and 3 norm each block's output too
 
     x = w["model.embed_tokens.weight"][ids]
     if gemma:
@@ -270,7 +271,7 @@ def hf_reference_logits(config: dict, weights: dict[str, np.ndarray], ids: list[
         q, k = rope_partial_halves(q, inv, scale), rope_partial_halves(k, inv, scale)
         window = config.get("sliding_window") if sliding[i] else None
         a = _hf_attention(q, k, v, scaling, window, config.get("attn_logit_softcapping")) @ w[p + "self_attn.o_proj.weight"].T
-        if gemma:
+        if sandwich:
             x = x + norm(a, w[p + "post_attention_layernorm.weight"])
             h = norm(x, w[p + "pre_feedforward_layernorm.weight"])
         else:
@@ -281,7 +282,7 @@ def hf_reference_logits(config: dict, weights: dict[str, np.ndarray], ids: list[
         else:
             gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
         f = (act(gate) * up) @ w[p + "mlp.down_proj.weight"].T
-        x = x + (norm(f, w[p + "post_feedforward_layernorm.weight"]) if gemma else f)
+        x = x + (norm(f, w[p + "post_feedforward_layernorm.weight"]) if sandwich else f)
     x = norm(x, w["model.norm.weight"])
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
     logits = x @ head.T

@@ -214,6 +214,11 @@ FAMILIES = {
                                     "short_factor": [1.0, 1.2, 1.5, 1.9, 2.4, 3.0]}),
              "llama3", PHI3_TEMPLATE.replace("<|end|>", "<|eot_id|>"), "tokenizer_config", "<|eot_id|>",
              {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, ("<|eot_id|>",), hf_dtype="bfloat16"),
+        Tiny("gemma", _base("gemma", "GemmaForCausalLM", head_dim=16, num_key_value_heads=4, rms_norm_eps=1e-6,
+                            hidden_act="gelu", tie_word_embeddings=True, max_position_embeddings=8192),
+             "gemma_sp", GEMMA_TEMPLATE, "tokenizer_config", "<end_of_turn>",
+             {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
+             ("<eos>", "<end_of_turn>"), hf_dtype="bfloat16"),
         Tiny("gemma2", _base("gemma2", "Gemma2ForCausalLM", head_dim=16, query_pre_attn_scalar=16, sliding_window=4096,
                              attn_logit_softcapping=50.0, final_logit_softcapping=30.0, rms_norm_eps=1e-6,
                              hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
@@ -356,7 +361,7 @@ def random_weights(tiny: Tiny, seed: int = 0) -> dict[str, np.ndarray]:
         if tiny.model_type in ("qwen3", "gemma3_text"):
             w[p + "self_attn.q_norm.weight"] = norm(D)
             w[p + "self_attn.k_norm.weight"] = norm(D)
-        if gemma:
+        if gemma and tiny.model_type != "gemma":  # Gemma 2 and 3: norms after each block too
             w[p + "pre_feedforward_layernorm.weight"] = norm(H)
             w[p + "post_feedforward_layernorm.weight"] = norm(H)
         w[p + "self_attn.o_proj.weight"] = linear(H, nh * D)
@@ -426,7 +431,7 @@ def write_hf_folder(tiny: Tiny, folder: str, weights: dict[str, np.ndarray]) -> 
 
 # GGUF, as convert_hf_to_gguf.py writes it ------------------------------------------------
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-             "gemma2": "gemma2", "gemma3_text": "gemma3"}
+             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 FTYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
           "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 QTYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
@@ -516,7 +521,7 @@ def _gguf_parameters(tiny: Tiny, c: dict, writer: gguf.GGUFWriter, ftype: str) -
         writer.add_file_type(FTYPES[ftype])
         writer.add_sliding_window(c.get("sliding_window") or 0)
         return
-    if mt == "gemma2":  # Gemma2Model.set_gguf_parameters (no rope base: llama.cpp's default 10000)
+    if mt in ("gemma", "gemma2"):  # GemmaModel/Gemma2Model.set_gguf_parameters (no rope base: llama.cpp's 10000)
         writer.add_context_length(c["max_position_embeddings"])
         writer.add_embedding_length(c["hidden_size"])
         writer.add_block_count(c["num_hidden_layers"])
@@ -527,6 +532,8 @@ def _gguf_parameters(tiny: Tiny, c: dict, writer: gguf.GGUFWriter, ftype: str) -
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
         writer.add_file_type(FTYPES[ftype])
+        if mt == "gemma":
+            return
         writer.add_attn_logit_softcapping(c["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(c["final_logit_softcapping"])
         writer.add_sliding_window(c["sliding_window"])

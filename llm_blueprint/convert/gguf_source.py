@@ -13,7 +13,7 @@ What ``convert_hf_to_gguf.py`` does and this undoes, per architecture:
   reader existed, whereas permuting back changes int8 rounding enough to flip
   a small model's greedy answers (measured: SmolLM2-135M int8 stops naming
   Paris as the capital of France).
-- ``gemma2``/``gemma3``: every ``*norm.weight`` has Gemma's ``+1`` folded in;
+- ``gemma``/``gemma2``/``gemma3``: every ``*norm.weight`` has Gemma's ``+1`` folded in;
   it is taken out again, so Gemma norms mean the same from either source.
 - Llama 3 rope scaling becomes a ``rope_freqs`` tensor (a divisor per
   frequency); Phi-3's su/longrope becomes ``rope_factors_long``/``_short``
@@ -43,6 +43,7 @@ ARCHITECTURE_FAMILIES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "phi3": "phi3",
+    "gemma": "gemma",
     "gemma2": "gemma2",
     "gemma3": "gemma3",
 }
@@ -95,7 +96,7 @@ class GGUFSource(ModelSource):
         self.architecture = gguf.architecture
         self.config = self._read_config()
         gemma = self.architecture.startswith("gemma")
-        self._layer_tensors = GEMMA_LAYER_TENSORS if gemma else LAYER_TENSORS
+        self._layer_tensors = GEMMA_LAYER_TENSORS if self.architecture in GEMMA_SLIDING_PATTERN else LAYER_TENSORS
         self._norms_hold_one = gemma
 
     @classmethod

@@ -28,6 +28,7 @@ MODEL_TYPES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "phi3": "phi3",
+    "gemma": "gemma",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",  # the multimodal checkpoint: its text model is converted
@@ -41,6 +42,8 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
               "max_position_embeddings": 32768, "head_dim": 128},
     "phi3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "max_position_embeddings": 4096},
+    "gemma": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+              "head_dim": 256},
     "gemma2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "max_position_embeddings": 8192,
                "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
@@ -212,6 +215,8 @@ class HFFolder(ModelSource):
         partial = float(self._get("partial_rotary_factor") or (hf.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0)
         rotary_dim = int(head_dim * partial)
         activation = ACTIVATIONS.get(self._get("hidden_activation") or self._get("hidden_act") or "silu")
+        if family == "gemma" and activation == "gelu":  # transformers: the releases' legacy "gelu" means tanh
+            activation = "gelu_tanh"
         if activation is None or (activation != "silu" and not family.startswith("gemma")):
             raise ConversionError(f"{self.path}: {name} with activation {hf.get('hidden_act')!r} is not supported")
         vocab_rows, width = self.shape("model.embed_tokens.weight")
@@ -236,7 +241,8 @@ class HFFolder(ModelSource):
         config.rope_theta, config.rope_scaling = self._rope(config, rotary_dim)
         self._read_attention_window(config)
         if family.startswith("gemma"):
-            config.query_pre_attn_scalar = float(self._get("query_pre_attn_scalar"))
+            scalar = self._get("query_pre_attn_scalar")  # Gemma (1) has none: the head size
+            config.query_pre_attn_scalar = float(scalar) if scalar else None
             config.attn_logit_softcapping = self._get("attn_logit_softcapping")
             config.final_logit_softcapping = self._get("final_logit_softcapping")
         return config

@@ -19,6 +19,7 @@ FAMILIES = {
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
     "phi3": "Phi-3",
+    "gemma": "Gemma",
     "gemma2": "Gemma 2",
     "gemma3": "Gemma 3",
 }

@@ -143,15 +143,19 @@ def _progress(config: DecoderConfig, enabled: bool) -> tqdm:
     return tqdm(total=total, desc="converting", unit="part", disable=not enabled, leave=False)
 
 
-def _llama_like(source: ModelSource, quantization: str, show_progress: bool, qk_norm: bool = False) -> Spec:
-    """Llama, Mistral, Qwen2 (Q/K/V biases), Qwen3 (Q/K norms): pre-norm, SwiGLU, GQA."""
+def _llama_like(source: ModelSource, quantization: str, show_progress: bool, qk_norm: bool = False,
+                gemma: bool = False) -> Spec:
+    """Llama, Mistral, Qwen2 (Q/K/V biases), Qwen3 (Q/K norms): pre-norm, SwiGLU, GQA; Gemma (1): the same
+    with GELU-tanh, embeddings scaled by the square root of their width and (1 + weight) norms."""
     config = source.config
     spec = _from_config(config, qk_norm=qk_norm)
     decoder = spec.decoder
-    decoder.scale_embeddings = False
+    decoder.scale_embeddings = gemma
+    if gemma:
+        decoder.start_from_zero_embedding = False
     with _progress(config, show_progress) as bar:
         w = _Weights(source, quantization, bar)
-        _embeddings_and_head(decoder, w)
+        _embeddings_and_head(decoder, w, gemma_norm=gemma)
         for i, layer in enumerate(decoder.layer):
             p = f"model.layers.{i}."
             attention = layer.self_attention
@@ -165,11 +169,20 @@ def _llama_like(source: ModelSource, quantization: str, show_progress: bool, qk_
                 attention.q_norm.gamma = w(p + "self_attn.q_norm.weight")
                 attention.k_norm.gamma = w(p + "self_attn.k_norm.weight")
             layer.ffn.layer_norm.gamma = w(p + "post_attention_layernorm.weight")
+            if gemma:
+                attention.layer_norm.layer_norm_use_residual = True
+                layer.ffn.layer_norm.layer_norm_use_residual = True
             layer.ffn.linear_0.weight = w(p + "mlp.gate_proj.weight")
             layer.ffn.linear_0_noact.weight = w(p + "mlp.up_proj.weight")
             layer.ffn.linear_1.weight = w(p + "mlp.down_proj.weight")
             w.finish(layer)
     return spec
+
+
+def build_gemma_spec(source: ModelSource, quantization: str, show_progress: bool = True) -> Spec:
+    if source.config.rope_scaling is not None:
+        raise ConversionError(f"{source.path}: Gemma with rope scaling is not supported")
+    return _llama_like(source, quantization, show_progress, gemma=True)
 
 
 def build_llama_spec(source: ModelSource, quantization: str, show_progress: bool = True) -> Spec:
@@ -292,6 +305,7 @@ SPEC_BUILDERS: dict[str, Callable[..., Spec]] = {
     "qwen2": build_qwen2_spec,
     "qwen3": build_qwen3_spec,
     "phi3": build_phi3_spec,
+    "gemma": build_gemma_spec,
     "gemma2": build_gemma2_spec,
     "gemma3": build_gemma3_spec,
 }
