@@ -48,6 +48,9 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * noise)
             else:
                 p.copy_(noise / math.sqrt(p.shape[-1]))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):  # Gemma 4's scale of each layer's output (saved, initialised to 1)
+                b.copy_(0.5 + torch.rand(b.shape, generator=generator))
 
 
 def processor_template(folder: str) -> str | None:

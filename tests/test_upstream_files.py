@@ -21,12 +21,13 @@ import os
 import numpy as np
 import pytest
 import reference_env
-from tiny_models import CORPUS, FAMILIES, full_config, tokenizer_tokens, write_tokenizer_files
+from tiny_models import CORPUS, FAMILIES, UPSTREAM_ONLY, full_config, tokenizer_tokens, write_tokenizer_files
 
 from llm_blueprint.convert import convert_model
 from llm_blueprint.engine import EngineOptions, Model
 
 TOLERANCE = 1e-3
+ALL_FAMILIES = {**FAMILIES, **UPSTREAM_ONLY}
 MESSAGES = [{"role": "system", "content": "You answer briefly."},
             {"role": "user", "content": "What is the capital of France?"},
             {"role": "assistant", "content": "Paris."},
@@ -40,17 +41,21 @@ VARIANTS = {
     # CTranslate2 has no attention soft-capping (checked apart below).
     "gemma2": {"exact": {"attn_logit_softcapping": None}},
     # GGUF cannot say query_pre_attn_scalar; llama.cpp scales by the head size (27B: hidden / heads).
+    # Gemma 4's global layers rotate a quarter of their head ("proportional"): the whole head, to show it is seen.
+    "gemma4": {"full_rotary": {"rope_parameters": {
+        "full_attention": {"partial_rotary_factor": 1.0, "rope_theta": 1_000_000.0, "rope_type": "proportional"},
+        "sliding_attention": {"rope_theta": 10_000.0, "rope_type": "default"}}}},
     "gemma2_query_scale": {"exact": {"attn_logit_softcapping": None},
                            "llama_cpp_rule": {"attn_logit_softcapping": None, "query_pre_attn_scalar": 16}},
 }
 
 
 def _ids(name: str, length: int = 40) -> list[int]:
-    return [int(i) for i in np.random.default_rng(5).integers(0, len(tokenizer_tokens(FAMILIES[name])), length)]
+    return [int(i) for i in np.random.default_rng(5).integers(0, len(tokenizer_tokens(ALL_FAMILIES[name])), length)]
 
 
 def _job(name: str, root: str) -> dict:
-    tiny = FAMILIES[name]
+    tiny = ALL_FAMILIES[name]
     tokenizer = os.path.join(root, "tokenizers", name)
     os.makedirs(tokenizer, exist_ok=True)
     write_tokenizer_files(tiny, tokenizer)
@@ -59,7 +64,7 @@ def _job(name: str, root: str) -> dict:
     config["pad_token_id"] = tokenizer_tokens(tiny).index(pad) if pad else None
     return {
         "name": name, "out": os.path.join(root, name), "model_type": tiny.model_type, "config": config,
-        "dtype": tiny.hf_dtype, "gguf": OUTTYPES[tiny.hf_dtype], "tokenizer": tokenizer, "ids": _ids(name),
+        "dtype": tiny.hf_dtype, "gguf": _sources(name)[1:], "tokenizer": tokenizer, "ids": _ids(name),
         "texts": CORPUS[:10], "messages": MESSAGES, "end_tokens": list(tiny.generation_eos),
         "variants": VARIANTS.get(name, {}), "bpe_pre": BPE_PRE.get(tiny.tokenizer, ""),
     }
@@ -70,7 +75,7 @@ class Upstream:
 
     def __init__(self, root: str):
         self.root = root
-        self.jobs = {name: _job(name, root) for name in FAMILIES}
+        self.jobs = {name: _job(name, root) for name in ALL_FAMILIES}
         reference_env.build(list(self.jobs.values()), os.path.join(root, "work"))
         self._models: dict = {}
 
@@ -108,10 +113,12 @@ def upstream():
 
 
 def _sources(name: str) -> list[str]:
-    return ["hf"] + OUTTYPES[FAMILIES[name].hf_dtype]
+    tiny = ALL_FAMILIES[name]
+    gguf = name in FAMILIES or "gguf" in tiny.sources  # llama.cpp writes every family of FAMILIES
+    return ["hf"] + (OUTTYPES[tiny.hf_dtype] if gguf else [])
 
 
-CASES = [pytest.param(name, source, id=f"{name}-{source}") for name in FAMILIES for source in _sources(name)]
+CASES = [pytest.param(name, source, id=f"{name}-{source}") for name in ALL_FAMILIES for source in _sources(name)]
 
 
 def _logits(model: Model, ids: list[int]) -> np.ndarray:
@@ -119,7 +126,7 @@ def _logits(model: Model, ids: list[int]) -> np.ndarray:
 
 
 def _expected(upstream: Upstream, name: str, source: str) -> np.ndarray:
-    variants = VARIANTS.get(name, {})
+    variants = {k: v for k, v in VARIANTS.get(name, {}).items() if k in ("exact", "llama_cpp_rule")}
     if source != "hf" and "llama_cpp_rule" in variants:
         return upstream.logits(name, "llama_cpp_rule")
     return upstream.logits(name, "exact" if "exact" in variants else None)
@@ -147,6 +154,13 @@ def test_tokenizer_chat_template_and_end_tokens_match_transformers(upstream, nam
         assert model.tokenizer.decode(ids[1:] if ids[:1] == [bos] else ids) == decoded
     assert model.render_chat(MESSAGES) == reference["chat"]
     assert set(reference["end_ids"]) <= model.end_token_ids
+
+
+def test_gemma4_proportional_rotary_is_seen(upstream):
+    """The logits test above would notice a global layer rotating its whole head instead of Gemma 4's quarter."""
+    ids = upstream.jobs["gemma4"]["ids"]
+    logits = _logits(upstream.model("gemma4", "hf"), ids)
+    assert np.abs(logits - upstream.logits("gemma4", "full_rotary")).max() > 10 * TOLERANCE
 
 
 def test_gemma2_gguf_follows_llama_cpps_attention_scale(upstream):

@@ -72,6 +72,8 @@ GEMMA_TEMPLATE = (
     "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
+GEMMA4_TEMPLATE = GEMMA_TEMPLATE.replace("<start_of_turn>", "<|turn>").replace("<end_of_turn>", "<turn|>")
+
 
 # Tokenizers ------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -96,6 +98,9 @@ TOKENIZERS = {
     "gemma_sp": TokenizerKind("sp", user_defined=("<start_of_turn>", "<end_of_turn>"),
                               pieces=(("pad", 0), ("eos", 1), ("bos", 2), ("unk", 3)),
                               piece_names=(("bos_piece", "<bos>"), ("eos_piece", "<eos>")), add_dummy_prefix=False),
+    "gemma4_sp": TokenizerKind("sp", user_defined=("<|turn>", "<turn|>"),
+                               pieces=(("pad", 0), ("eos", 1), ("bos", 2), ("unk", 3)),
+                               piece_names=(("bos_piece", "<bos>"), ("eos_piece", "<eos>")), add_dummy_prefix=False),
 }
 
 
@@ -244,6 +249,22 @@ FAMILIES = {
              "gemma_sp", GEMMA_TEMPLATE, "tokenizer_config", "<end_of_turn>",
              {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
              ("<eos>", "<end_of_turn>"), hf_dtype="bfloat16", shards=2),
+    ]
+}
+
+
+# Families whose files only the upstream tools write (test_upstream_files.py): no writer or numpy forward here.
+UPSTREAM_ONLY = {
+    t.name: t for t in [
+        Tiny("gemma4", {"architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text", "hidden_size": 64,
+                        "intermediate_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32, "num_global_key_value_heads": 1,
+                        "attention_k_eq_v": True, "hidden_size_per_layer_input": 0, "sliding_window": 512,
+                        "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+                        "tie_word_embeddings": True, "max_position_embeddings": 131072},
+             "gemma4_sp", GEMMA4_TEMPLATE, "jinja", "<turn|>",
+             {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
+             ("<eos>", "<turn|>"), hf_dtype="bfloat16", sources=("hf",)),
     ]
 }
 

@@ -32,6 +32,8 @@ MODEL_TYPES = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",  # the multimodal checkpoint: its text model is converted
+    "gemma4_text": "gemma4",
+    "gemma4": "gemma4",  # the multimodal checkpoint: its text model is converted
 }
 # transformers' config-class defaults for keys a config.json may leave out.
 CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -50,6 +52,16 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma3": {"rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6,
                "tie_word_embeddings": True, "max_position_embeddings": 131072, "head_dim": 256,
                "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6},
+    "gemma4": {"rms_norm_eps": 1e-6, "tie_word_embeddings": True, "max_position_embeddings": 131072, "head_dim": 256,
+               "sliding_window": 512, "global_head_dim": 512, "hidden_size_per_layer_input": 256,
+               "num_kv_shared_layers": 0, "attention_k_eq_v": False, "enable_moe_block": False},
+}
+# What Gemma 4 checkpoints may use that CTranslate2 4.8 does not run (its own converter refuses the first two too).
+GEMMA4_UNSUPPORTED = {
+    "num_kv_shared_layers": "key/value states shared between layers (E2B, E4B)",
+    "hidden_size_per_layer_input": "per-layer input embeddings (E2B, E4B)",
+    "enable_moe_block": "mixture-of-experts blocks (26B-A4B)",
+    "attention_bias": "attention biases",
 }
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
 # Where multimodal checkpoints keep the text model's tensors.
@@ -240,12 +252,41 @@ class HFFolder(ModelSource):
         )
         config.rope_theta, config.rope_scaling = self._rope(config, rotary_dim)
         self._read_attention_window(config)
-        if family.startswith("gemma"):
+        if family == "gemma4":
+            self._read_gemma4(config)
+        elif family.startswith("gemma"):
             scalar = self._get("query_pre_attn_scalar")  # Gemma (1) has none: the head size
             config.query_pre_attn_scalar = float(scalar) if scalar else None
             config.attn_logit_softcapping = self._get("attn_logit_softcapping")
             config.final_logit_softcapping = self._get("final_logit_softcapping")
         return config
+
+    def _read_gemma4(self, config: DecoderConfig) -> None:
+        for key, what in GEMMA4_UNSUPPORTED.items():
+            if self._get(key):
+                raise ConversionError(f"{self.path}: Gemma 4 with {what} ({key}={self._get(key)!r}) cannot run in "
+                                      "CTranslate2 4.8; the dense Gemma 4 models (31B) can")
+        if self._get("use_bidirectional_attention") == "all":
+            raise ConversionError(f"{self.path}: a bidirectional Gemma 4 (an encoder) is not a chat model")
+        # The global layers' shape: config.json says it with global_* keys (as released) or, as transformers 5 saves
+        # it, per layer (per_layer_config); transformers applies num_global_key_value_heads with attention_k_eq_v only.
+        sliding = config.sliding_layers or ()
+        overrides = {}
+        for index, values in (self.hf_config.get("per_layer_config") or {}).items():
+            if int(index) < len(sliding) and not sliding[int(index)]:
+                overrides = values
+                break
+        config.global_head_dim = int(overrides.get("head_dim") or self._get("global_head_dim"))
+        config.attention_k_eq_v = bool(self._get("attention_k_eq_v"))
+        global_kv = overrides.get("num_key_value_heads")
+        if global_kv is None and config.attention_k_eq_v:
+            global_kv = self._get("num_global_key_value_heads")
+        config.global_kv_heads = int(global_kv or config.num_kv_heads)
+        # transformers: rotary frequencies 1 / theta^(2i / head) for i < fraction * head / 2, none beyond
+        fraction = getattr(self, "_proportional_fraction", 1.0)
+        config.global_rotary_dim = 2 * int(fraction * config.global_head_dim // 2)
+        config.query_pre_attn_scalar = 1.0  # Gemma 4 does not scale attention scores (its Q/K norms do)
+        config.final_logit_softcapping = self._get("final_logit_softcapping")
 
     def _rope_parameters(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(global, sliding-layer) rotary parameters from ``rope_parameters`` (transformers 5) or
@@ -269,6 +310,9 @@ class HFFolder(ModelSource):
             config.local_rope_theta = float(local["rope_theta"])
         kind = params.get("rope_type") or params.get("type") or "default"
         if kind == "default":
+            return theta, None
+        if kind == "proportional" and config.family == "gemma4":  # Gemma 4's global layers: see _read_gemma4
+            self._proportional_fraction = float(params.get("partial_rotary_factor", 1.0))
             return theta, None
         if kind == "linear":
             return theta, RopeScaling("linear", factor=float(params["factor"]))
@@ -305,7 +349,7 @@ class HFFolder(ModelSource):
         family, hf = config.family, self.hf_config
         if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
             raise ConversionError(f"{self.path}: {FAMILIES[family]} with use_sliding_window is not supported")
-        if family not in ("mistral", "gemma2", "gemma3"):
+        if family not in ("mistral", "gemma2", "gemma3", "gemma4"):
             # Phi-3 declares a window that neither CTranslate2's nor llama.cpp's converter applies.
             return
         config.sliding_window = int(self._get("sliding_window") or 0)
@@ -317,6 +361,10 @@ class HFFolder(ModelSource):
         elif family == "gemma3":
             pattern = int(self._get("sliding_window_pattern"))
             config.sliding_layers = tuple((i + 1) % pattern != 0 for i in range(config.num_layers))
+        elif family == "gemma4":  # transformers: 5 sliding to 1 global, the last layer always global
+            config.sliding_layers = tuple((i + 1) % 6 != 0 and i < config.num_layers - 1 for i in range(config.num_layers))
+        if family == "gemma4" and layer_types:
+            config.sliding_layers = config.sliding_layers[:-1] + (False,)
 
     # Tensors -----------------------------------------------------------------
     def has_tensor(self, name: str) -> bool:

@@ -22,6 +22,7 @@ FAMILIES = {
     "gemma": "Gemma",
     "gemma2": "Gemma 2",
     "gemma3": "Gemma 3",
+    "gemma4": "Gemma 4",
 }
 ROPE_SCALINGS = ("linear", "llama3", "su/longrope")
 
@@ -70,6 +71,12 @@ class DecoderConfig:
     query_pre_attn_scalar: float | None = None  # attention scores are scaled by its -1/2 power (Gemma)
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    # Gemma 4's global (full-attention) layers: their own head size and key/value heads, values equal to the keys
+    # (attention_k_eq_v), and "proportional" rotary over the first global_rotary_dim / 2 frequencies of the head
+    global_head_dim: int | None = None
+    global_kv_heads: int | None = None
+    global_rotary_dim: int | None = None
+    attention_k_eq_v: bool = False
     activation: str = "silu"  # silu, gelu_tanh or gelu
     tie_word_embeddings: bool = False
     name: str | None = None
