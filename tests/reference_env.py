@@ -83,12 +83,14 @@ def environment() -> tuple[str, str]:
 
 def build(jobs: list[dict], workdir: str) -> None:
     """Run ``reference_build.py`` on ``jobs`` (each writes into its ``out`` folder), skipping jobs built before
-    with the same description and builder (their folders are cached under ``workdir``)."""
+    from the same description, tokenizer files and builder."""
     python, converter = environment()
     stamp = hashlib.sha256(open(BUILDER, "rb").read()).hexdigest()[:12]
     todo = []
     for job in jobs:
-        key = hashlib.sha256(json.dumps([job, stamp], sort_keys=True).encode()).hexdigest()[:12]
+        inputs = [open(os.path.join(job["tokenizer"], n), "rb").read() for n in sorted(os.listdir(job["tokenizer"]))]
+        stamp_job = [job, stamp, hashlib.sha256(b"".join(inputs)).hexdigest()]
+        key = hashlib.sha256(json.dumps(stamp_job, sort_keys=True).encode()).hexdigest()[:12]
         marker = os.path.join(job["out"], f"built-{key}")
         if not os.path.exists(marker):
             todo.append((job, marker))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from tiny_models import CORPUS, FAMILIES, UPSTREAM_ONLY, full_config, tokenizer_
 
 from llm_blueprint.convert import convert_model
 from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.errors import ConversionError
 
 TOLERANCE = 1e-3
 ALL_FAMILIES = {**FAMILIES, **UPSTREAM_ONLY}
@@ -32,6 +34,8 @@ MESSAGES = [{"role": "system", "content": "You answer briefly."},
             {"role": "user", "content": "What is the capital of France?"},
             {"role": "assistant", "content": "Paris."},
             {"role": "user", "content": "And of Germany?"}]
+# Characters the tiny tokenizers never saw (byte fallback, or the unknown token), and runs of spaces.
+OUTSIDE_THE_VOCABULARY = "Grüße aus 日本 🦙 —  two  spaces,\ttab\n\nand newlines"
 # GGUF outtypes written per Hugging Face dtype: float32 always, and the checkpoint's own type where GGUF has it.
 OUTTYPES = {"float32": ["f32"], "float16": ["f32", "f16"], "bfloat16": ["f32", "bf16"]}
 # llama.cpp's name of each byte-level BPE tokenizer's pre-tokenizer (the tiny ones use the real split rules).
@@ -65,7 +69,7 @@ def _job(name: str, root: str) -> dict:
     return {
         "name": name, "out": os.path.join(root, name), "model_type": tiny.model_type, "config": config,
         "dtype": tiny.hf_dtype, "gguf": _sources(name)[1:], "tokenizer": tokenizer, "ids": _ids(name),
-        "texts": CORPUS[:10], "messages": MESSAGES, "end_tokens": list(tiny.generation_eos),
+        "texts": CORPUS[:10] + [OUTSIDE_THE_VOCABULARY], "messages": MESSAGES, "end_tokens": list(tiny.generation_eos),
         "variants": VARIANTS.get(name, {}), "bpe_pre": BPE_PRE.get(tiny.tokenizer, ""),
     }
 
@@ -182,3 +186,18 @@ def test_gemma2_attention_softcapping_is_the_measured_gap(upstream, name):
     delta = float(np.abs(_logits(upstream.model(name, "hf"), ids) - upstream.logits(name)).max())
     print(f"max |Δlogit| {name} against transformers with attention soft-capping: {delta:.1e}")
     assert delta > TOLERANCE
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"hidden_size_per_layer_input": 256}, "per-layer input embeddings"),
+    ({"num_kv_shared_layers": 2}, "key/value states shared between layers"),
+    ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}, "mixture-of-experts"),
+])
+def test_gemma4_variants_ctranslate2_cannot_run_are_refused_by_name(upstream, tmp_path, change, named):
+    """E2B/E4B (per-layer inputs, shared key/value states) and 26B-A4B (experts): a clear error, not a wrong model."""
+    folder = tmp_path / "gemma4"
+    shutil.copytree(upstream.source("gemma4", "hf"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConversionError, match=named):
+        convert_model(str(folder), str(tmp_path / "out"), quantization="float32", show_progress=False)

@@ -78,7 +78,7 @@ GEMMA4_TEMPLATE = GEMMA_TEMPLATE.replace("<start_of_turn>", "<|turn>").replace("
 # Tokenizers ------------------------------------------------------------------
 @dataclass(frozen=True)
 class TokenizerKind:
-    kind: str  # "bpe" or "sp"
+    kind: str  # "bpe" (byte-level), "spbpe" (tokenizer.json BPE over ▁-text with byte fallback, Gemma 4) or "sp"
     split: str = ""
     specials: tuple[str, ...] = ()
     bos_post_processor: str | None = None
@@ -98,10 +98,37 @@ TOKENIZERS = {
     "gemma_sp": TokenizerKind("sp", user_defined=("<start_of_turn>", "<end_of_turn>"),
                               pieces=(("pad", 0), ("eos", 1), ("bos", 2), ("unk", 3)),
                               piece_names=(("bos_piece", "<bos>"), ("eos_piece", "<eos>")), add_dummy_prefix=False),
-    "gemma4_sp": TokenizerKind("sp", user_defined=("<|turn>", "<turn|>"),
-                               pieces=(("pad", 0), ("eos", 1), ("bos", 2), ("unk", 3)),
-                               piece_names=(("bos_piece", "<bos>"), ("eos_piece", "<eos>")), add_dummy_prefix=False),
+    "gemma4": TokenizerKind("spbpe", specials=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>"),
+                            bos_post_processor="<bos>"),
 }
+
+
+def _spbpe_tokenizer_json(spec: TokenizerKind) -> str:
+    """Gemma 4's kind of tokenizer.json: spaces become ▁, BPE merges over the whole text, byte fallback pieces
+    <0x00>..<0xFF> right after the special tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=160, special_tokens=list(spec.specials),
+                                                        show_progress=False))
+    data = json.loads(tok.to_str())
+    vocab = {t: i for i, t in enumerate(spec.specials)}
+    vocab.update({f"<0x{b:02X}>": len(spec.specials) + b for b in range(256)})
+    for token, _ in sorted(data["model"]["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1))
+                                                    for m in data["model"]["merges"]],
+                               unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in spec.specials])
+    bos = spec.bos_post_processor
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, vocab[bos])])
+    return tok.to_str()
 
 
 @cache
@@ -109,6 +136,8 @@ def bpe_tokenizer_json(name: str) -> str:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     spec = TOKENIZERS[name]
+    if spec.kind == "spbpe":
+        return _spbpe_tokenizer_json(spec)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(spec.split), behavior="isolated"),
@@ -262,9 +291,9 @@ UPSTREAM_ONLY = {
                         "attention_k_eq_v": True, "hidden_size_per_layer_input": 0, "sliding_window": 512,
                         "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
                         "tie_word_embeddings": True, "max_position_embeddings": 131072},
-             "gemma4_sp", GEMMA4_TEMPLATE, "jinja", "<turn|>",
+             "gemma4", GEMMA4_TEMPLATE, "jinja", "<turn|>",
              {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
-             ("<eos>", "<turn|>"), hf_dtype="bfloat16", sources=("hf",)),
+             ("<eos>", "<turn|>"), hf_dtype="bfloat16", sources=("hf", "gguf"), extra_vocab=0),  # llama.cpp: rows = tokens
     ]
 }
 
@@ -273,7 +302,7 @@ UPSTREAM_ONLY = {
 def tokenizer_tokens(tiny: Tiny) -> list[str]:
     """The tokenizer's tokens by id (before the embedding's extra rows)."""
     spec = TOKENIZERS[tiny.tokenizer]
-    if spec.kind == "bpe":
+    if spec.kind in ("bpe", "spbpe"):
         data = json.loads(bpe_tokenizer_json(tiny.tokenizer))
         by_id = {i: t for t, i in data["model"]["vocab"].items()}
         by_id.update({t["id"]: t["content"] for t in data["added_tokens"]})
@@ -292,16 +321,17 @@ def write_tokenizer_files(tiny: Tiny, folder: str) -> None:
     tokens = tokenizer_tokens(tiny)
     spec = TOKENIZERS[tiny.tokenizer]
     config: dict = {k: v for k, v in tiny.special_tokens.items()}
-    if spec.kind == "bpe":
+    if spec.kind in ("bpe", "spbpe"):
         with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(bpe_tokenizer_json(tiny.tokenizer))
-        config["tokenizer_class"] = "GPT2Tokenizer" if tiny.model_type == "phi3" else "PreTrainedTokenizerFast"
+        config["tokenizer_class"] = {"phi3": "GPT2Tokenizer", "gemma4_text": "GemmaTokenizer"}.get(
+            tiny.model_type, "PreTrainedTokenizerFast")
         config["added_tokens_decoder"] = {
             str(tokens.index(s)): {"content": s, "special": True, "normalized": False} for s in spec.specials}
     else:
         with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
             f.write(sentencepiece_model(tiny.tokenizer))
-        config["tokenizer_class"] = "GemmaTokenizer" if tiny.tokenizer == "gemma_sp" else "LlamaTokenizer"
+        config["tokenizer_class"] = "GemmaTokenizer" if tiny.tokenizer.startswith("gemma") else "LlamaTokenizer"
         config["add_bos_token"], config["add_eos_token"] = True, False
         specials = list(spec.control) + list(spec.user_defined) + list(tiny.added_tokens)
         config["added_tokens_decoder"] = {
@@ -328,7 +358,7 @@ def full_config(tiny: Tiny) -> dict:
     config = dict(tiny.config, vocab_size=vocab_size(tiny))
     if tiny.special_tokens.get("bos_token"):
         config["bos_token_id"] = tokens.index(tiny.special_tokens["bos_token"])
-    if TOKENIZERS[tiny.tokenizer].kind == "sp":  # as their config.json files have it: one id
+    if TOKENIZERS[tiny.tokenizer].kind in ("sp", "spbpe"):  # as their config.json files have it: one id
         config["eos_token_id"] = tokens.index(tiny.special_tokens["eos_token"])
     else:
         config["eos_token_id"] = [tokens.index(t) for t in tiny.generation_eos]

@@ -46,6 +46,7 @@ ARCHITECTURE_FAMILIES = {
     "gemma": "gemma",
     "gemma2": "gemma2",
     "gemma3": "gemma3",
+    "gemma4": "gemma4",
 }
 
 GLOBAL_TENSORS = {
@@ -78,6 +79,7 @@ GEMMA_LAYER_TENSORS = {
     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
 }
+GEMMA4_LAYER_TENSORS = {**GEMMA_LAYER_TENSORS, "layer_scalar": "layer_output_scale.weight"}
 GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 GEMMA3_LOCAL_ROPE_BASE = 10000.0
@@ -95,9 +97,9 @@ class GGUFSource(ModelSource):
         self.path = gguf.path
         self.architecture = gguf.architecture
         self.config = self._read_config()
-        gemma = self.architecture.startswith("gemma")
-        self._layer_tensors = GEMMA_LAYER_TENSORS if self.architecture in GEMMA_SLIDING_PATTERN else LAYER_TENSORS
-        self._norms_hold_one = gemma
+        self._layer_tensors = {"gemma2": GEMMA_LAYER_TENSORS, "gemma3": GEMMA_LAYER_TENSORS,
+                               "gemma4": GEMMA4_LAYER_TENSORS}.get(self.architecture, LAYER_TENSORS)
+        self._norms_hold_one = self.architecture in ("gemma", "gemma2", "gemma3")  # Gemma 4's norms are plain
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> GGUFSource:
@@ -121,6 +123,8 @@ class GGUFSource(ModelSource):
     def _read_config(self) -> DecoderConfig:
         arch = self.architecture
         family = ARCHITECTURE_FAMILIES[arch]
+        if arch == "gemma4":
+            return self._read_gemma4()
         num_layers = self._int("block_count")
         hidden = self._int("embedding_length")
         num_heads = self._int("attention.head_count")
@@ -197,6 +201,48 @@ class GGUFSource(ModelSource):
         large = config.num_layers == GEMMA_27B_LAYERS[arch]
         config.query_pre_attn_scalar = float(config.hidden_size // config.num_heads if large else config.head_dim)
 
+    def _read_gemma4(self) -> DecoderConfig:
+        """Gemma 4 as llama.cpp's Gemma4Model writes it: per-layer key/value head counts and sliding pattern, the
+        global layers' head size as key_length (the sliding ones' as key_length_swa), their proportional rotary as a
+        ``rope_freqs`` tensor of 1 for each rotated frequency and 1e30 for the others, no v projection where values
+        are the keys, plain (not 1 + weight) norms."""
+        field = self.gguf.arch_field
+        for key, what in (("attention.shared_kv_layers", "key/value states shared between layers (E2B, E4B)"),
+                          ("embedding_length_per_layer_input", "per-layer input embeddings (E2B, E4B)"),
+                          ("expert_count", "mixture-of-experts blocks (26B-A4B)")):
+            if field(key):
+                raise ConversionError(f"{self.path}: Gemma 4 with {what} cannot run in CTranslate2 4.8; "
+                                      "the dense Gemma 4 models (31B) can")
+        num_layers, hidden, num_heads = (self._int(k) for k in ("block_count", "embedding_length", "attention.head_count"))
+        pattern = field("attention.sliding_window_pattern")
+        sliding = tuple(bool(p) for p in pattern) if isinstance(pattern, list) else tuple(
+            (i + 1) % 6 != 0 and i < num_layers - 1 for i in range(num_layers))
+        first_global = sliding.index(False)
+        kv = field("attention.head_count_kv", num_heads)
+        kv = kv if isinstance(kv, list) else [kv] * num_layers
+        local_kv = int(kv[sliding.index(True)]) if any(sliding) else int(kv[0])
+        global_dim = self._int("attention.key_length")
+        head_dim = self._int("attention.key_length_swa", global_dim)
+        global_rotary = global_dim
+        if self.gguf.has_tensor("rope_freqs.weight"):
+            factors = self.gguf.tensor("rope_freqs.weight").reshape(-1)
+            global_rotary = 2 * int((factors < 1e10).sum())
+        vocab_size, _ = self.gguf.tensor_shape("token_embd.weight")
+        return DecoderConfig(
+            family="gemma4", num_layers=num_layers, hidden_size=hidden, num_heads=num_heads, num_kv_heads=local_kv,
+            head_dim=head_dim, vocab_size=vocab_size, context_length=self._int("context_length", 131072),
+            rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(field("rope.freq_base", 1_000_000.0)),
+            local_rope_theta=float(field("rope.freq_base_swa", 10_000.0)),
+            sliding_window=int(field("attention.sliding_window", 512)), sliding_layers=sliding,
+            query_pre_attn_scalar=1.0,
+            final_logit_softcapping=float(field("final_logit_softcapping", 0.0)) or None,
+            global_head_dim=global_dim, global_kv_heads=int(kv[first_global]), global_rotary_dim=global_rotary,
+            attention_k_eq_v=not self.gguf.has_tensor(f"blk.{first_global}.attn_v.weight"),
+            activation="gelu_tanh", tie_word_embeddings=not self.gguf.has_tensor("output.weight"),
+            name=self.gguf.field("general.name"),
+        )
+
     # Tensors -----------------------------------------------------------------
     def _gguf_name(self, name: str) -> str | None:
         if name in GLOBAL_TENSORS:
@@ -221,4 +267,4 @@ class GGUFSource(ModelSource):
 
     # Tokenizer ---------------------------------------------------------------
     def write_tokenizer_files(self, out_dir: str) -> Vocabulary:
-        return write_tokenizer_files(self.gguf, out_dir, self.config.context_length)
+        return write_tokenizer_files(self.gguf, out_dir, self.config.context_length, self.config.vocab_size)

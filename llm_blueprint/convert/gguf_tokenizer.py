@@ -5,6 +5,9 @@
   by ``tokenizer.ggml.pre``, control tokens as special added tokens).
 - ``tokenizer.ggml.model = llama``: a real SentencePiece ``tokenizer.model``
   (BPE type) rebuilt from the pieces, scores and token types.
+- ``tokenizer.ggml.model = gemma4``: Gemma 4's ``tokenizer.json`` (SentencePiece-
+  style BPE over the text with spaces as ``▁``, merges, byte fallback) rebuilt
+  from the vocabulary and merges llama.cpp's converter copied out of it.
 
 Both also get a ``tokenizer_config.json`` carrying the chat template and the
 special tokens, the way Hugging Face ships them.
@@ -105,6 +108,26 @@ def _write_bpe_tokenizer_json(gguf: GGUFFile, tokens: list[str], types, out_dir:
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
 
 
+def _write_gemma4_tokenizer_json(gguf: GGUFFile, tokens: list[str], types, out_dir: str, add_bos: bool,
+                                 bos: str | None, unk: str | None) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    merges = [tuple(m.split(" ", 1)) for m in gguf.string_array("tokenizer.ggml.merges")]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens([
+        AddedToken(tok, special=True, normalized=False)
+        for tok, kind in zip(tokens, types, strict=False) if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
+    ])
+    if add_bos and bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+
+
 def _write_sentencepiece_model(gguf: GGUFFile, tokens: list[str], types, out_dir: str, ids: dict) -> None:
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
@@ -143,8 +166,9 @@ def _write_sentencepiece_model(gguf: GGUFFile, tokens: list[str], types, out_dir
         f.write(model.SerializeToString())
 
 
-def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int) -> Vocabulary:
-    """Write tokenizer files plus ``tokenizer_config.json`` and ``generation_config.json``.
+def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int, rows: int | None = None) -> Vocabulary:
+    """Write tokenizer files plus ``tokenizer_config.json`` and ``generation_config.json``; the vocabulary returned
+    has ``rows`` entries (the embedding's rows past the tokenizer's own tokens are named ``<extra_id_N>``).
 
     ``generation_config.json`` lists the end-of-generation ids: EOS, and the
     end-of-turn (``eot``) and end-of-message (``eom``) tokens when the file names them.
@@ -165,8 +189,10 @@ def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int) -> 
         _write_bpe_tokenizer_json(gguf, tokens, types, out_dir, add_bos, specials["bos"])
     elif kind == "llama":
         _write_sentencepiece_model(gguf, tokens, types, out_dir, ids)
+    elif kind == "gemma4":
+        _write_gemma4_tokenizer_json(gguf, tokens, types, out_dir, add_bos, specials["bos"], specials["unk"])
     else:
-        raise ConversionError(f"{gguf.path}: tokenizer model {kind!r} is not supported (gpt2, llama)")
+        raise ConversionError(f"{gguf.path}: tokenizer model {kind!r} is not supported (gpt2, llama, gemma4)")
 
     config: dict[str, Any] = {
         "add_bos_token": add_bos,
@@ -177,7 +203,7 @@ def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int) -> 
         "pad_token": specials["padding"],
         "model_max_length": context_length,
         "clean_up_tokenization_spaces": False,
-        "tokenizer_class": "PreTrainedTokenizerFast" if kind == "gpt2" else "LlamaTokenizer",
+        "tokenizer_class": "LlamaTokenizer" if kind == "llama" else "PreTrainedTokenizerFast",
     }
     template = gguf.field("tokenizer.chat_template")
     if template:
@@ -197,4 +223,6 @@ def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int) -> 
             generation[name] = value
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation, f, indent=2)
+    if rows is not None and rows > len(tokens):  # embeddings padded past the tokenizer (as real models pad them)
+        tokens = tokens + [f"<extra_id_{i}>" for i in range(len(tokens), rows)]
     return Vocabulary(tokens=tokens, bos=specials["bos"], eos=specials["eos"], unk=specials["unk"])

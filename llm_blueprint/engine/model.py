@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 # Turn terminators of common chat formats. Any of them present in the
 # vocabulary ends a generation: none of them is ever meant to appear in text.
+# End-of-turn tokens by name, as llama.cpp knows them (Gemma 4: <turn|>, and <|tool_response> after a tool call).
 KNOWN_TERMINATORS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|eom_id|>",
-                     "<|end_of_text|>")
+                     "<|end_of_text|>", "<turn|>", "<|tool_response>")
 DEFAULT_COMPUTE_TYPES = {"cpu": "int8", "cuda": "int8_float16"}
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 FALLBACK_CONTEXT_LENGTH = 2048
