@@ -39,7 +39,7 @@ OUTSIDE_THE_VOCABULARY = "Grüße aus 日本 🦙 —  two  spaces,\ttab\n\nand 
 # GGUF outtypes written per Hugging Face dtype: float32 always, and the checkpoint's own type where GGUF has it.
 OUTTYPES = {"float32": ["f32"], "float16": ["f32", "f16"], "bfloat16": ["f32", "bf16"]}
 # llama.cpp's name of each byte-level BPE tokenizer's pre-tokenizer (the tiny ones use the real split rules).
-BPE_PRE = {"llama3": "llama-bpe", "qwen": "qwen2"}
+BPE_PRE = {"llama3": "llama-bpe", "qwen": "qwen2", "gpt2": "phi-2"}
 # Oracle variants: transformers run again on the same saved weights with a config change.
 VARIANTS = {
     # CTranslate2 has no attention soft-capping (checked apart below).

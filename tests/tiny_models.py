@@ -46,6 +46,7 @@ CORPUS = [
 # Split rules of the real tokenizer.json files (Llama 3, Qwen2).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -72,6 +73,10 @@ GEMMA_TEMPLATE = (
     "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
+PHI2_TEMPLATE = (  # Phi-2 ships none; its model card's question-answer format
+    "{% for message in messages %}{% if message['role'] == 'user' %}Instruct: {{ message['content'] }}\nOutput:"
+    "{% elif message['role'] == 'assistant' %} {{ message['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+)
 GEMMA4_TEMPLATE = GEMMA_TEMPLATE.replace("<start_of_turn>", "<|turn>").replace("<end_of_turn>", "<turn|>")
 
 
@@ -93,6 +98,7 @@ TOKENIZERS = {
     "llama3": TokenizerKind("bpe", LLAMA3_SPLIT, ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                                                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"),
                             bos_post_processor="<|begin_of_text|>"),
+    "gpt2": TokenizerKind("bpe", GPT2_SPLIT, ("<|endoftext|>",)),
     "qwen": TokenizerKind("bpe", QWEN2_SPLIT, ("<|endoftext|>", "<|im_start|>", "<|im_end|>")),
     "llama_sp": TokenizerKind("sp", control=("[INST]", "[/INST]")),
     "gemma_sp": TokenizerKind("sp", user_defined=("<start_of_turn>", "<end_of_turn>"),
@@ -285,6 +291,14 @@ FAMILIES = {
 # Families whose files only the upstream tools write (test_upstream_files.py): no writer or numpy forward here.
 UPSTREAM_ONLY = {
     t.name: t for t in [
+        Tiny("phi2", {"architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_size": 64,
+                      "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "num_key_value_heads": 4, "partial_rotary_factor": 0.4, "hidden_act": "gelu_new",
+                      "layer_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+                      "tie_word_embeddings": False, "qk_layernorm": False},
+             "gpt2", PHI2_TEMPLATE, "tokenizer_config", "<|endoftext|>",
+             {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+             ("<|endoftext|>",), hf_dtype="float16", sources=("hf", "gguf")),
         Tiny("gemma4", {"architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text", "hidden_size": 64,
                         "intermediate_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4,
                         "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32, "num_global_key_value_heads": 1,

@@ -42,6 +42,7 @@ ARCHITECTURE_FAMILIES = {
     "llama": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "phi2": "phi",
     "phi3": "phi3",
     "gemma": "gemma",
     "gemma2": "gemma2",
@@ -73,6 +74,25 @@ LAYER_TENSORS = {
     "mlp.down_proj.weight": "ffn_down.weight",
     "mlp.gate_up_proj.weight": "ffn_up.weight",
 }
+# Phi-2: LayerNorms with biases, biases everywhere, a plain (not gated) MLP.
+PHI2_GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.final_layernorm.weight": "output_norm.weight",
+    "model.final_layernorm.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+    "lm_head.bias": "output.bias",
+}
+PHI2_LAYER_TENSORS = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "input_layernorm.bias": "attn_norm.bias",
+    **{f"self_attn.{n}_proj.{p}": f"attn_{n}.{p}" for n in "qkv" for p in ("weight", "bias")},
+    "self_attn.dense.weight": "attn_output.weight",
+    "self_attn.dense.bias": "attn_output.bias",
+    "mlp.fc1.weight": "ffn_up.weight",
+    "mlp.fc1.bias": "ffn_up.bias",
+    "mlp.fc2.weight": "ffn_down.weight",
+    "mlp.fc2.bias": "ffn_down.bias",
+}
 GEMMA_LAYER_TENSORS = {
     **LAYER_TENSORS,
     "post_attention_layernorm.weight": "post_attention_norm.weight",
@@ -98,7 +118,8 @@ class GGUFSource(ModelSource):
         self.architecture = gguf.architecture
         self.config = self._read_config()
         self._layer_tensors = {"gemma2": GEMMA_LAYER_TENSORS, "gemma3": GEMMA_LAYER_TENSORS,
-                               "gemma4": GEMMA4_LAYER_TENSORS}.get(self.architecture, LAYER_TENSORS)
+                               "gemma4": GEMMA4_LAYER_TENSORS, "phi2": PHI2_LAYER_TENSORS}.get(self.architecture, LAYER_TENSORS)
+        self._global_tensors = PHI2_GLOBAL_TENSORS if self.architecture == "phi2" else GLOBAL_TENSORS
         self._norms_hold_one = self.architecture in ("gemma", "gemma2", "gemma3")  # Gemma 4's norms are plain
 
     @classmethod
@@ -142,12 +163,14 @@ class GGUFSource(ModelSource):
             head_dim=head_dim,
             vocab_size=vocab_size,
             context_length=self._int("context_length", 2048),
-            rms_norm_eps=float(self.gguf.arch_field("attention.layer_norm_rms_epsilon", 1e-6 if arch.startswith("gemma") else 1e-5)),
+            rms_norm_eps=float(self.gguf.arch_field("attention.layer_norm_epsilon" if arch == "phi2" else
+                                                    "attention.layer_norm_rms_epsilon",
+                                                    1e-6 if arch.startswith("gemma") else 1e-5)),
             rope_theta=float(self.gguf.arch_field("rope.freq_base", 10000.0)),
             rope_scaling=self._rope_scaling(family),
             rotary_dim=rotary_dim if rotary_dim != head_dim else None,
             rotary_interleave=arch == "llama",
-            activation="gelu_tanh" if arch.startswith("gemma") else "silu",
+            activation="gelu_tanh" if arch.startswith(("gemma", "phi2")) else "silu",
             tie_word_embeddings=not self.gguf.has_tensor("output.weight"),
             name=self.gguf.field("general.name"),
         )
@@ -245,8 +268,8 @@ class GGUFSource(ModelSource):
 
     # Tensors -----------------------------------------------------------------
     def _gguf_name(self, name: str) -> str | None:
-        if name in GLOBAL_TENSORS:
-            return GLOBAL_TENSORS[name]
+        if name in self._global_tensors:
+            return self._global_tensors[name]
         match = _LAYER_NAME.fullmatch(name)
         if match and match.group(2) in self._layer_tensors:
             return f"blk.{match.group(1)}.{self._layer_tensors[match.group(2)]}"

@@ -46,6 +46,7 @@ GPT4O_SPLIT = (
 BPE_PRE_TOKENIZERS = {
     "default": (False, GPT2_SPLIT),
     "gpt-2": (False, GPT2_SPLIT),
+    "phi-2": (False, GPT2_SPLIT),
     "smollm": (True, GPT2_SPLIT),
     "starcoder": (True, GPT2_SPLIT),
     "refact": (True, GPT2_SPLIT),

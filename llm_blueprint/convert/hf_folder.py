@@ -27,6 +27,7 @@ MODEL_TYPES = {
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "phi": "phi",
     "phi3": "phi3",
     "gemma": "gemma",
     "gemma2": "gemma2",
@@ -43,6 +44,8 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "max_position_embeddings": 32768},
     "qwen3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
               "max_position_embeddings": 32768, "head_dim": 128},
+    "phi": {"rope_theta": 10000.0, "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "max_position_embeddings": 2048,
+            "partial_rotary_factor": 0.5, "qk_layernorm": False},
     "phi3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "max_position_embeddings": 4096},
     "gemma": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "max_position_embeddings": 8192,
               "head_dim": 256},
@@ -63,7 +66,8 @@ GEMMA4_UNSUPPORTED = {
     "enable_moe_block": "mixture-of-experts blocks (26B-A4B)",
     "attention_bias": "attention biases",
 }
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh", "gelu": "gelu"}
 # Where multimodal checkpoints keep the text model's tensors.
 NAME_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."), ("model.language_model.", "model."))
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -224,12 +228,14 @@ class HFFolder(ModelSource):
         except (KeyError, TypeError, ValueError) as exc:
             raise ConversionError(f"{self.path}: config.json lacks {exc}") from None
         head_dim = int(self._get("head_dim") or hidden // num_heads)
-        partial = float(self._get("partial_rotary_factor") or (hf.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0)
+        # transformers 5 saves partial_rotary_factor inside rope_parameters; a default applies only when neither has it
+        partial = float(hf.get("partial_rotary_factor") or (hf.get("rope_parameters") or {}).get("partial_rotary_factor")
+                        or self._get("partial_rotary_factor") or 1.0)
         rotary_dim = int(head_dim * partial)
         activation = ACTIVATIONS.get(self._get("hidden_activation") or self._get("hidden_act") or "silu")
         if family == "gemma" and activation == "gelu":  # transformers: the releases' legacy "gelu" means tanh
             activation = "gelu_tanh"
-        if activation is None or (activation != "silu" and not family.startswith("gemma")):
+        if activation is None or (activation != "silu" and not family.startswith(("gemma", "phi"))):
             raise ConversionError(f"{self.path}: {name} with activation {hf.get('hidden_act')!r} is not supported")
         vocab_rows, width = self.shape("model.embed_tokens.weight")
         if width != hidden:
@@ -243,7 +249,7 @@ class HFFolder(ModelSource):
             head_dim=head_dim,
             vocab_size=vocab_rows,
             context_length=int(self._get("max_position_embeddings")),
-            rms_norm_eps=float(self._get("rms_norm_eps")),
+            rms_norm_eps=float(self._get("layer_norm_eps" if family == "phi" else "rms_norm_eps")),
             rope_theta=0.0,
             rotary_dim=rotary_dim if rotary_dim != head_dim else None,
             activation=activation,
@@ -252,6 +258,8 @@ class HFFolder(ModelSource):
         )
         config.rope_theta, config.rope_scaling = self._rope(config, rotary_dim)
         self._read_attention_window(config)
+        if family == "phi" and self._get("qk_layernorm"):
+            raise ConversionError(f"{self.path}: Phi with qk_layernorm is not supported by CTranslate2")
         if family == "gemma4":
             self._read_gemma4(config)
         elif family.startswith("gemma"):

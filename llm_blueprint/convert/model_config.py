@@ -18,6 +18,7 @@ FAMILIES = {
     "mistral": "Mistral",
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
+    "phi": "Phi-2",
     "phi3": "Phi-3",
     "gemma": "Gemma",
     "gemma2": "Gemma 2",
@@ -60,7 +61,7 @@ class DecoderConfig:
     head_dim: int
     vocab_size: int
     context_length: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # the epsilon of the model's norms (Phi-2: of its LayerNorms)
     rope_theta: float
     rope_scaling: RopeScaling | None = None
     rotary_dim: int | None = None  # None: the whole head (no partial rotary)

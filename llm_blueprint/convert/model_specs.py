@@ -201,6 +201,48 @@ def build_qwen3_spec(source: ModelSource, quantization: str, show_progress: bool
     return _llama_like(source, quantization, show_progress, qk_norm=True)
 
 
+def build_phi_spec(source: ModelSource, quantization: str, show_progress: bool = True) -> Spec:
+    """Phi-2: attention and MLP side by side on one LayerNorm (with bias), a plain GELU MLP, biases on every
+    projection and the head, partial rotary."""
+    config = source.config
+    if config.rope_scaling is not None:
+        raise ConversionError(f"{source.path}: Phi-2 with rope scaling is not supported")
+    spec = Spec.from_config(
+        config.num_layers, config.num_heads, activation=ACTIVATIONS[config.activation], pre_norm=True,
+        rotary_dim=config.rotary_dim or config.head_dim, rotary_interleave=False, rotary_base=config.rope_theta,
+        parallel_residual=True, shared_layer_norm=True,
+        num_heads_kv=config.num_kv_heads if config.num_kv_heads != config.num_heads else None,
+        head_dim=config.head_dim if config.head_dim * config.num_heads != config.hidden_size else None,
+    )
+    decoder = spec.decoder
+    decoder.scale_embeddings = False
+    with _progress(config, show_progress) as bar:
+        w = _Weights(source, quantization, bar)
+        decoder.embeddings.weight = w("model.embed_tokens.weight")
+        w.finish(decoder.embeddings)
+        decoder.layer_norm.gamma = w("model.final_layernorm.weight")
+        decoder.layer_norm.beta = w("model.final_layernorm.bias")
+        w.finish(decoder.layer_norm)
+        decoder.projection.weight = w("lm_head.weight")
+        decoder.projection.bias = w("lm_head.bias")
+        w.finish(decoder.projection)
+        for i, layer in enumerate(decoder.layer):
+            p = f"model.layers.{i}."
+            attention = layer.self_attention
+            layer.shared_layer_norm.gamma = w(p + "input_layernorm.weight")
+            layer.shared_layer_norm.beta = w(p + "input_layernorm.bias")
+            attention.linear[0].weight = _qkv(w, p, "weight")
+            attention.linear[0].bias = _qkv(w, p, "bias")
+            attention.linear[1].weight = w(p + "self_attn.dense.weight")
+            attention.linear[1].bias = w(p + "self_attn.dense.bias")
+            layer.ffn.linear_0.weight = w(p + "mlp.fc1.weight")
+            layer.ffn.linear_0.bias = w(p + "mlp.fc1.bias")
+            layer.ffn.linear_1.weight = w(p + "mlp.fc2.weight")
+            layer.ffn.linear_1.bias = w(p + "mlp.fc2.bias")
+            w.finish(layer)
+    return spec
+
+
 def build_phi3_spec(source: ModelSource, quantization: str, show_progress: bool = True) -> Spec:
     """Phi-3: fused ``qkv_proj`` and ``gate_up_proj``, su/longrope scaling."""
     config = source.config
@@ -387,6 +429,7 @@ SPEC_BUILDERS: dict[str, Callable[..., Spec]] = {
     "mistral": build_mistral_spec,
     "qwen2": build_qwen2_spec,
     "qwen3": build_qwen3_spec,
+    "phi": build_phi_spec,
     "phi3": build_phi3_spec,
     "gemma": build_gemma_spec,
     "gemma2": build_gemma2_spec,
