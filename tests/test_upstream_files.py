@@ -153,7 +153,7 @@ def test_tokenizer_chat_template_and_end_tokens_match_transformers(upstream, nam
     model = upstream.model(name, source)
     reference = upstream.reference(name)
     bos = model.tokenizer.token_to_id(model.bos_token) if model.bos_token else None
-    for text, ids, decoded in zip(upstream.jobs[name]["texts"], reference["text_ids"], reference["decoded"]):
+    for text, ids, decoded in zip(upstream.jobs[name]["texts"], reference["text_ids"], reference["decoded"], strict=True):
         assert model.tokenizer.encode(text, add_special_tokens=True) == ids, text
         assert model.tokenizer.decode(ids[1:] if ids[:1] == [bos] else ids) == decoded
     assert model.render_chat(MESSAGES) == reference["chat"]
