@@ -159,3 +159,12 @@ class GenerationFailed(LLMBlueprintError):
 
 class EngineShutDown(LLMBlueprintError):
     """The engine is stopping or stopped and takes no new work."""
+
+
+class EngineDead(EngineShutDown):
+    """A worker thread of the engine died: no more work until the process restarts (readiness fails)."""
+
+    def __init__(self, failure: str):
+        self.message = (f"the model engine stopped after an internal failure ({failure}); this server process takes no "
+                        "more generation requests until it is restarted")
+        super().__init__(self.message)

@@ -12,6 +12,7 @@ from flask import Response
 from .. import metrics
 from ..errors import (
     ContextTooLong,
+    EngineDead,
     EngineShutDown,
     GenerationFailed,
     InvalidModelOutput,
@@ -42,6 +43,7 @@ STATUS_TABLE: list[tuple[type[Exception] | tuple[type[Exception], ...], dict[str
     (InvalidModelOutput, {"openai": (422, "invalid_model_output"), "anthropic": (422, "api_error")}),
     (Overloaded, {"openai": (429, "rate_limit_error"), "anthropic": (529, "overloaded_error")}),
     (RateLimited, {"openai": (429, "rate_limit_error"), "anthropic": (429, "rate_limit_error")}),
+    (EngineDead, {"openai": (503, "service_unavailable"), "anthropic": (503, "api_error")}),
     ((EngineShutDown, ModelLoadError, RateLimitUnavailable), {"openai": (503, "service_unavailable"), "anthropic": (529, "overloaded_error")}),
     (GenerationFailed, {"openai": (500, "server_error"), "anthropic": (500, "api_error")}),
 ]
