@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .extension import LLM
 
-__version__ = "0.1.0"
-__all__ = ["LLM"]
+from .version import __version__
+
+__all__ = ["LLM", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

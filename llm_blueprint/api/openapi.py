@@ -18,8 +18,8 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, current_app, request
 from marshmallow import Schema
 
-from .. import __version__
 from ..schemas.response_bodies import AnthropicError, OpenAIError
+from ..version import __version__
 from .common import json_response, runtime
 
 OPENAI_ERRORS = (400, 401, 404, 413, 429, 503)

@@ -16,26 +16,24 @@ import shutil
 import tempfile
 
 from ..errors import ConversionError
-from .source import ModelSource, open_model_source
-
-QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32")
-METADATA_FILE = "llm_blueprint.json"
-CONVERTER_VERSION = 2
+from .common import CONVERTER_VERSION, METADATA_FILE, QUANTIZATIONS, check_quantization
+from .gguf_source import GGUFSource
+from .hf_folder import HFFolder
+from .source import ModelSource, is_ctranslate2_dir
 
 __all__ = ["CONVERTER_VERSION", "METADATA_FILE", "QUANTIZATIONS", "convert_gguf", "convert_model", "open_model_source"]
 
 
-def _check_quantization(quantization: str) -> None:
-    if quantization not in QUANTIZATIONS:
-        raise ConversionError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
-    if "bfloat16" in quantization:
-        from ctranslate2.specs import model_spec
-
-        if not model_spec.torch_is_available:
-            raise ConversionError(
-                f"quantization {quantization!r} needs torch (CTranslate2 writes bfloat16 through it); "
-                "use float16 or int8_float16"
-            )
+def open_model_source(path: str | os.PathLike) -> ModelSource:
+    """Open a ``.gguf`` file or a Hugging Face model folder, checking it before any slow work."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if is_ctranslate2_dir(path):
+            raise ConversionError(f"{path} is already a CTranslate2 model directory")
+        return HFFolder.open(path)
+    if os.path.isfile(path) or path.lower().endswith(".gguf"):
+        return GGUFSource.open(path)
+    raise ConversionError(f"model not found: {path} (expected a .gguf file or a Hugging Face model folder)")
 
 
 @contextlib.contextmanager
@@ -77,7 +75,7 @@ def convert_model(
     """
     from .model_specs import build_spec  # imports CTranslate2
 
-    _check_quantization(quantization)
+    check_quantization(quantization)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not force:
         raise ConversionError(f"output directory {out_dir} already exists (use --force to replace it)")

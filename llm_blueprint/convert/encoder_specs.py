@@ -18,6 +18,7 @@ import tempfile
 import numpy as np
 
 from ..errors import ConversionError
+from .common import CONVERTER_VERSION, METADATA_FILE, check_quantization
 from .encoder_source import EncoderConfig, EncoderSource
 
 ENCODER_METADATA = "encoder.json"
@@ -97,9 +98,7 @@ def _metadata(config: EncoderConfig) -> dict:
 def convert_encoder(source: EncoderSource, out_dir: str, quantization: str = "int8",
                     extra_metadata: dict | None = None) -> str:
     """Write ``source`` as a CTranslate2 encoder directory at ``out_dir`` (replaced whole, atomically)."""
-    from . import METADATA_FILE, _check_quantization
-
-    _check_quantization(quantization)
+    check_quantization(quantization)
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -117,7 +116,6 @@ def convert_encoder(source: EncoderSource, out_dir: str, quantization: str = "in
         with open(os.path.join(model_dir, ENCODER_METADATA), "w", encoding="utf-8") as f:
             json.dump(_metadata(config), f, indent=2)
         with open(os.path.join(model_dir, METADATA_FILE), "w", encoding="utf-8") as f:
-            from . import CONVERTER_VERSION
 
             json.dump({"converter_version": CONVERTER_VERSION, "source": os.path.basename(os.path.normpath(source.path)),
                        "source_format": source.format, "family": config.family, "architecture": config.family,

@@ -19,7 +19,8 @@ import re
 from filelock import FileLock
 
 from ..errors import ModelLoadError
-from . import CONVERTER_VERSION, METADATA_FILE, convert_model
+from . import convert_model
+from .common import CONVERTER_VERSION, METADATA_FILE
 from .source import is_ctranslate2_dir
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConversionError
 from .model_config import DecoderConfig
 
 
@@ -57,19 +56,3 @@ class ModelSource(abc.ABC):
 
 def is_ctranslate2_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model.bin")) and os.path.isfile(os.path.join(path, "config.json"))
-
-
-def open_model_source(path: str | os.PathLike) -> ModelSource:
-    """Open a ``.gguf`` file or a Hugging Face model folder, checking it before any slow work."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        if is_ctranslate2_dir(path):
-            raise ConversionError(f"{path} is already a CTranslate2 model directory")
-        from .hf_folder import HFFolder
-
-        return HFFolder.open(path)
-    if os.path.isfile(path) or path.lower().endswith(".gguf"):
-        from .gguf_source import GGUFSource
-
-        return GGUFSource.open(path)
-    raise ConversionError(f"model not found: {path} (expected a .gguf file or a Hugging Face model folder)")

@@ -209,3 +209,37 @@ def hold(generator, vocabulary: list[str], ids: list[int]) -> None:
     single token after the static prompt is decoded alone, so no windowed layer is overrun)."""
     generator.generate_batch([[vocabulary[ids[-1]]]], static_prompt=[vocabulary[t] for t in ids],
                              cache_static_prompt=True, max_length=1, sampling_topk=1, callback=lambda step: True)
+
+
+DEFAULT_SEED = 2**32 - 1  # CTranslate2's "no seed": random_device on next use
+
+
+def run_seeded(model, seed_lock, seed: int, call: BatchCall, on_token, on_violation) -> None:
+    """A reproducible sampled run. CTranslate2's RNG is per native thread and seeded once, from a global seed, at
+    its first use: the run goes on a fresh generator (new threads) created after setting the seed; ``seed_lock``
+    is held until the first token has been sampled. A run that continues a completion (a constrained resume) is
+    given a seed mixed from the request's and the tokens so far, so it neither repeats the first run's random
+    draws nor depends on anything but the request."""
+    import ctranslate2
+
+    seed_lock.acquire()
+    released = [False]
+
+    def release() -> None:
+        if not released[0]:
+            released[0] = True
+            ctranslate2.set_random_seed(DEFAULT_SEED)
+            seed_lock.release()
+
+    def first_then_on_token(i, step, row):
+        release()
+        return on_token(i, step, row)
+
+    try:
+        ctranslate2.set_random_seed(seed % DEFAULT_SEED)
+        generator = ctranslate2.Generator(model.path, device=model.device, compute_type=model.compute_type,
+                                          inter_threads=1, intra_threads=model.intra_threads)
+        run(generator, model.vocabulary, call, first_then_on_token, on_violation)
+        del generator
+    finally:
+        release()

@@ -33,8 +33,6 @@ from .scheduler import BatchingOptions, BatchState, Scheduler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEED = 2**32 - 1  # CTranslate2's "no seed": random_device on next use
-
 __all__ = ["BatchingOptions", "Engine"]
 
 
@@ -42,35 +40,15 @@ class Engine:
     """Batches concurrent requests onto CTranslate2 and streams their events to any consumer.
 
     CTranslate2 cannot add entries to a batch that is already running, so a
-    batch that started without a request can never take it in. The scheduler
+    batch that started without a request can never take it in. The engine
     therefore runs one native worker per engine replica (the model's
-    ``inter_threads``): each worker takes the pending entries, waits a few
-    milliseconds for companions, and runs them as one ``generate_batch`` call.
-    A new request starts as soon as any worker is idle, never behind a whole
-    running batch while another replica is free; with every replica busy it
-    waits for the first batch to end. Entries of a batch stop individually
-    (end token, stop string, ``max_tokens``, client gone) through the per-entry
-    callback. Batches group equal sampling settings and similar prompt lengths
-    (the engine prefills only up to the shortest prompt and feeds the rest one
-    token per step, which is slower and changes greedy outputs slightly).
-    The head that a batch's prompts share (a chat template's default system
-    prompt, n choices of one prompt) is prefilled once for the batch.
-
-    Joining a running batch: when requests wait and every replica is busy, a
-    running batch that has generated fewer than ``join_tokens`` tokens stops at
-    the next step and restarts together with the waiting requests of similar
-    length; its entries continue from prompt + generated tokens (one cheap
-    re-prefill). Arrivals are shared evenly between the replicas that can take
-    them (idle ones and young batches of their kind): a burst whose requests
-    trickle in over a few steps ends up as two batches of 8, not one of 13
-    beside one of 3 (measured before the sharing). An older batch restarts,
-    merged at once with the waiting requests of the same settings whatever their length, when the waiting this
-    saves them (each one's wait for the batch to end) exceeds what it costs
-    (the engine re-reads every length difference one token per step, and the
-    running entries wait for the merged prefill); both timed on the batch
-    itself. ``max_restarts`` bounds the restarts of any entry. Greedy outputs of
-    restarted entries can differ slightly from an uninterrupted run (the
-    re-prefilled tokens are computed in one pass instead of step by step).
+    ``inter_threads``): each worker takes a batch from the scheduler (which
+    decides who runs together, who joins, when a batch restarts: see
+    scheduler.py), runs it as one ``generate_batch`` call (ct2_batch.py) and
+    hands it back. Entries of a batch stop individually (end token, stop
+    string, ``max_tokens``, client gone) through the per-entry callback. Greedy
+    outputs of restarted entries can differ slightly from an uninterrupted run
+    (the re-prefilled tokens are computed in one pass instead of step by step).
     """
 
     def __init__(self, model: Model, heartbeat_interval: float = 2.0, batching: BatchingOptions | None = None,
@@ -340,42 +318,9 @@ class Engine:
         state.prefill_tokens = sum(len(r) - static for r in rows) + state.head
         state.started = time.monotonic()
         if seeded:
-            self._run_seeded(batch[0].job, call, on_token, on_violation)
+            job = batch[0].job
+            generated = sum(len(e.generated) for e in job.entries)
+            ct2_batch.run_seeded(self.model, self._seed_lock, job.request.seed + 7919 * generated, call, on_token,
+                                 on_violation)
         else:
             ct2_batch.run(state.generator, self.model.vocabulary, call, on_token, on_violation)
-
-    def _run_seeded(self, job: Job, call: ct2_batch.BatchCall, on_token, on_violation) -> None:
-        """CTranslate2's RNG is per native thread and seeded once, from a global
-        seed, at its first use. A reproducible sampled completion therefore runs
-        on a fresh generator (new threads) created after setting the seed; the
-        seed lock is held until the first token has been sampled. A run that
-        continues the completion (a constrained resume) is seeded anew from the
-        request's seed and the tokens so far, so it neither repeats the first
-        run's random draws nor depends on anything but the request."""
-        import ctranslate2
-
-        model = self.model
-        self._seed_lock.acquire()
-        released = [False]
-
-        def release() -> None:
-            if not released[0]:
-                released[0] = True
-                ctranslate2.set_random_seed(DEFAULT_SEED)
-                self._seed_lock.release()
-
-        def first_then_on_token(i, step, row):
-            release()
-            return on_token(i, step, row)
-
-        try:
-            generated = sum(len(e.generated) for e in job.entries)
-            ctranslate2.set_random_seed((job.request.seed + 7919 * generated) % DEFAULT_SEED)
-            generator = ctranslate2.Generator(
-                model.path, device=model.device, compute_type=model.compute_type,
-                inter_threads=1, intra_threads=model.intra_threads,
-            )
-            ct2_batch.run(generator, model.vocabulary, call, first_then_on_token, on_violation)
-            del generator
-        finally:
-            release()

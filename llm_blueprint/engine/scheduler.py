@@ -8,12 +8,36 @@ only call into CTranslate2 is ``ct2_batch.run``), and hand them back to
 :meth:`Scheduler.settle` when they end. It knows nothing of CTranslate2, so the
 policy is tested with a fake runner (tests/test_scheduler.py).
 
-How batches form (see ``Engine`` for the whole picture): the oldest waiting
-entry seeds a batch of companions with the same sampling settings and a
-similar prompt length after the batch's cached prefix; a burst is shared
-evenly between the replicas able to take it; a young batch restarts to take in
-arrivals of its kind, an older one when merging saves the newcomers more
-waiting than it costs (both measured on the batch itself).
+CTranslate2 cannot add entries to a batch that is already running, so a
+batch that started without a request can never take it in. The engine
+therefore runs one native worker per engine replica (the model's
+``inter_threads``): each worker takes the pending entries, waits a few
+milliseconds for companions, and runs them as one ``generate_batch`` call.
+A new request starts as soon as any worker is idle, never behind a whole
+running batch while another replica is free; with every replica busy it
+waits for the first batch to end. Entries of a batch stop individually
+(end token, stop string, ``max_tokens``, client gone) through the per-entry
+callback. Batches group equal sampling settings and similar prompt lengths
+(the engine prefills only up to the shortest prompt and feeds the rest one
+token per step, which is slower and changes greedy outputs slightly).
+The head that a batch's prompts share (a chat template's default system
+prompt, n choices of one prompt) is prefilled once for the batch.
+
+Joining a running batch: when requests wait and every replica is busy, a
+running batch that has generated fewer than ``join_tokens`` tokens stops at
+the next step and restarts together with the waiting requests of similar
+length; its entries continue from prompt + generated tokens (one cheap
+re-prefill). Arrivals are shared evenly between the replicas that can take
+them (idle ones and young batches of their kind): a burst whose requests
+trickle in over a few steps ends up as two batches of 8, not one of 13
+beside one of 3 (measured before the sharing). An older batch restarts,
+merged at once with the waiting requests of the same settings whatever their length, when the waiting this
+saves them (each one's wait for the batch to end) exceeds what it costs
+(the engine re-reads every length difference one token per step, and the
+running entries wait for the merged prefill); both timed on the batch
+itself. ``max_restarts`` bounds the restarts of any entry. Greedy outputs of
+restarted entries can differ slightly from an uninterrupted run (the
+re-prefilled tokens are computed in one pass instead of step by step).
 """
 
 from __future__ import annotations
