@@ -60,11 +60,15 @@ def build(model, engine, question: str, schema: dict, tool: str | None, temperat
     prompt = render(model, chat, cache_points=True)  # as the server does with its prompt cache on (the default)
     captured = []
 
-    def generate(request):
-        captured.append(request)
-        return engine.generate(request)
+    class Capturing:  # the engine as the chat pipeline's service, keeping the request it is given
+        model = engine.model
+        validate, warm, score_continuations = engine.validate, engine.warm, engine.score_continuations
 
-    stream = ChatStream(engine, generate, chat, prompt, GenerationRequest(
+        def generate(self, request):
+            captured.append(request)
+            return engine.generate(request)
+
+    stream = ChatStream(Capturing(), chat, prompt, GenerationRequest(
         prompt.ids, max_tokens, temperature=temperature, cache_points=prompt.cache_points, cache_marks=prompt.cache_marks))
     stream.close()
     return captured[0]
@@ -87,7 +91,7 @@ def main() -> None:
     import dataclasses
 
     from llm_blueprint.convert.model_cache import default_cache_dir
-    from llm_blueprint.engine import EngineOptions, Model
+    from llm_blueprint.engine import ModelOptions, Model
     from llm_blueprint.engine.default_model import prepare_default_model
     from llm_blueprint.engine.generation import BatchingOptions, Engine
     from llm_blueprint.engine.layout import choose
@@ -98,7 +102,7 @@ def main() -> None:
     # short prefill, and how fast that runs depends on the layout (1 x 2 prefills 18 tokens 5x slower than 2 x 1
     # on the 2-core Intel VM).
     layout = choose(model_dir, "cpu", "int8", os.environ.get("LLM_CACHE_DIR") or default_cache_dir())
-    model = Model(model_dir, EngineOptions(device="cpu", inter_threads=layout.inter_threads,
+    model = Model(model_dir, ModelOptions(device="cpu", inter_threads=layout.inter_threads,
                                            intra_threads=layout.intra_threads))
     # The server's default prompt cache: a resume then re-prefills only what follows the held system prompt.
     cache = PromptCache(state_bytes_per_token(model_dir, "cpu"), 2048 * 2**20, weights_bytes=model.weights_bytes)

@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from llm_blueprint.convert import convert_gguf  # noqa: E402
-from llm_blueprint.engine import EngineOptions, Model  # noqa: E402
+from llm_blueprint.engine import ModelOptions, Model  # noqa: E402
 from llm_blueprint.engine.default_model import default_gguf_path  # noqa: E402
 
 
@@ -47,8 +47,8 @@ def main() -> None:
 
     print(f"{'model':10} {'tokens':>6} {'top-1 agreement':>16} {'max |Δlogit|':>13}")
     for name, gguf_path in (("smollm2", default_gguf_path()), ("gemma3", _gemma3_gguf(args.cache))):
-        reference = Model(_converted(args.cache, name, gguf_path, "float32"), EngineOptions(device="cpu", compute_type="float32"))
-        quantized = Model(_converted(args.cache, name, gguf_path, "int8"), EngineOptions(device="cpu", compute_type="int8"))
+        reference = Model(_converted(args.cache, name, gguf_path, "float32"), ModelOptions(device="cpu", compute_type="float32"))
+        quantized = Model(_converted(args.cache, name, gguf_path, "int8"), ModelOptions(device="cpu", compute_type="int8"))
         ids = reference.encode_prompt(passage)
         ref = np.asarray(reference.generator.forward_batch([ids]))[0]
         q8 = np.asarray(quantized.generator.forward_batch([ids]))[0]

@@ -22,7 +22,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from llm_blueprint.engine import EngineOptions, Model  # noqa: E402
+from llm_blueprint.engine import ModelOptions, Model  # noqa: E402
 from llm_blueprint.engine.default_model import prepare_default_model  # noqa: E402
 from llm_blueprint.engine.generation import BatchingOptions, Engine  # noqa: E402
 from llm_blueprint.events import Finish, GenerationRequest, TextDelta  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--cache", default=os.environ.get("LLM_TEST_CACHE") or tempfile.mkdtemp(prefix="loops-"))
     args = parser.parse_args()
-    model = Model(prepare_default_model(args.cache), EngineOptions(device="cpu", compute_type="int8", inter_threads=2,
+    model = Model(prepare_default_model(args.cache), ModelOptions(device="cpu", compute_type="int8", inter_threads=2,
                                                                    intra_threads=1))
     engine = Engine(model, batching=BatchingOptions(max_batch_size=16))
     prompts = [(model.encode_chat([{"role": "user", "content": q}]), q, fact) for q, fact in EVERYDAY]

@@ -76,9 +76,9 @@ def prepare(model: str) -> tuple[str, dict[str, str]]:
 # ----------------------------------------------------------------------------- 1. raw engine
 def chat_prompts(model_dir: str) -> list[list[str]]:
     """The prompts the servers get (the clients' chat messages through the model's template), as engine tokens."""
-    from llm_blueprint.engine import EngineOptions, Model
+    from llm_blueprint.engine import ModelOptions, Model
 
-    model = Model(model_dir, EngineOptions(device="cpu", inter_threads=1, intra_threads=1))
+    model = Model(model_dir, ModelOptions(device="cpu", inter_threads=1, intra_threads=1))
     try:
         return [model.tokenizer.ids_to_tokens(model.encode_chat(messages)) for messages in prompts()]
     finally:

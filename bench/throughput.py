@@ -61,9 +61,9 @@ def percentile(values: list[float], q: float) -> float:
 
 # ----------------------------------------------------------------------------- 1. raw engine
 def bench_raw(model_dir: str, concurrencies: list[int], tokens: int, rounds: int) -> dict[int, dict[str, float]]:
-    from llm_blueprint.engine import EngineOptions, Model
+    from llm_blueprint.engine import ModelOptions, Model
 
-    model = Model(model_dir, EngineOptions(device="cpu", inter_threads=1, intra_threads=os.cpu_count() or 1))
+    model = Model(model_dir, ModelOptions(device="cpu", inter_threads=1, intra_threads=os.cpu_count() or 1))
     batches = [model.tokenizer.ids_to_tokens(model.encode_chat(p)) for p in prompts()]
     model.generator.generate_batch(batches[:1], max_length=4, include_prompt_in_result=False)  # warm-up
     results = {}

@@ -24,12 +24,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
 
-    from llm_blueprint.engine import EngineOptions, Model
+    from llm_blueprint.engine import ModelOptions, Model
     from llm_blueprint.engine.default_model import prepare_default_model
     from llm_blueprint.engine.generation import Engine
     from llm_blueprint.events import GenerationRequest, collect
 
-    model = Model(prepare_default_model(os.environ.get("LLM_CACHE_DIR") or None), EngineOptions(device="cpu", inter_threads=1,
+    model = Model(prepare_default_model(os.environ.get("LLM_CACHE_DIR") or None), ModelOptions(device="cpu", inter_threads=1,
                                                                                                intra_threads=os.cpu_count() or 1))
     engine = Engine(model)
     ids = model.encode_chat([{"role": "user", "content": "Write a long story about the sea."}])

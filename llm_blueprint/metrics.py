@@ -116,7 +116,7 @@ class _BatchSizeReader:
         for size in sizes[self._seen:end]:
             BATCH_SIZE.observe(size)
         self._seen = end
-        self._count("head", engine.shared_head_tokens, SHARED_HEAD_TOKENS)
+        self._count("head", engine.shared_head_tokens_saved, SHARED_HEAD_TOKENS)
         for kind, value in engine.restarts.items():
             self._count(kind, value, RESTARTS.labels(kind))
         self._count("resume", engine.resumes, RESTARTS.labels("resume"))

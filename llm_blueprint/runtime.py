@@ -1,4 +1,4 @@
-"""The per-process model and engine, loaded once and shared by every request.
+"""The model and engine of one app (one Runtime per mounted LLM), loaded once and shared by its requests.
 
 Loading (and, for the default model, the one-time conversion) runs on a
 native thread so that a gevent worker's hub keeps serving the host app's
@@ -16,14 +16,14 @@ import time
 from typing import Any
 
 from . import metrics
-from .engine import EngineOptions, Model
+from .engine import Model, ModelOptions
 from .engine.generation import BatchingOptions, Engine
 from .engine.handoff import NativeThread, gevent_patched, native_sleep, run_on_native_thread
 from .engine.layout import choose as choose_layout
 from .engine.model import DEFAULT_COMPUTE_TYPES, SAMPLING_KEYS, keep_buffers_in_heap, resolve_device
 from .engine.prompt_cache import PromptCache, state_bytes_per_token
 from .errors import LLMBlueprintError, ModelLoadError
-from .events import Event, EventStream, GenerationRequest
+from .events import Event, EventStream, GenerationRequest, TokenLogprob
 from .rate_limit import RateLimit
 from .registry import Registry
 
@@ -132,6 +132,24 @@ class Runtime:
         engine = self.engine
         return metrics.observe(engine, engine.generate(request))
 
+    # The door from chat/ and api/ to the engine: nothing else of the package holds an Engine.
+    def validate(self, request: GenerationRequest) -> None:
+        self.engine.validate(request)
+
+    def warm(self, ids: list[int]) -> None:
+        self.engine.warm(ids)
+
+    def score_continuations(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
+        return self.engine.score_continuations(prompt_ids, continuations)
+
+    def prompt_logprobs(self, prompt_ids: list[int], top: int = 0) -> list[TokenLogprob]:
+        return self.engine.prompt_logprobs(prompt_ids, top)
+
+    @property
+    def prompt_cache_enabled(self) -> bool:
+        cache = self.engine.prompt_cache
+        return cache is not None and cache.enabled
+
     @property
     def model(self) -> Model:
         return self.engine.model
@@ -184,7 +202,7 @@ class Runtime:
                  layout.intra_threads, layout.max_batch_size, layout.how)
         model = Model(
             path,
-            EngineOptions(
+            ModelOptions(
                 device=device,
                 compute_type=compute_type,
                 inter_threads=layout.inter_threads,

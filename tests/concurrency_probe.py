@@ -19,11 +19,11 @@ import json  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from llm_blueprint.engine import EngineOptions, Model  # noqa: E402
+from llm_blueprint.engine import ModelOptions, Model  # noqa: E402
 from llm_blueprint.engine.generation import Engine  # noqa: E402
 from llm_blueprint.events import Finish, GenerationRequest, TextDelta  # noqa: E402
 
-model = Model(sys.argv[1], EngineOptions(device="cpu", inter_threads=4, intra_threads=1))
+model = Model(sys.argv[1], ModelOptions(device="cpu", inter_threads=4, intra_threads=1))
 engine = Engine(model)
 prompts = ["Tell me a long story about a dragon.", "Explain how rain forms.", "List ten fruits.", "Describe Paris."]
 results = [None] * 4

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from llm_blueprint.convert import CONVERTER_VERSION, convert_gguf
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 from llm_blueprint.engine.default_model import default_gguf_path, prepare_default_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,14 +65,14 @@ def default_model_dir(cache_dir) -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_f32(smollm2_f32_dir) -> Model:
-    model = Model(smollm2_f32_dir, EngineOptions(device="cpu", compute_type="float32"))
+    model = Model(smollm2_f32_dir, ModelOptions(device="cpu", compute_type="float32"))
     yield model
     model.close()
 
 
 @pytest.fixture(scope="session")
 def gemma3_f32(gemma3_f32_dir) -> Model:
-    model = Model(gemma3_f32_dir, EngineOptions(device="cpu", compute_type="float32"))
+    model = Model(gemma3_f32_dir, ModelOptions(device="cpu", compute_type="float32"))
     yield model
     model.close()
 

@@ -12,7 +12,7 @@ from chat_templates import GEMMA_TEMPLATE
 
 from llm_blueprint.api.anthropic import MESSAGES_SCHEMA, _chat_request
 from llm_blueprint.chat.prompt import render
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 from llm_blueprint.engine.prompt_cache import PromptCache
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "claude-code-2.1.197")
@@ -27,7 +27,7 @@ def _body(turn: int) -> dict:
 def gemma(gemma3_int8_dir, tmp_path_factory):
     template = tmp_path_factory.mktemp("template") / "gemma.jinja"
     template.write_text(GEMMA_TEMPLATE)
-    model = Model(gemma3_int8_dir, EngineOptions(device="cpu", compute_type="int8", intra_threads=1,
+    model = Model(gemma3_int8_dir, ModelOptions(device="cpu", compute_type="int8", intra_threads=1,
                                                  context_length=32768, chat_template=str(template)))
     yield model
     model.close()

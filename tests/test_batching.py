@@ -10,7 +10,7 @@ import openai
 import pytest
 import requests
 
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.errors import Overloaded
 from llm_blueprint.events import Finish, GenerationRequest, TextDelta, collect
@@ -20,7 +20,7 @@ STORY = "Write a long story about {}."
 
 @pytest.fixture(scope="module")
 def model(default_model_dir):
-    return Model(default_model_dir, EngineOptions(device="cpu", inter_threads=1, intra_threads=2))
+    return Model(default_model_dir, ModelOptions(device="cpu", inter_threads=1, intra_threads=2))
 
 
 def _prompt(model, topic):
@@ -83,7 +83,7 @@ def test_a_head_the_prompts_of_a_batch_share_is_prefilled_once(smollm2_f32):
                                                                    top_logprobs=5) for p in prompts])
             assert engine.batch_sizes == [4]
             assert all(r[2].completion_tokens == 4 for r in results)
-            return engine.shared_head_tokens, [dict(r[3][0][0].top) for r in results]
+            return engine.shared_head_tokens_saved, [dict(r[3][0][0].top) for r in results]
         finally:
             engine.shutdown()
 
@@ -254,7 +254,7 @@ def test_an_old_batch_restarts_merged_with_a_newcomer_when_that_saves_its_wait(m
 def test_arrivals_are_shared_between_replicas_running_young_batches(default_model_dir):
     # Two replicas, each running a young batch of one: ten arrivals are split between them (each young batch
     # restarts for its share), not all taken by whichever restarts first.
-    two = Model(default_model_dir, EngineOptions(device="cpu", inter_threads=2, intra_threads=1))
+    two = Model(default_model_dir, ModelOptions(device="cpu", inter_threads=2, intra_threads=1))
     engine = Engine(two, batching=BatchingOptions(gather_seconds=0, join_tokens=16, max_batch_size=16))
     try:
         def request(topic):

@@ -6,7 +6,7 @@ import pytest
 
 from llm_blueprint.chat.conversation import ChatRequest, Message, ResponseFormat, Tool, ToolCallRecord, ToolChoice
 from llm_blueprint.chat.prompt import DEFAULT_TOOL_PROMPT, call_opening, render
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 
 WEATHER = Tool("get_weather", "Current weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
 HISTORY = [
@@ -61,7 +61,7 @@ THINKING = """{% for message in messages %}<|im_start|>{{ message.role }}
 
 @pytest.fixture(scope="module")
 def models(default_model_dir):
-    loaded = {name: Model(default_model_dir, EngineOptions(device="cpu", chat_template=template))
+    loaded = {name: Model(default_model_dir, ModelOptions(device="cpu", chat_template=template))
               for name, template in {"default": None, "qwen": QWEN_STYLE, "llama": LLAMA_STYLE, "thinking": THINKING}.items()}
     yield loaded
     for model in loaded.values():

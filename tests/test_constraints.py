@@ -8,7 +8,7 @@ import re
 import jsonschema
 import pytest
 
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 from llm_blueprint.engine.constraints import choice_grammar, json_schema_grammar, lark_grammar, regex_grammar
 from llm_blueprint.engine.generation import Engine
 from llm_blueprint.errors import InvalidRequest
@@ -21,7 +21,7 @@ CITY = {"type": "object", "additionalProperties": False, "required": ["city", "p
 
 @pytest.fixture(scope="module")
 def model(default_model_dir):
-    return Model(default_model_dir, EngineOptions(device="cpu", inter_threads=1, intra_threads=2))
+    return Model(default_model_dir, ModelOptions(device="cpu", inter_threads=1, intra_threads=2))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.events import GenerationRequest, TextDelta, collect
 
@@ -24,7 +24,7 @@ SAME_LENGTH = [{"role": "user", "content": "What is the capital of Spain?"}]
 
 @pytest.fixture(scope="module")
 def model(default_model_dir):
-    model = Model(default_model_dir, EngineOptions(device="cpu", inter_threads=1, intra_threads=2))
+    model = Model(default_model_dir, ModelOptions(device="cpu", inter_threads=1, intra_threads=2))
     yield model
     model.close()
 

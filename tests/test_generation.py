@@ -11,7 +11,7 @@ import time
 import pytest
 from outcomes import ended_consistently
 
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.engine.text_stream import IncrementalDecoder
 from llm_blueprint.errors import ContextTooLong, EngineShutDown
@@ -23,7 +23,7 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def default_model(default_model_dir):
-    return Model(default_model_dir, EngineOptions(device="cpu", inter_threads=2, intra_threads=1))
+    return Model(default_model_dir, ModelOptions(device="cpu", inter_threads=2, intra_threads=1))
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_closing_a_stream_cancels_only_that_generation(default_model):
 
 
 def test_heartbeats_while_waiting_for_a_busy_engine(default_model):
-    single = Model(default_model.path, EngineOptions(device="cpu", inter_threads=1))
+    single = Model(default_model.path, ModelOptions(device="cpu", inter_threads=1))
     # One replica, one entry a batch, no restarts: the waiting request cannot start before the busy one ends.
     engine = Engine(single, heartbeat_interval=0.02, batching=BatchingOptions(max_batch_size=1, join_tokens=0))
     try:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 from llm_blueprint.engine import layout as layouts
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.events import GenerationRequest, collect
@@ -94,7 +94,7 @@ def test_usable_cores_are_shared_between_workers(monkeypatch):
 
 
 def test_a_burst_is_shared_between_free_replicas(default_model_dir):
-    model = Model(default_model_dir, EngineOptions(device="cpu", inter_threads=2, intra_threads=1))
+    model = Model(default_model_dir, ModelOptions(device="cpu", inter_threads=2, intra_threads=1))
     engine = Engine(model, batching=BatchingOptions(max_batch_size=32, gather_seconds=0.05))
     try:
         prompt = model.encode_chat([{"role": "user", "content": "Tell me about a cat."}])

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 from llm_blueprint.engine.chat_template import ChatTemplate
 from llm_blueprint.errors import ChatTemplateError, ModelLoadError
 
@@ -24,7 +24,7 @@ def _copy_without(src: str, dst: str, *skip: str) -> str:
 def test_directory_without_tokenizer_files_names_what_it_looked_for(tmp_path, smollm2_f32_dir):
     path = _copy_without(smollm2_f32_dir, str(tmp_path / "m"), "tokenizer.json")
     with pytest.raises(ModelLoadError, match=r"tokenizer\.json and tokenizer\.model"):
-        Model(path, EngineOptions(compute_type="float32"))
+        Model(path, ModelOptions(compute_type="float32"))
 
 
 def test_missing_model_files_fail_clearly(tmp_path):
@@ -49,15 +49,15 @@ def test_end_tokens_include_eos_and_turn_terminator(smollm2_f32, gemma3_f32):
 def test_context_length_comes_from_the_model_or_configuration(smollm2_f32, gemma3_f32, smollm2_f32_dir):
     assert smollm2_f32.context_length == 8192
     assert gemma3_f32.context_length == 32768
-    model = Model(smollm2_f32_dir, EngineOptions(compute_type="float32", context_length=1024))
+    model = Model(smollm2_f32_dir, ModelOptions(compute_type="float32", context_length=1024))
     assert model.context_length == 1024
 
 
 def test_device_and_compute_type_defaults(default_model_dir):
-    model = Model(default_model_dir, EngineOptions(device="auto", inter_threads=1, intra_threads=1))
+    model = Model(default_model_dir, ModelOptions(device="auto", inter_threads=1, intra_threads=1))
     assert model.device == "cpu" and model.compute_type == "int8"
     with pytest.raises(ModelLoadError, match="unknown device"):
-        Model(default_model_dir, EngineOptions(device="tpu"))
+        Model(default_model_dir, ModelOptions(device="tpu"))
 
 
 def test_model_without_template_refuses_chat_but_serves_raw_prompts(gemma3_f32):
@@ -71,7 +71,7 @@ def test_template_override_from_configuration(tmp_path, gemma3_f32_dir):
     template = tmp_path / "t.jinja"
     template.write_text("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
                         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-    model = Model(gemma3_f32_dir, EngineOptions(compute_type="float32", chat_template=str(template)))
+    model = Model(gemma3_f32_dir, ModelOptions(compute_type="float32", chat_template=str(template)))
     ids = model.encode_chat([{"role": "user", "content": "Hi"}])
     assert model.tokenizer.ids_to_tokens(ids)[:2] == ["<bos>", "<start_of_turn>"]
 
@@ -79,7 +79,7 @@ def test_template_override_from_configuration(tmp_path, gemma3_f32_dir):
 def test_chat_template_file_in_the_directory_wins_over_tokenizer_config(tmp_path, smollm2_f32_dir):
     path = _copy_without(smollm2_f32_dir, str(tmp_path / "m"))
     (tmp_path / "m" / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
-    model = Model(path, EngineOptions(compute_type="float32"))
+    model = Model(path, ModelOptions(compute_type="float32"))
     assert model.render_chat([{"role": "user", "content": "x"}]) == "[x]"
 
 

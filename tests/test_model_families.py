@@ -31,7 +31,7 @@ from tiny_models import (
 )
 
 from llm_blueprint.convert import convert_model
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 from llm_blueprint.errors import ConversionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ class Workshop:
             out = str(self.root / f"ct2-{name}-{source}-{int(rigged)}-{quantization}")
             convert_model(self.source(name, source, rigged), out, quantization=quantization, show_progress=False)
             compute = "float32" if quantization == "float32" else "int8"
-            self._models[key] = Model(out, EngineOptions(device="cpu", compute_type=compute, intra_threads=1))
+            self._models[key] = Model(out, ModelOptions(device="cpu", compute_type=compute, intra_threads=1))
         return self._models[key]
 
     def close(self):

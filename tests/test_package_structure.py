@@ -133,3 +133,20 @@ def test_modules_and_classes_stay_readable():
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
                 long_classes.append((f"{name}.{node.name}", node.end_lineno - node.lineno + 1))
     assert long_modules == [] and long_classes == []
+
+
+def test_the_runtime_is_the_only_door_to_an_engine():
+    """chat/ and api/ reach the engine through the Runtime (which adds the metrics), never by holding it; only the
+    readiness probe looks at its state (engine_if_loaded)."""
+    offenders = []
+    for name, path in _modules().items():
+        if not name.startswith(("llm_blueprint.api", "llm_blueprint.chat")):
+            continue
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "engine":
+                offenders.append(f"{name}:{node.lineno}")
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("engine.generation"):
+                offenders.append(f"{name}:{node.lineno} imports the engine")
+    assert offenders == []

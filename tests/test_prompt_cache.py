@@ -10,7 +10,7 @@ import pytest
 import requests
 from outcomes import wait_idle
 
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.engine.prompt_cache import PromptCache, read_spec_summary, state_bytes_per_token
 from llm_blueprint.events import GenerationRequest, collect
@@ -94,7 +94,7 @@ def test_the_state_size_is_read_from_the_model_file(default_model_dir):
 # ----------------------------------------------------------------------------- the engine
 @pytest.fixture(scope="module")
 def model(default_model_dir):
-    model = Model(default_model_dir, EngineOptions(inter_threads=2, intra_threads=1))
+    model = Model(default_model_dir, ModelOptions(inter_threads=2, intra_threads=1))
     yield model
     model.close()
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from llm_blueprint.engine import EngineOptions, Model, ct2_batch
+from llm_blueprint.engine import ModelOptions, Model, ct2_batch
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.engine.prompt_cache import PromptCache, state_bytes_per_token
 from llm_blueprint.events import Done, GenerationRequest, TextDelta
@@ -34,7 +34,7 @@ SYSTEM = ("You are a careful assistant for a museum. Answer in one or two senten
 
 @pytest.fixture(scope="module")
 def model(smollm2_f32_dir):
-    model = Model(smollm2_f32_dir, EngineOptions(device="cpu", compute_type="float32", inter_threads=2, intra_threads=1))
+    model = Model(smollm2_f32_dir, ModelOptions(device="cpu", compute_type="float32", inter_threads=2, intra_threads=1))
     yield model
     model.close()
 
@@ -152,7 +152,7 @@ def test_sampled_answers_under_concurrent_load_never_restart_mid_text(smollm2_f3
     import openai
     from servers import gunicorn
 
-    model = Model(smollm2_f32_dir, EngineOptions(device="cpu", compute_type="float32"))
+    model = Model(smollm2_f32_dir, ModelOptions(device="cpu", compute_type="float32"))
     by_bytes = {model.tokenizer.token_bytes(i): i for i in range(len(model.vocabulary))}
     env = {"LLM_MODEL_PATH": smollm2_f32_dir, "LLM_MODEL_ID": "smollm2", "LLM_COMPUTE_TYPE": "float32",
            "LLM_INTER_THREADS": "2", "LLM_INTRA_THREADS": "1", "LLM_MAX_BATCH_SIZE": "8",

@@ -71,17 +71,17 @@ def test_the_default_models_sampling_applies_to_requests_that_give_none_and_neve
     from flask import Flask
 
     from llm_blueprint import LLM
-    from llm_blueprint.api.common import sampling_defaults
+    from llm_blueprint.api.common import request_sampling
     from llm_blueprint.engine.default_model import RECOMMENDED_SAMPLING
 
     app = Flask("defaults")
     LLM(app, LLM_MODEL_PATH=default_model_dir, LLM_DEFAULT_EMBEDDINGS=False)
     try:
         with app.app_context():
-            assert sampling_defaults({}) == {"top_k": 0, **RECOMMENDED_SAMPLING}
-            assert sampling_defaults({"temperature": None, "repetition_penalty": None}) == {"top_k": 0, **RECOMMENDED_SAMPLING}
+            assert request_sampling({}) == {"top_k": 0, **RECOMMENDED_SAMPLING}
+            assert request_sampling({"temperature": None, "repetition_penalty": None}) == {"top_k": 0, **RECOMMENDED_SAMPLING}
             own = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
-            assert sampling_defaults(own) == own
-            assert sampling_defaults({"top_k": 5})["top_k"] == 5
+            assert request_sampling(own) == own
+            assert request_sampling({"top_k": 5})["top_k"] == 5
     finally:
         app.extensions["llm"].shutdown()

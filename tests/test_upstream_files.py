@@ -25,7 +25,7 @@ import reference_env
 from tiny_models import CORPUS, FAMILIES, UPSTREAM_ONLY, full_config, tokenizer_tokens, write_tokenizer_files
 
 from llm_blueprint.convert import convert_model
-from llm_blueprint.engine import EngineOptions, Model
+from llm_blueprint.engine import ModelOptions, Model
 from llm_blueprint.errors import ConversionError
 
 TOLERANCE = 1e-3
@@ -100,7 +100,7 @@ class Upstream:
         if key not in self._models:
             out = os.path.join(self.root, "ct2", f"{name}-{source}")
             convert_model(self.source(name, source), out, quantization="float32", force=True, show_progress=False)
-            self._models[key] = Model(out, EngineOptions(device="cpu", compute_type="float32", intra_threads=1))
+            self._models[key] = Model(out, ModelOptions(device="cpu", compute_type="float32", intra_threads=1))
         return self._models[key]
 
     def close(self) -> None:

@@ -45,7 +45,7 @@ from ..events import (
 from ..schemas.anthropic import CountTokensRequestSchema, MessagesRequestSchema
 from ..schemas.common import load
 from ..schemas.response_bodies import AnthropicMessage, TokenCount
-from .common import check_limits, check_model, json_body, json_response, runtime, sampling_defaults, start_chat
+from .common import check_limits, check_model, json_body, json_response, request_sampling, runtime, start_chat
 from .errors import anthropic_stream_failure, error_envelope
 from .openapi import ANTHROPIC_ERRORS, documented
 from .sse import event_stream, sse
@@ -158,7 +158,7 @@ def messages():
     check_limits(len(data["messages"]), data["max_tokens"], data.get("stop_sequences"), stop_param="stop_sequences",
                  tools=len(data.get("tools") or []))
     chat = _chat_request(data)
-    prompt, events = start_chat(chat, data["max_tokens"], stop=data.get("stop_sequences") or [], **sampling_defaults(data))
+    prompt, events = start_chat(chat, data["max_tokens"], stop=data.get("stop_sequences") or [], **request_sampling(data))
     meta = {"id": f"msg_{uuid.uuid4().hex}", "model": data["model"]}
     if data.get("stream"):
         sign = _signer() if chat.show_reasoning else None

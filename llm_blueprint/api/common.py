@@ -82,11 +82,11 @@ def check_limits(messages: int | None = None, max_tokens: int | None = None, sto
             raise InvalidRequest(f"stop sequences must be at most {settings['LLM_MAX_STOP_LENGTH']} characters", param=stop_param)
 
 
-def sampling_defaults(data: dict[str, Any]) -> dict[str, Any]:
+def request_sampling(data: dict[str, Any]) -> dict[str, Any]:
     """temperature/top_p/top_k/repetition_penalty of a validated body; a field the request leaves out (or null) gets
     the server's default: LLM_DEFAULT_*, else the model's generation_config.json, else the API's own."""
     rt = runtime()
-    rt.engine  # noqa: B018 - the defaults come with the model
+    rt.model  # noqa: B018 - the defaults come with the model (loaded on first use)
     defaults = rt.sampling_defaults
     # a field the request gives wins, also when it is 0 (top_k 0: off)
     return {key: defaults[key] if data.get(key) is None else data[key]
@@ -126,9 +126,8 @@ def keyed_cache_mark(messages: list, data: dict[str, Any]) -> tuple[int, ...]:
 def start_chat(chat: ChatRequest, requested_max_tokens: int | None, **options: Any) -> tuple[ChatPrompt, ChatStream]:
     """Render ``chat``, check it, and start its generation; ``options`` are GenerationRequest fields."""
     rt = runtime()
-    cache = rt.engine.prompt_cache
-    prompt = render(rt.model, chat, cache_points=cache is not None and cache.enabled)
+    prompt = render(rt.model, chat, cache_points=rt.prompt_cache_enabled)
     request = GenerationRequest(prompt.ids, completion_budget(requested_max_tokens, prompt.ids),
                                 cache_points=prompt.cache_points, cache_marks=prompt.cache_marks, **options)
-    stream = ChatStream(rt.engine, rt.generate, chat, prompt, request, reasoning=rt.settings["LLM_REASONING"])
+    stream = ChatStream(rt, chat, prompt, request, reasoning=rt.settings["LLM_REASONING"])
     return prompt, stream

@@ -52,8 +52,8 @@ from .common import (
     json_body,
     json_response,
     keyed_cache_mark,
+    request_sampling,
     runtime,
-    sampling_defaults,
     start_chat,
     start_generations,
 )
@@ -69,7 +69,7 @@ FINISH_REASONS = {END_TURN: "stop", STOP_SEQUENCE: "stop", MAX_TOKENS: "length",
 def _generation_options(data: dict[str, Any]) -> dict[str, Any]:
     """The request's sampling fields, nulls meaning 'default'."""
     return dict(
-        **sampling_defaults(data),
+        **request_sampling(data),
         stop=data.get("stop") or [],
         n=data.get("n") or 1,
         seed=data.get("seed"),
@@ -255,7 +255,7 @@ def _echo_logprobs(prompt_ids: list[int], top: int, tokenizer: Tokenizer) -> dic
     """An echoed prompt's tokens, scored by the model's own prompt log-probabilities."""
     if not prompt_ids:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [] if top else None, "text_offset": []}
-    return _completion_logprobs(runtime().engine.prompt_logprobs(prompt_ids, top), 0, tokenizer, top, prompt_ids[0])
+    return _completion_logprobs(runtime().prompt_logprobs(prompt_ids, top), 0, tokenizer, top, prompt_ids[0])
 
 
 def _joined(prompt: dict[str, Any] | None, generated: dict[str, Any]) -> dict[str, Any]:

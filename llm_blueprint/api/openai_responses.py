@@ -32,8 +32,8 @@ from .common import (
     json_body,
     json_response,
     keyed_cache_mark,
+    request_sampling,
     runtime,
-    sampling_defaults,
     start_chat,
 )
 from .errors import error_envelope, openai_body
@@ -137,7 +137,7 @@ def create_response():
     top = data.get("top_logprobs") or 0
     want_logprobs = LOGPROBS_INCLUDE in (data.get("include") or []) or data.get("top_logprobs") is not None
     _, events = start_chat(chat, data.get("max_output_tokens"), logprobs=want_logprobs, top_logprobs=top,
-                           **sampling_defaults(data))
+                           **request_sampling(data))
     fields = _ResponseFields(data, events.request.temperature, events.request.top_p)
     tokenizer = runtime().model.tokenizer if want_logprobs else None  # resolved here: a stream runs outside the app
     if data.get("stream"):

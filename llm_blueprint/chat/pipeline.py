@@ -38,15 +38,15 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from jsonschema import validators
 from jsonschema.exceptions import best_match
 
 from ..engine.constraints import json_schema_grammar, starts_a_match, vocabulary_for
-from ..engine.generation import Engine
+from ..engine.model import Model
 from ..errors import InvalidRequest
 from ..events import (
     ChatEvent,
@@ -82,14 +82,29 @@ def schema_problem(value: Any, schema: dict[str, Any] | None) -> str | None:
     return f"{error.message} (at /{where})" if where else error.message
 
 
+class GenerationService(Protocol):
+    """What a chat's generation needs of the model side: the Runtime (its only door to an engine, with the
+    metrics) or, in benchmarks and tests, an Engine itself."""
+
+    model: Model
+
+    def generate(self, request: GenerationRequest) -> EventStream[Event]: ...
+
+    def validate(self, request: GenerationRequest) -> None: ...
+
+    def warm(self, ids: list[int]) -> None: ...
+
+    def score_continuations(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]: ...
+
+
 class ChatStream(EventStream[ChatEvent]):
     """The events of one chat request. Closing or cancelling it acts on its generation, even before the first
     event was read."""
 
-    def __init__(self, engine: Engine, generate: Callable[[GenerationRequest], EventStream[Event]], chat: ChatRequest,
-                 prompt: ChatPrompt, request: GenerationRequest, reasoning: bool = True):
-        self.engine = engine
-        self._generate = generate
+    def __init__(self, service: GenerationService, chat: ChatRequest, prompt: ChatPrompt, request: GenerationRequest,
+                 reasoning: bool = True):
+        self.service = service
+        self._generate = service.generate
         self.chat = chat
         self.prompt = prompt
         self.request = request
@@ -101,14 +116,14 @@ class ChatStream(EventStream[ChatEvent]):
         if forced or chat.response_format is not None:
             if request.n > 1:
                 raise InvalidRequest("n > 1 is not supported with a forced tool call or a JSON response_format", param="n")
-            engine.validate(request)  # the client's own budget must fit: the generation runs a prefilled copy of it
-            self._current = generate(self._structured_request(forced))
+            service.validate(request)  # the client's own budget must fit: the generation runs a prefilled copy of it
+            self._current = self._generate(self._structured_request(forced))
             events = self._structured(forced)
         elif request.n == 1 and chat.active_tools and prompt.call_format == "hermes" and CALL_OPEN not in request.stop:
-            self._current = generate(dataclasses.replace(request, stop=[*request.stop, CALL_OPEN]))
+            self._current = self._generate(dataclasses.replace(request, stop=[*request.stop, CALL_OPEN]))
             events = self._auto()
         else:
-            self._current = generate(request)
+            self._current = self._generate(request)
             events = self._free(self._current)
         super().__init__(events, cancel=lambda: self._current.cancel())
         self.watch(on_close=lambda: self._current.close())
@@ -140,7 +155,7 @@ class ChatStream(EventStream[ChatEvent]):
     def _auto(self) -> Iterator[ChatEvent]:
         """``tool_choice`` auto: free text until the model opens a call (the engine stops at ``<tool_call>``), then
         the call under its tool's schema, then (parallel calls allowed) the model goes on after it."""
-        chat, request, model = self.chat, self.request, self.engine.model
+        chat, request, model = self.chat, self.request, self.service.model
         parser = OutputParser(chat.active_tools, self.reasoning, self.prompt.in_reasoning)
         written: list[str] = []  # what the model and the calls wrote after the prompt: the continuations' prompt
         used, first_done, answer = 0, None, []
@@ -215,11 +230,11 @@ class ChatStream(EventStream[ChatEvent]):
     def _hold_conversation(self, answer: str) -> None:
         """Ask the engine to hold this conversation with its answer, for the next turn (an idle replica does it)."""
         try:
-            ids = conversation_so_far(self.engine.model, self.chat, answer)
+            ids = conversation_so_far(self.service.model, self.chat, answer)
         except Exception:  # a template that cannot render the answered conversation: nothing to hold
             return
         if len(ids) > max(self.request.cache_points):
-            self.engine.warm(ids)
+            self.service.warm(ids)
 
     def _pieces(self, pieces: list[Piece], logprobs: tuple[TokenLogprob, ...], stream, index: int,
                 final: bool = False) -> Iterator[ChatEvent]:
@@ -252,7 +267,7 @@ class ChatStream(EventStream[ChatEvent]):
         """The tool (forced call) or schema (JSON output), the prefilled prompt, and the constrained request.
         ``text``: what precedes the call (default: the prompt; an auto call: the prompt and what the model wrote);
         ``budget``: the tokens left for it (default: ``max_tokens``)."""
-        chat, model = self.chat, self.engine.model
+        chat, model = self.chat, self.service.model
         self.tool_name = None
         before = self.prompt.text if text is None else text
         if forced:
@@ -335,11 +350,11 @@ class ChatStream(EventStream[ChatEvent]):
         tools = self.chat.active_tools
         if len(tools) == 1:
             return tools[0].name
-        model = self.engine.model
+        model = self.service.model
         head = before + call_opening(self.prompt, None, in_reasoning)
         candidates = [model.encode_text(head + json.dumps(t.name)[1:]) for t in tools]  # name + closing quote
         common = len(os.path.commonprefix(candidates))
-        scores = self.engine.score_continuations(candidates[0][:common], [c[common:] for c in candidates])
+        scores = self.service.score_continuations(candidates[0][:common], [c[common:] for c in candidates])
         return tools[max(range(len(tools)), key=scores.__getitem__)].name
 
 

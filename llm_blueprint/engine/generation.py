@@ -64,7 +64,7 @@ class Engine:
         self._seed_lock = allocate_native_lock()
         self._running: set[Job] = set()
         self.batch_sizes: list[int] = []  # every batch run, for tests and metrics
-        self.shared_head_tokens = 0  # prefill tokens saved by heads shared within a batch (read by the metrics)
+        self.shared_head_tokens_saved = 0  # prefill tokens saved by heads shared within a batch (read by the metrics)
         self.invariant_violations = 0  # entries ended because their tokens did not continue what was fed
         self._released_at = 0.0  # when idle memory was last given back (_release_when_idle)
         self._closed = False
@@ -286,7 +286,7 @@ class Engine:
                 head = min(head, self.model.sliding_window)
             if head >= self.batching.shared_head_tokens:
                 static, keep, state.head = head, False, head
-                self.shared_head_tokens += head * (len(rows) - 1)
+                self.shared_head_tokens_saved += head * (len(rows) - 1)
         call = ct2_batch.BatchCall(
             rows=rows,
             max_new=[e.job.request.max_tokens - e.tokens for e in batch],

@@ -28,8 +28,8 @@ MODEL_FILES = ("model.bin", "config.json")
 
 
 @dataclass
-class EngineOptions:
-    """How to load a model. ``None`` means "decide from the model and the machine"."""
+class ModelOptions:
+    """How to load a model (device, compute type, threads, context, chat template). ``None`` means "decide from the model and the machine"."""
 
     device: str = "auto"
     compute_type: str | None = None
@@ -37,6 +37,9 @@ class EngineOptions:
     intra_threads: int = 0
     context_length: int | None = None
     chat_template: str | None = None  # template text or a path to a .jinja file
+
+
+EngineOptions = ModelOptions  # its former name (it configures the Model, not the Engine)
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -114,9 +117,9 @@ def has_chat_template(model_dir: str) -> bool:
 class Model:
     """A loaded model directory. Thread-safe for concurrent generation calls."""
 
-    def __init__(self, path: str, options: EngineOptions | None = None):
+    def __init__(self, path: str, options: ModelOptions | None = None):
 
-        options = options or EngineOptions()
+        options = options or ModelOptions()
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise ModelLoadError(f"model directory not found: {self.path}")
