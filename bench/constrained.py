@@ -91,7 +91,7 @@ def main() -> None:
     import dataclasses
 
     from llm_blueprint.convert.model_cache import default_cache_dir
-    from llm_blueprint.engine import ModelOptions, Model
+    from llm_blueprint.engine import Model, ModelOptions
     from llm_blueprint.engine.default_model import prepare_default_model
     from llm_blueprint.engine.generation import BatchingOptions, Engine
     from llm_blueprint.engine.layout import choose

@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from llm_blueprint.convert import convert_gguf  # noqa: E402
-from llm_blueprint.engine import ModelOptions, Model  # noqa: E402
+from llm_blueprint.engine import Model, ModelOptions  # noqa: E402
 from llm_blueprint.engine.default_model import default_gguf_path  # noqa: E402
 
 

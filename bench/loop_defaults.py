@@ -22,7 +22,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from llm_blueprint.engine import ModelOptions, Model  # noqa: E402
+from llm_blueprint.engine import Model, ModelOptions  # noqa: E402
 from llm_blueprint.engine.default_model import prepare_default_model  # noqa: E402
 from llm_blueprint.engine.generation import BatchingOptions, Engine  # noqa: E402
 from llm_blueprint.events import Finish, GenerationRequest, TextDelta  # noqa: E402

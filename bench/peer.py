@@ -76,7 +76,7 @@ def prepare(model: str) -> tuple[str, dict[str, str]]:
 # ----------------------------------------------------------------------------- 1. raw engine
 def chat_prompts(model_dir: str) -> list[list[str]]:
     """The prompts the servers get (the clients' chat messages through the model's template), as engine tokens."""
-    from llm_blueprint.engine import ModelOptions, Model
+    from llm_blueprint.engine import Model, ModelOptions
 
     model = Model(model_dir, ModelOptions(device="cpu", inter_threads=1, intra_threads=1))
     try:

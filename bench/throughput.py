@@ -61,7 +61,7 @@ def percentile(values: list[float], q: float) -> float:
 
 # ----------------------------------------------------------------------------- 1. raw engine
 def bench_raw(model_dir: str, concurrencies: list[int], tokens: int, rounds: int) -> dict[int, dict[str, float]]:
-    from llm_blueprint.engine import ModelOptions, Model
+    from llm_blueprint.engine import Model, ModelOptions
 
     model = Model(model_dir, ModelOptions(device="cpu", inter_threads=1, intra_threads=os.cpu_count() or 1))
     batches = [model.tokenizer.ids_to_tokens(model.encode_chat(p)) for p in prompts()]

@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
 
-    from llm_blueprint.engine import ModelOptions, Model
+    from llm_blueprint.engine import Model, ModelOptions
     from llm_blueprint.engine.default_model import prepare_default_model
     from llm_blueprint.engine.generation import Engine
     from llm_blueprint.events import GenerationRequest, collect

@@ -59,6 +59,13 @@ def _model_table(value: Any) -> dict[str, Any] | None:
     return {str(k): (v if isinstance(v, dict) else {"path": str(v)}) for k, v in value.items()}
 
 
+def _unsupported_tools(value: Any) -> str:
+    value = str(value).strip().lower()
+    if value not in ("omit", "reject"):
+        raise ValueError("LLM_UNSUPPORTED_TOOLS must be omit or reject")
+    return value
+
+
 def _callable_or_none(value: Any):
     if value is not None and not callable(value):
         raise TypeError("LLM_AUTH_HOOK must be a callable taking the request")
@@ -127,6 +134,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_DEFAULT_MAX_TOKENS", 1024, int, "completion budget when a chat request gives no max_tokens"),
     Setting("LLM_MAX_N", 8, int, "largest n (completions per request) accepted"),
     Setting("LLM_MAX_TOOLS", 128, int, "most tools in one request"),
+    Setting("LLM_UNSUPPORTED_TOOLS", "omit", _unsupported_tools,
+            "tools this server cannot run (OpenAI hosted tools such as web_search, Anthropic server tools): omit = left "
+            "out of what the model sees and named in the LLM-Omitted-Tools response header, reject = a 400"),
     Setting("LLM_REASONING", True, _bool,
             "split <think>…</think> out of answers into reasoning_content / thinking blocks; off = left in the text"),
     Setting("LLM_SIGNING_KEY", None, _optional_str,

@@ -19,7 +19,7 @@ import json  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from llm_blueprint.engine import ModelOptions, Model  # noqa: E402
+from llm_blueprint.engine import Model, ModelOptions  # noqa: E402
 from llm_blueprint.engine.generation import Engine  # noqa: E402
 from llm_blueprint.events import Finish, GenerationRequest, TextDelta  # noqa: E402
 

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from llm_blueprint.convert import CONVERTER_VERSION, convert_gguf
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 from llm_blueprint.engine.default_model import default_gguf_path, prepare_default_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))

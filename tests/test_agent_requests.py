@@ -12,7 +12,7 @@ from chat_templates import GEMMA_TEMPLATE
 
 from llm_blueprint.api.anthropic import MESSAGES_SCHEMA, _chat_request
 from llm_blueprint.chat.prompt import render
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 from llm_blueprint.engine.prompt_cache import PromptCache
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "claude-code-2.1.197")

@@ -10,7 +10,7 @@ import openai
 import pytest
 import requests
 
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.errors import Overloaded
 from llm_blueprint.events import Finish, GenerationRequest, TextDelta, collect

@@ -6,7 +6,7 @@ import pytest
 
 from llm_blueprint.chat.conversation import ChatRequest, Message, ResponseFormat, Tool, ToolCallRecord, ToolChoice
 from llm_blueprint.chat.prompt import DEFAULT_TOOL_PROMPT, call_opening, render
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 
 WEATHER = Tool("get_weather", "Current weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
 HISTORY = [

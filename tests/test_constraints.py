@@ -8,7 +8,7 @@ import re
 import jsonschema
 import pytest
 
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 from llm_blueprint.engine.constraints import choice_grammar, json_schema_grammar, lark_grammar, regex_grammar
 from llm_blueprint.engine.generation import Engine
 from llm_blueprint.errors import InvalidRequest

@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.events import GenerationRequest, TextDelta, collect
 

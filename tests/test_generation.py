@@ -11,7 +11,7 @@ import time
 import pytest
 from outcomes import ended_consistently
 
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.engine.text_stream import IncrementalDecoder
 from llm_blueprint.errors import ContextTooLong, EngineShutDown

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 from llm_blueprint.engine import layout as layouts
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.events import GenerationRequest, collect

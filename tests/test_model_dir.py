@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 from llm_blueprint.engine.chat_template import ChatTemplate
 from llm_blueprint.errors import ChatTemplateError, ModelLoadError
 

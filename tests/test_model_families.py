@@ -31,7 +31,7 @@ from tiny_models import (
 )
 
 from llm_blueprint.convert import convert_model
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 from llm_blueprint.errors import ConversionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import pytest
 import requests
 from outcomes import wait_idle
 
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.engine.prompt_cache import PromptCache, read_spec_summary, state_bytes_per_token
 from llm_blueprint.events import GenerationRequest, collect

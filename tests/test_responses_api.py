@@ -96,7 +96,6 @@ def test_raw_event_order_and_sequence_numbers(api_server):
         ({"input": "hi " * 9000}, "messages"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
         ({"tools": [{"type": "function", "name": "x", "parameters": {"type": "bogus"}}]}, "tools[0].parameters"),
-        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "18"}]}, "input[0]"),
         ({"input": [{"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": "{oops"}]}, "input[0].arguments"),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from llm_blueprint.engine import ModelOptions, Model, ct2_batch
+from llm_blueprint.engine import Model, ModelOptions, ct2_batch
 from llm_blueprint.engine.generation import BatchingOptions, Engine
 from llm_blueprint.engine.prompt_cache import PromptCache, state_bytes_per_token
 from llm_blueprint.events import Done, GenerationRequest, TextDelta

@@ -420,7 +420,6 @@ def test_anthropic_forced_weather_round_trip_streamed(anthropic_client):
     ({"tools": [WEATHER_ANTHROPIC], "tool_choice": {"type": "tool", "name": "nope"}}, "not among the request's tools"),
     ({"tools": [{"name": "x", "input_schema": {"type": 3}}]}, "tools[0].input_schema"),
     ({"tools": [{"name": "x"}]}, "tools[0].input_schema"),
-    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
     ({"tool_choice": {"type": "any"}}, "no tools were given"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x", "content": "18"}]}]},
      "no earlier assistant turn made a call with that id"),

@@ -25,7 +25,7 @@ import reference_env
 from tiny_models import CORPUS, FAMILIES, UPSTREAM_ONLY, full_config, tokenizer_tokens, write_tokenizer_files
 
 from llm_blueprint.convert import convert_model
-from llm_blueprint.engine import ModelOptions, Model
+from llm_blueprint.engine import Model, ModelOptions
 from llm_blueprint.errors import ConversionError
 
 TOLERANCE = 1e-3

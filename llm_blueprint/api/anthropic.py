@@ -45,7 +45,7 @@ from ..events import (
 from ..schemas.anthropic import CountTokensRequestSchema, MessagesRequestSchema
 from ..schemas.common import load
 from ..schemas.response_bodies import AnthropicMessage, TokenCount
-from .common import check_limits, check_model, json_body, json_response, request_sampling, runtime, start_chat
+from .common import check_limits, check_model, json_body, json_response, request_sampling, runtime, set_aside_tools, start_chat
 from .errors import anthropic_stream_failure, error_envelope
 from .openapi import ANTHROPIC_ERRORS, documented
 from .sse import event_stream, sse
@@ -155,6 +155,7 @@ def _message(meta: dict[str, Any], content: list[dict[str, Any]], stop_reason: s
 def messages():
     data = load(MESSAGES_SCHEMA, json_body())
     check_model(data["model"])
+    set_aside_tools(data)
     check_limits(len(data["messages"]), data["max_tokens"], data.get("stop_sequences"), stop_param="stop_sequences",
                  tools=len(data.get("tools") or []))
     chat = _chat_request(data)
@@ -250,6 +251,7 @@ def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: i
 def count_tokens():
     data = load(COUNT_SCHEMA, json_body())
     check_model(data["model"])
+    set_aside_tools(data)
     check_limits(len(data["messages"]), tools=len(data.get("tools") or []))
     return json_response({"input_tokens": len(render(runtime().model, _chat_request(data)).ids)})
 

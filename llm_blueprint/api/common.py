@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..chat.conversation import ChatRequest
@@ -131,3 +131,24 @@ def start_chat(chat: ChatRequest, requested_max_tokens: int | None, **options: A
                                 cache_points=prompt.cache_points, cache_marks=prompt.cache_marks, **options)
     stream = ChatStream(rt, chat, prompt, request, reasoning=rt.settings["LLM_REASONING"])
     return prompt, stream
+
+
+_SET_ASIDE_LOGGED: set[str] = set()
+
+
+def set_aside_tools(data: dict[str, Any]) -> None:
+    """Tools of kinds this server cannot run (hosted and server tools, see schemas/tools.py): refused with a 400
+    when ``LLM_UNSUPPORTED_TOOLS`` is ``reject``; otherwise (``omit``) left out of what the model sees, each kind
+    logged once per process and named in the response's ``LLM-Omitted-Tools`` header."""
+    kinds = list(dict.fromkeys(getattr(data.get("tools"), "unsupported", [])))
+    if not kinds:
+        return
+    if runtime().settings["LLM_UNSUPPORTED_TOOLS"] == "reject":
+        raise InvalidRequest(f"tools of type {', '.join(kinds)} run on the provider's own servers and this server "
+                             "cannot run them (LLM_UNSUPPORTED_TOOLS=reject); send function tools only", param="tools")
+    for kind in kinds:
+        if kind not in _SET_ASIDE_LOGGED:
+            _SET_ASIDE_LOGGED.add(kind)
+            log.warning("tools of type %r cannot run on this server and are left out of what the model sees "
+                        "(logged once; LLM_UNSUPPORTED_TOOLS=reject refuses such requests instead)", kind)
+    g.llm_omitted_tools = kinds

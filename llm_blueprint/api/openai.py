@@ -54,6 +54,7 @@ from .common import (
     keyed_cache_mark,
     request_sampling,
     runtime,
+    set_aside_tools,
     start_chat,
     start_generations,
 )
@@ -147,6 +148,7 @@ def _chat_message(result: ChoiceResult) -> dict[str, Any]:
 def chat_completions():
     data = load(CHAT_SCHEMA, json_body())
     check_model(data["model"])
+    set_aside_tools(data)
     check_limits(len(data["messages"]), data.get("max_completion_tokens") or data.get("max_tokens"), data.get("stop"),
                  n=data.get("n") or 1, tools=len(data.get("tools") or []))
     chat = _chat_request(data)

@@ -34,6 +34,7 @@ from .common import (
     keyed_cache_mark,
     request_sampling,
     runtime,
+    set_aside_tools,
     start_chat,
 )
 from .errors import error_envelope, openai_body
@@ -75,17 +76,27 @@ def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     return {"type": "reasoning", "id": item_id, "status": status, "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
 
 
-def _call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
-    return {"type": "function_call", "id": item_id, "status": status, "call_id": call.id, "name": call.name,
+Namespaces = dict[str, tuple[str, str]]  # the model's name of a namespaced function -> (namespace, its own name)
+
+
+def _call_item(item_id: str, call: ToolCall, status: str = "completed", namespaces: Namespaces | None = None) -> dict[str, Any]:
+    item = {"type": "function_call", "id": item_id, "status": status, "call_id": call.id, "name": call.name,
             "arguments": call.arguments if status == "completed" else ""}
+    if namespaces and call.name in namespaces:  # Codex: a namespace's function is called by namespace and name
+        item["namespace"], item["name"] = namespaces[call.name]
+    return item
 
 
-def _output(result: ChoiceResult, status: str, tokenizer: Tokenizer | None) -> list[dict[str, Any]]:
+def _namespaces(data: dict[str, Any]) -> Namespaces:
+    return {t["name"]: (t["namespace"], t["name"][len(t["namespace"]):]) for t in data.get("tools") or [] if t.get("namespace")}
+
+
+def _output(result: ChoiceResult, status: str, tokenizer: Tokenizer | None, namespaces: Namespaces) -> list[dict[str, Any]]:
     items = [_reasoning_item(_new_id("rs"), result.reasoning, "completed")] if result.reasoning else []
     if result.text or not result.tool_calls:
         logprobs = token_logprobs(result.logprobs, tokenizer) if tokenizer else None
         items.append(_message_item(_new_id("msg"), result.text, status, logprobs))
-    return items + [_call_item(_new_id("fc"), call) for call in result.tool_calls]
+    return items + [_call_item(_new_id("fc"), call, namespaces=namespaces) for call in result.tool_calls]
 
 
 def _status(finish: Finish) -> str:
@@ -105,7 +116,8 @@ class _ResponseFields:
             "parallel_tool_calls": data.get("parallel_tool_calls") is not False,
             "tool_choice": {"type": "function", "name": name} if name else mode,
             "tools": [{"type": "function", "name": t["name"], "description": t.get("description"),
-                       "parameters": t.get("parameters"), "strict": t.get("strict")} for t in data.get("tools") or []],
+                       "parameters": t.get("parameters"), "strict": t.get("strict")} for t in data.get("tools") or []
+                      if not t.get("namespace")],
             "store": False, "text": {"format": fmt}, "top_logprobs": data.get("top_logprobs"),
         }
 
@@ -126,6 +138,7 @@ class _ResponseFields:
 def create_response():
     data = load(SCHEMA, json_body())
     check_model(data["model"])
+    set_aside_tools(data)
     messages = _history(data)
     check_limits(len(messages), data.get("max_output_tokens"), tools=len(data.get("tools") or []))
     fmt = (data.get("text") or {}).get("format") or {}
@@ -141,21 +154,22 @@ def create_response():
     fields = _ResponseFields(data, events.request.temperature, events.request.top_p)
     tokenizer = runtime().model.tokenizer if want_logprobs else None  # resolved here: a stream runs outside the app
     if data.get("stream"):
-        stream = _ResponseStream(fields, tokenizer)
+        stream = _ResponseStream(fields, tokenizer, _namespaces(data))
         return event_stream(stream.body(events), events, stream.failed)
 
     results, done = collect_chat(events, 1)
     results[0].finish.raise_failure()
     status = _status(results[0].finish)
-    return json_response(fields.response(status, _output(results[0], status, tokenizer), done))
+    return json_response(fields.response(status, _output(results[0], status, tokenizer, _namespaces(data)), done))
 
 
 class _Items:
     """The stream's output items, each opened when its first delta arrives and closed when another kind starts."""
 
-    def __init__(self, event, tokenizer: Tokenizer | None):
+    def __init__(self, event, tokenizer: Tokenizer | None, namespaces: Namespaces | None = None):
         self.event = event  # makes one numbered SSE event
         self.tokenizer = tokenizer  # given when the request asked for logprobs
+        self.namespaces = namespaces or {}
         self.done: list[dict[str, Any]] = []
         self.kind: str | None = None
         self.item_id = ""
@@ -195,7 +209,8 @@ class _Items:
             yield from self.close()
             self.kind, self.item_id = f"call {delta.id}", _new_id("fc")
             call = ToolCall(delta.index, delta.call_index, delta.id, delta.name, "", ())
-            yield self.event("response.output_item.added", output_index=self.index, item=_call_item(self.item_id, call, "in_progress"))
+            item = _call_item(self.item_id, call, "in_progress", self.namespaces)
+            yield self.event("response.output_item.added", output_index=self.index, item=item)
         yield self.event("response.function_call_arguments.delta", item_id=self.item_id, output_index=self.index, delta=delta.fragment)
 
     def call(self, call: ToolCall) -> Iterator[str]:
@@ -204,12 +219,12 @@ class _Items:
         else:
             yield from self.close()
             item_id = _new_id("fc")
-            yield self.event("response.output_item.added", output_index=self.index, item=_call_item(item_id, call, "in_progress"))
+            yield self.event("response.output_item.added", output_index=self.index, item=_call_item(item_id, call, "in_progress", self.namespaces))
             for fragment in call.fragments:
                 yield self.event("response.function_call_arguments.delta", item_id=item_id, output_index=self.index, delta=fragment)
+        item = _call_item(item_id, call, namespaces=self.namespaces)
         yield self.event("response.function_call_arguments.done", item_id=item_id, output_index=self.index,
-                         arguments=call.arguments, name=call.name)
-        item = _call_item(item_id, call)
+                         arguments=call.arguments, name=item["name"])
         yield self.event("response.output_item.done", output_index=self.index, item=item)
         self.done.append(item)
 
@@ -235,10 +250,10 @@ class _Items:
 class _ResponseStream:
     """One response's stream: numbered events, and the output items so far (so that it can fail at any point)."""
 
-    def __init__(self, fields: _ResponseFields, tokenizer: Tokenizer | None = None):
+    def __init__(self, fields: _ResponseFields, tokenizer: Tokenizer | None = None, namespaces: Namespaces | None = None):
         self.fields = fields
         self._sequence = itertools.count()
-        self.items = _Items(self.event, tokenizer)
+        self.items = _Items(self.event, tokenizer, namespaces)
 
     def event(self, kind: str, **payload: Any) -> str:
         return sse({"type": kind, "sequence_number": next(self._sequence), **payload}, kind)

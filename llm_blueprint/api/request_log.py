@@ -38,6 +38,8 @@ def _begin() -> None:
 
 def _end(response: Response) -> Response:
     response.headers["X-Request-Id"] = request_id()
+    if g.get("llm_omitted_tools"):  # tools the request gave that the model did not see (api/common.set_aside_tools)
+        response.headers["LLM-Omitted-Tools"] = ", ".join(g.llm_omitted_tools)
     endpoint = (request.endpoint or "").split(".")[-1]
     if endpoint in OPEN_ENDPOINTS:
         return response

@@ -8,6 +8,7 @@ from typing import Any
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from .common import RequestSchema, StrictBool, StrictFloat, StrictInt, StrictStr, join_text_parts
+from .tools import ToolList
 
 UNSERVABLE_BLOCKS = {
     "image": "image blocks are not supported: this model reads text only",
@@ -149,9 +150,6 @@ class AnthropicToolSchema(RequestSchema):
 
     @validates_schema
     def _client_tool(self, data, **kwargs):
-        if data.get("type") not in (None, "custom"):
-            raise ValidationError(f"server tools ({data['type']}) are not supported; "
-                                  "only client tools (name, description, input_schema)", field_name="type")
         if "input_schema" not in data:
             raise ValidationError("is required", field_name="input_schema")
 
@@ -187,7 +185,8 @@ class CountTokensRequestSchema(RequestSchema):
     model = StrictStr(required=True)
     messages = fields.List(fields.Nested(MessageSchema), required=True, validate=validate.Length(min=1))
     system = SystemPrompt(allow_none=True)
-    tools = fields.List(fields.Nested(AnthropicToolSchema), allow_none=True)
+    # Server tools (web_search_…, code_execution_…) and Anthropic's schema-less client tools (bash_…): set aside
+    tools = ToolList(AnthropicToolSchema(), serves=lambda tool: tool.get("type") in (None, "custom"))
     tool_choice = fields.Nested(ToolChoiceSchema, allow_none=True)
     thinking = fields.Nested(ThinkingSchema, allow_none=True)
     output_config = fields.Nested(OutputConfigSchema, allow_none=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from .common import RequestSchema, StrictBool, StrictFloat, StrictInt, StrictStr, StringOrList, join_text_parts
+from .tools import ToolList
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 UNSUPPORTED_PART_TYPES = {"image_url": "images", "input_audio": "audio", "file": "files", "refusal": None}
@@ -138,7 +139,7 @@ class ChatCompletionRequestSchema(SamplingFields):
     max_completion_tokens = StrictInt(allow_none=True, validate=validate.Range(1))
     logprobs = StrictBool(load_default=False, allow_none=True)
     top_logprobs = StrictInt(allow_none=True, validate=validate.Range(0, 20))
-    tools = fields.List(fields.Nested(ToolSchema), allow_none=True)
+    tools = ToolList(ToolSchema(), serves=lambda tool: tool.get("type") == "function")
     tool_choice = ToolChoiceField(allow_none=True)
     parallel_tool_calls = StrictBool(allow_none=True)
     response_format = fields.Nested(ResponseFormatSchema, allow_none=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from .common import RequestSchema, StrictBool, StrictFloat, StrictInt, StrictStr, first_error, join_text_parts
+from .tools import ToolList
 
 INPUT_ROLES = ("user", "assistant", "system", "developer")
 TEXT_PART_TYPES = frozenset({"input_text", "output_text", "text"})
@@ -55,7 +56,9 @@ class ResponsesInput(fields.Field):
             if kind == "reasoning":
                 continue  # replayed reasoning carries nothing the prompt needs
             if kind == "function_call":
-                items.append({"type": kind, "call_id": _string(item, "call_id", where), "name": _string(item, "name", where),
+                namespace = item.get("namespace") if isinstance(item.get("namespace"), str) else ""
+                items.append({"type": kind, "call_id": _string(item, "call_id", where),
+                              "name": namespace + _string(item, "name", where),
                               "arguments": _string(item, "arguments", where), "where": where})
             elif kind == "function_call_output":
                 output = item.get("output")
@@ -81,6 +84,20 @@ class FunctionToolSchema(RequestSchema):
     description = StrictStr(allow_none=True)
     parameters = fields.Dict(allow_none=True)
     strict = StrictBool(allow_none=True)
+    namespace = StrictStr(allow_none=True)  # set for the functions of a Codex namespace (below)
+
+
+def namespace_tools(tool: dict) -> list[dict] | None:
+    """Codex CLI's ``{"type": "namespace", "name", "description", "tools": [function tools]}``: its functions, each
+    seen by the model under the namespace's name followed by its own (Codex's wire name, ``mcp__server__`` +
+    ``search``), and answered as a function call with ``namespace`` and ``name`` apart, as Codex reads it."""
+    if tool.get("type") != "namespace":
+        return None
+    namespace, inner = tool.get("name"), tool.get("tools")
+    if not isinstance(namespace, str) or not isinstance(inner, list):
+        raise ValidationError("a namespace tool needs a name and a list of tools")
+    return [{**t, "name": f"{namespace}{t.get('name')}", "namespace": namespace}
+            if isinstance(t, dict) and t.get("type") == "function" else t for t in inner]
 
 
 class ToolChoiceField(fields.Field):
@@ -125,7 +142,7 @@ class ResponsesRequestSchema(RequestSchema):
     stream = StrictBool(allow_none=True)
     store = StrictBool(allow_none=True)
     previous_response_id = StrictStr(allow_none=True)
-    tools = fields.List(fields.Nested(FunctionToolSchema), allow_none=True)
+    tools = ToolList(FunctionToolSchema(), serves=lambda tool: tool.get("type") == "function", expand=namespace_tools)
     tool_choice = ToolChoiceField(allow_none=True)
     parallel_tool_calls = StrictBool(allow_none=True)
     text = fields.Nested(TextSchema, allow_none=True)
