@@ -163,7 +163,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_CORS_ORIGINS", None, _key_list, "origins allowed to call the API from browsers; none = CORS off"),
     Setting("LLM_METRICS_TOKEN", None, _optional_str, "bearer token required on /metrics; none = open"),
     Setting("LLM_LOG_JSON", False, _bool, "log one JSON object per line (llm_blueprint logger only)"),
-    Setting("LLM_LOG_PROMPTS", False, _bool, "log request bodies, prompts included (off: never logged); outputs are never logged"),
+    Setting("LLM_LOG_PROMPTS", False, _bool, "log request bodies whole, prompts included (in the message; with "
+            "LLM_LOG_JSON a body field); off: never logged; outputs are never logged"),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}

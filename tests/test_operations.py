@@ -235,3 +235,10 @@ def test_n_ceiling_and_prompt_logging_switch(default_model_dir, caplog):
         too_many = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "secret-xyz"}], "n": 3})
     assert too_many.status_code == 400 and too_many.json["error"]["param"] == "n"
     assert any("secret-xyz" in str(getattr(r, "body", "")) for r in caplog.records)  # logged only because it was enabled
+    # plain logs carry the body in the message, whole: an agent's 76 KB request is not cut
+    long_text = "long-" * 20000
+    with caplog.at_level(logging.INFO, logger="llm_blueprint"):
+        client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": long_text + "end-marker"}],
+                                                  "n": 3})
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request body (")]
+    assert any(long_text in m and "end-marker" in m for m in logged)

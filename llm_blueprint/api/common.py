@@ -41,8 +41,14 @@ def json_body() -> Any:
         raise RequestTooLarge(runtime().settings["LLM_MAX_BODY_BYTES"]) from None
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
-    if runtime().settings["LLM_LOG_PROMPTS"]:  # off by default: prompts are private
-        log.info("request body", extra={"body": raw[:20000].decode("utf-8", errors="replace")})
+    settings = runtime().settings
+    if settings["LLM_LOG_PROMPTS"]:  # off by default: prompts are private
+        # Whole (an agent's body is about 76 KB): in the message for plain logs, a field of its own for JSON lines.
+        body = raw.decode("utf-8", errors="replace")
+        if settings["LLM_LOG_JSON"]:
+            log.info("request body (%d bytes)", len(raw), extra={"body": body})
+        else:
+            log.info("request body (%d bytes): %s", len(raw), body, extra={"body": body})
     try:
         return json.loads(raw)
     except UnicodeDecodeError:

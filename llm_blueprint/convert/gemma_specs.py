@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ConversionError
 from .source import ModelSource
-from .spec_parts import ACTIVATIONS, Spec, Weights, embeddings_and_head, from_config, progress, qkv
+from .spec_parts import ACTIVATIONS, Spec, Weights, embeddings_and_head, from_config, gated_mlp, progress, qkv
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,7 @@ def _gemma(source: ModelSource, quantization: str, show_progress: bool, qk_norm:
                 norm.layer_norm_use_residual = True
             attention.linear[0].weight = qkv(w, p, "weight")
             attention.linear[1].weight = w(p + "self_attn.o_proj.weight")
-            layer.ffn.linear_0.weight = w(p + "mlp.gate_proj.weight")
-            layer.ffn.linear_0_noact.weight = w(p + "mlp.up_proj.weight")
-            layer.ffn.linear_1.weight = w(p + "mlp.down_proj.weight")
+            gated_mlp(layer.ffn, w, p)
             w.finish(layer)
     return spec
 
@@ -155,9 +153,7 @@ def build_gemma4_spec(source: ModelSource, quantization: str, show_progress: boo
             attention.q_norm.gamma, attention.k_norm.gamma = q_norm, k_norm
             attention.v_norm.gamma = np.ones(head_dim, dtype=np.float32)
             attention.linear[1].weight = w(p + "self_attn.o_proj.weight")
-            layer.ffn.linear_0.weight = w(p + "mlp.gate_proj.weight")
-            layer.ffn.linear_0_noact.weight = w(p + "mlp.up_proj.weight")
-            layer.ffn.linear_1.weight = w(p + "mlp.down_proj.weight")
+            gated_mlp(layer.ffn, w, p)
             if w.has(p + "layer_scalar"):
                 layer.layer_scalar = np.float32(w(p + "layer_scalar").reshape(-1)[0])
             w.finish(layer)

@@ -38,6 +38,7 @@ from .spec_parts import (
     Weights,
     embeddings_and_head,
     from_config,
+    gated_mlp,
     progress,
     qkv,
     rotary_scale,
@@ -74,9 +75,7 @@ def _llama_like(source: ModelSource, quantization: str, show_progress: bool, qk_
             if gemma:
                 attention.layer_norm.layer_norm_use_residual = True
                 layer.ffn.layer_norm.layer_norm_use_residual = True
-            layer.ffn.linear_0.weight = w(p + "mlp.gate_proj.weight")
-            layer.ffn.linear_0_noact.weight = w(p + "mlp.up_proj.weight")
-            layer.ffn.linear_1.weight = w(p + "mlp.down_proj.weight")
+            gated_mlp(layer.ffn, w, p)
             w.finish(layer)
     return spec
 

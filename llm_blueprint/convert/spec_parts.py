@@ -117,3 +117,10 @@ def progress(config: DecoderConfig, enabled: bool) -> tqdm:
     """One step per layer, plus the embeddings, the final norm and an untied head."""
     total = config.num_layers + (2 if config.tie_word_embeddings else 3)
     return tqdm(total=total, desc="converting", unit="part", disable=not enabled, leave=False)
+
+
+def gated_mlp(ffn, w: Weights, prefix: str) -> None:
+    """A gated MLP's three projections (SwiGLU, GeGLU) into the layer's feed-forward spec."""
+    ffn.linear_0.weight = w(prefix + "mlp.gate_proj.weight")
+    ffn.linear_0_noact.weight = w(prefix + "mlp.up_proj.weight")
+    ffn.linear_1.weight = w(prefix + "mlp.down_proj.weight")
