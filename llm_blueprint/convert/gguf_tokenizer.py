@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import ConversionError
 from .gguf_file import GGUFFile
-from .source import Vocabulary
+from .source import Vocabulary, fit_to_embeddings
 
 # GGUF token types (llama.cpp's llama_token_type), identical to SentencePiece's.
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -225,5 +225,5 @@ def write_tokenizer_files(gguf: GGUFFile, out_dir: str, context_length: int, row
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation, f, indent=2)
     if rows is not None and rows > len(tokens):  # embeddings padded past the tokenizer (as real models pad them)
-        tokens = tokens + [f"<extra_id_{i}>" for i in range(len(tokens), rows)]
+        tokens = fit_to_embeddings(tokens, rows, gguf.path)
     return Vocabulary(tokens=tokens, bos=specials["bos"], eos=specials["eos"], unk=specials["unk"])

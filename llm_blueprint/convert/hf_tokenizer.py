@@ -20,7 +20,7 @@ import shutil
 from typing import Any
 
 from ..errors import ConversionError
-from .source import Vocabulary
+from .source import Vocabulary, fit_to_embeddings
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 PIECE_NORMAL, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED = 1, 3, 4, 5
@@ -102,26 +102,6 @@ def _write_sentencepiece(source: str, out_path: str, added: dict[int, tuple[str,
     return [p.piece for p in model.pieces]
 
 
-def _fit_to_embeddings(tokens: list[str | None], vocab_size: int, folder: str) -> list[str]:
-    """One unique string per embedding row: gaps and rows past the tokenizer get placeholders."""
-    if len(tokens) > vocab_size:
-        if any(t is not None for t in tokens[vocab_size:]):
-            extra = len(tokens) - vocab_size
-            raise ConversionError(f"{folder}: the tokenizer has {extra} more tokens than the embeddings have rows")
-        tokens = tokens[:vocab_size]
-    taken = {t for t in tokens if t is not None}
-    out: list[str] = []
-    for i in range(vocab_size):
-        token = tokens[i] if i < len(tokens) else None
-        if token is None:
-            token = f"<extra_id_{i}>"
-            while token in taken:
-                token = "<" + token + ">"
-            taken.add(token)
-        out.append(token)
-    return out
-
-
 def write_tokenizer_files(folder: str, out_dir: str, hf_config: dict[str, Any], vocab_size: int) -> Vocabulary:
     """Write the folder's tokenizer files into ``out_dir`` and return the vocabulary (``vocab_size`` rows)."""
     tokenizer_config = _load_json(os.path.join(folder, "tokenizer_config.json")) or {}
@@ -136,7 +116,7 @@ def write_tokenizer_files(folder: str, out_dir: str, hf_config: dict[str, Any], 
         tokenizer_config.setdefault("add_bos_token", True)  # LlamaTokenizer's and GemmaTokenizer's default
     else:
         raise ConversionError(f"{folder}: no tokenizer found; looked for tokenizer.json and tokenizer.model")
-    tokens = _fit_to_embeddings(raw_tokens, vocab_size, folder)
+    tokens = fit_to_embeddings(raw_tokens, vocab_size, folder)
 
     generation = _load_json(os.path.join(folder, "generation_config.json"))
     if generation is None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ConversionError
 from .model_config import DecoderConfig
 
 
@@ -56,3 +57,23 @@ class ModelSource(abc.ABC):
 
 def is_ctranslate2_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model.bin")) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def fit_to_embeddings(tokens: list[str | None], vocab_size: int, path: str) -> list[str]:
+    """One unique string per embedding row: gaps and rows past the tokenizer get placeholders (``<extra_id_N>``)."""
+    if len(tokens) > vocab_size:
+        if any(t is not None for t in tokens[vocab_size:]):
+            extra = len(tokens) - vocab_size
+            raise ConversionError(f"{path}: the tokenizer has {extra} more tokens than the embeddings have rows")
+        tokens = tokens[:vocab_size]
+    taken = {t for t in tokens if t is not None}
+    out: list[str] = []
+    for i in range(vocab_size):
+        token = tokens[i] if i < len(tokens) else None
+        if token is None:
+            token = f"<extra_id_{i}>"
+            while token in taken:
+                token = "<" + token + ">"
+            taken.add(token)
+        out.append(token)
+    return out
