@@ -157,6 +157,30 @@ class GenerationFailed(LLMBlueprintError):
         super().__init__(self.message)
 
 
+class ModelInUse(InvalidRequest):
+    """An operator asked to unload a model that is generating (409)."""
+
+
+class AdminRoutesOff(LLMBlueprintError):
+    """The admin routes need LLM_ADMIN_KEYS (403)."""
+
+    def __init__(self):
+        self.message = "the admin routes are off on this server (set LLM_ADMIN_KEYS)"
+        self.code = "admin_routes_off"
+        super().__init__(self.message)
+
+
+class ModelBusy(LLMBlueprintError):
+    """A model cannot load now: the loaded models it would replace are all generating (LLM_MAX_LOADED_MODELS)."""
+
+    def __init__(self, model_id: str, cap: int | None, retry_after: int = 5):
+        room = f"{cap} loaded at most" if cap else "no memory for one more"
+        self.message = (f"the model {model_id!r} is not loaded and cannot be now: every loaded chat model is generating "
+                        f"({room}); retry in {retry_after} s")
+        self.retry_after = retry_after
+        super().__init__(self.message)
+
+
 class EngineShutDown(LLMBlueprintError):
     """The engine is stopping or stopped and takes no new work."""
 

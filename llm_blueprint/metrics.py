@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _multiprocess
@@ -20,12 +21,22 @@ from .events import Done, Event, EventStream, TextDelta
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 REQUESTS = Counter("llm_requests_total", "API requests by route and status", ["route", "status"])
-TOKENS = Counter("llm_tokens_total", "Tokens processed, by direction (prompt, completion)", ["direction"])
-TIME_TO_FIRST_TOKEN = Histogram("llm_time_to_first_token_seconds", "From request to first generated text", buckets=LATENCY_BUCKETS)
+# Chat models: a series per served model id (label ``model``).
+TOKENS = Counter("llm_tokens_total", "Tokens processed, by direction (prompt, completion) and model", ["direction", "model"])
+TIME_TO_FIRST_TOKEN = Histogram("llm_time_to_first_token_seconds", "From request to first generated text", ["model"],
+                                buckets=LATENCY_BUCKETS)
 DURATION = Histogram("llm_request_duration_seconds", "From request to the end of its response", ["route"], buckets=LATENCY_BUCKETS)
-QUEUE_DEPTH = Gauge("llm_queue_depth", "Completions waiting for an engine batch", multiprocess_mode="livesum")
-IN_FLIGHT = Gauge("llm_in_flight_requests", "Generations queued or running", multiprocess_mode="livesum")
-BATCH_SIZE = Histogram("llm_batch_size", "Completions per engine batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
+QUEUE_DEPTH = Gauge("llm_queue_depth", "Completions waiting for an engine batch", ["model"], multiprocess_mode="livesum")
+IN_FLIGHT = Gauge("llm_in_flight_requests", "Generations queued or running", ["model"], multiprocess_mode="livesum")
+BATCH_SIZE = Histogram("llm_batch_size", "Completions per engine batch", ["model"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
+MODEL_LOADED = Gauge("llm_model_loaded", "Whether a chat model is resident (1) or not (0), per worker", ["model"],
+                     multiprocess_mode="livesum")
+MODEL_LOADS = Counter("llm_model_loads_total", "Chat model loads", ["model"])
+MODEL_LOAD_SECONDS = Histogram("llm_model_load_seconds", "Time to load a chat model (conversion included)", ["model"],
+                               buckets=LATENCY_BUCKETS)
+MODEL_UNLOADS = Counter("llm_model_unloads_total", "Chat model unloads, by reason (lru: room for another under "
+                        "LLM_MAX_LOADED_MODELS, memory: room for another in memory, idle, admin)", ["model", "reason"])
+RESIDENT_MEMORY = Gauge("llm_resident_memory_bytes", "Resident memory of the worker process", multiprocess_mode="livesum")
 REJECTIONS = Counter("llm_rejections_total", "Requests refused before generation, by reason", ["reason"])
 RATE_LIMIT_UNCHECKED = Counter("llm_rate_limit_unchecked_total",
                                "Requests whose rate limit could not be checked (its storage failed), by what was done: "
@@ -60,105 +71,112 @@ def drain_encoder(model_id: str, engine) -> None:
 
 
 PROMPT_CACHE = Counter("llm_prompt_cache_total", "Prompt cache decisions: hit (a held prefix used), miss (a prefix "
-                       "computed and stored)", ["result"])
+                       "computed and stored)", ["result", "model"])
 PROMPT_CACHE_TOKENS = Counter("llm_prompt_cache_tokens_total", "Prompt tokens read from the prompt cache (read) or "
-                              "stored in it (written)", ["direction"])
-PROMPT_CACHE_BYTES = Gauge("llm_prompt_cache_bytes", "Memory held by the prompt cache's states", multiprocess_mode="livesum")
-PROMPT_CACHE_SWAPS = Counter("llm_prompt_cache_swaps_total", "Fresh generators swapped in because the prompt cache was full")
+                              "stored in it (written)", ["direction", "model"])
+PROMPT_CACHE_BYTES = Gauge("llm_prompt_cache_bytes", "Memory held by the prompt cache's states", ["model"],
+                           multiprocess_mode="livesum")
+PROMPT_CACHE_SWAPS = Counter("llm_prompt_cache_swaps_total", "Fresh generators swapped in because the prompt cache was "
+                             "full", ["model"])
 RESTARTS = Counter("llm_batch_restarts_total", "Entries whose batch stopped and started again with waiting requests "
                    "(young: a young batch taking in arrivals; merged: an older one merged with them), and "
-                   "constrained entries resumed after a refused token (resume)", ["kind"])
+                   "constrained entries resumed after a refused token (resume)", ["kind", "model"])
 INVARIANT_VIOLATIONS = Counter("llm_generation_invariant_violations_total", "Completions ended with an error because "
-                               "the engine's tokens did not continue exactly what it had fed (should stay 0)")
+                               "the engine's tokens did not continue exactly what it had fed (should stay 0)", ["model"])
 SHARED_HEAD_TOKENS = Counter("llm_prompt_shared_head_tokens_total", "Prompt tokens not prefilled because the prompts of "
-                             "their batch share them (prefilled once for the batch)")
+                             "their batch share them (prefilled once for the batch)", ["model"])
 
 
-class _CacheReader:
-    """Moves the prompt cache's counters (kept by native threads) into the metrics."""
+def model_loaded(model_id: str, seconds: float) -> None:
+    MODEL_LOADS.labels(model_id).inc()
+    MODEL_LOAD_SECONDS.labels(model_id).observe(seconds)
+    MODEL_LOADED.labels(model_id).set(1)
+
+
+def model_unloaded(model_id: str, reason: str) -> None:
+    MODEL_UNLOADS.labels(model_id, reason).inc()
+    MODEL_LOADED.labels(model_id).set(0)
+
+
+class _EngineReader:
+    """Moves an engine's counters (kept by its native threads: batch sizes, shared heads, restarts, invariant
+    violations, the prompt cache's decisions) into the metrics, counting each engine from where it was last read (a
+    reloaded model's new engine starts from zero)."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, int] = {}
+        self._seen: weakref.WeakKeyDictionary[Engine, dict[str, int]] = weakref.WeakKeyDictionary()
 
-    def drain(self, engine: Engine) -> None:
+    def _count(self, seen: dict[str, int], name: str, value: int, metric) -> None:
+        if value > seen.get(name, 0):
+            metric.inc(value - seen.get(name, 0))
+        seen[name] = value
+
+    def drain(self, model_id: str, engine: Engine) -> None:
+        seen = self._seen.setdefault(engine, {})
+        sizes = engine.batch_sizes
+        end = len(sizes)
+        for size in sizes[seen.get("batches", 0):end]:
+            BATCH_SIZE.labels(model_id).observe(size)
+        seen["batches"] = end
+        self._count(seen, "head", engine.shared_head_tokens_saved, SHARED_HEAD_TOKENS.labels(model_id))
+        for kind, value in engine.restarts.items():
+            self._count(seen, kind, value, RESTARTS.labels(kind, model_id))
+        self._count(seen, "resume", engine.resumes, RESTARTS.labels("resume", model_id))
+        self._count(seen, "violations", engine.invariant_violations, INVARIANT_VIOLATIONS.labels(model_id))
+        QUEUE_DEPTH.labels(model_id).set(engine.queued)
         cache = engine.prompt_cache
         if cache is None:
             return
-        for name, metric in (("hits", PROMPT_CACHE.labels("hit")), ("misses", PROMPT_CACHE.labels("miss")),
-                             ("read_tokens", PROMPT_CACHE_TOKENS.labels("read")),
-                             ("written_tokens", PROMPT_CACHE_TOKENS.labels("written")), ("swaps", PROMPT_CACHE_SWAPS)):
-            value = getattr(cache, name)
-            if value > self._seen.get(name, 0):
-                metric.inc(value - self._seen.get(name, 0))
-            self._seen[name] = value
-        PROMPT_CACHE_BYTES.set(cache.held_bytes)
+        for name, metric in (("hits", PROMPT_CACHE.labels("hit", model_id)), ("misses", PROMPT_CACHE.labels("miss", model_id)),
+                             ("read_tokens", PROMPT_CACHE_TOKENS.labels("read", model_id)),
+                             ("written_tokens", PROMPT_CACHE_TOKENS.labels("written", model_id)),
+                             ("swaps", PROMPT_CACHE_SWAPS.labels(model_id))):
+            self._count(seen, "cache_" + name, getattr(cache, name), metric)
+        PROMPT_CACHE_BYTES.labels(model_id).set(cache.held_bytes)
 
 
-cache_reader = _CacheReader()
+engine_reader = _EngineReader()
 
 
-class _BatchSizeReader:
-    """Moves new entries of ``engine.batch_sizes`` (appended by native threads) into the histogram, and the growth of
-    the engine's counters (shared heads, restarts, invariant violations) into theirs."""
-
-    def __init__(self) -> None:
-        self._seen = 0
-        self._counted: dict[str, int] = {}
-
-    def _count(self, name: str, value: int, metric) -> None:
-        if value > self._counted.get(name, 0):
-            metric.inc(value - self._counted.get(name, 0))
-        self._counted[name] = value
-
-    def drain(self, engine: Engine) -> None:
-        sizes = engine.batch_sizes
-        end = len(sizes)
-        for size in sizes[self._seen:end]:
-            BATCH_SIZE.observe(size)
-        self._seen = end
-        self._count("head", engine.shared_head_tokens_saved, SHARED_HEAD_TOKENS)
-        for kind, value in engine.restarts.items():
-            self._count(kind, value, RESTARTS.labels(kind))
-        self._count("resume", engine.resumes, RESTARTS.labels("resume"))
-        self._count("violations", engine.invariant_violations, INVARIANT_VIOLATIONS)
-
-
-batch_sizes = _BatchSizeReader()
-
-
-def observe(engine: Engine, stream: EventStream[Event]) -> EventStream[Event]:
+def observe(model_id: str, engine: Engine, stream: EventStream[Event]) -> EventStream[Event]:
     """Counts a generation in flight until its stream ends (closed before its first event included);
     time to first token, token counters, queue depth and batch sizes as its events pass."""
     started = time.monotonic()
     waiting_for_text = True
-    IN_FLIGHT.inc()
-    QUEUE_DEPTH.set(engine.queued)
+    in_flight = IN_FLIGHT.labels(model_id)
+    in_flight.inc()
+    QUEUE_DEPTH.labels(model_id).set(engine.queued)
 
     def on_event(event: Event) -> None:
         nonlocal waiting_for_text
         if waiting_for_text and isinstance(event, TextDelta):
             waiting_for_text = False
-            TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
-            QUEUE_DEPTH.set(engine.queued)
+            TIME_TO_FIRST_TOKEN.labels(model_id).observe(time.monotonic() - started)
+            QUEUE_DEPTH.labels(model_id).set(engine.queued)
         elif isinstance(event, Done):
-            TOKENS.labels("prompt").inc(event.prompt_tokens)
-            TOKENS.labels("completion").inc(event.completion_tokens)
+            TOKENS.labels("prompt", model_id).inc(event.prompt_tokens)
+            TOKENS.labels("completion", model_id).inc(event.completion_tokens)
 
     def on_close() -> None:
-        IN_FLIGHT.dec()
-        QUEUE_DEPTH.set(engine.queued)
-        batch_sizes.drain(engine)
-        cache_reader.drain(engine)
+        in_flight.dec()
+        engine_reader.drain(model_id, engine)
 
     return stream.watch(on_event, on_close)
 
 
-def render(engine: Engine | None) -> tuple[bytes, str]:
-    """The exposition text of every worker's metrics."""
-    if engine is not None:
-        QUEUE_DEPTH.set(engine.queued)
-        batch_sizes.drain(engine)
-        cache_reader.drain(engine)
+def resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def render(engines: list[tuple[str, Engine]]) -> tuple[bytes, str]:
+    """The exposition text of every worker's metrics; ``engines``: the loaded chat models' (id, engine)."""
+    for model_id, engine in engines:
+        engine_reader.drain(model_id, engine)
+    RESIDENT_MEMORY.set(resident_bytes())
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)

@@ -1,8 +1,8 @@
-"""The models one blueprint serves, by id and kind: the chat model plus any number of embedding and rerank models.
+"""The models one blueprint serves, by id and kind: chat models, and any number of embedding and rerank models.
 
-The chat model stays the :class:`~llm_blueprint.runtime.Runtime`'s own (``LLM_MODEL_PATH``/``LLM_MODEL_ID``, or
-the embedded default: the zero-configuration case). ``LLM_MODELS`` adds models beside it; a ``chat`` entry there
-names the chat model instead of ``LLM_MODEL_PATH`` (one chat model per blueprint). Every route asks
+The default chat model is ``LLM_MODEL_PATH``/``LLM_MODEL_ID`` (or the embedded default: the zero-configuration
+case); ``LLM_MODELS`` adds models beside it. Its ``chat`` entries are further chat models (chat_models.py loads
+and unloads them); without ``LLM_MODEL_PATH``, the first of them is the default one. Every route asks
 :meth:`Registry.resolve` for the id it was given and the kind it serves: an unknown id is a 404, an id of another
 kind a 400, each in the route's protocol envelope.
 
@@ -29,7 +29,25 @@ log = logging.getLogger("llm_blueprint")
 CHAT, EMBEDDING, RERANK = "chat", "embedding", "rerank"
 PACKAGED = "<packaged>"  # the path of the embedding model shipped in a package (all-MiniLM-L6-v2), resolved at load
 KINDS = (CHAT, EMBEDDING, RERANK)
-ENTRY_OPTIONS = {"path", "kind", "pooling", "normalize", "dimensions", "compute_type", "threads", "replicas"}
+ENTRY_OPTIONS = {"path", "kind", "pooling", "normalize", "dimensions", "compute_type", "threads", "replicas",
+                 "chat_template", "context_length"}
+
+
+# What an LLM_MODELS chat entry may set, and the setting each one overrides for that model.
+CHAT_ENTRY_SETTINGS = {
+    "path": "LLM_MODEL_PATH", "chat_template": "LLM_CHAT_TEMPLATE", "context_length": "LLM_CONTEXT_LENGTH",
+    "compute_type": "LLM_COMPUTE_TYPE", "threads": "LLM_INTRA_THREADS", "replicas": "LLM_INTER_THREADS",
+}
+
+
+def entry_settings(settings: dict[str, Any], model_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The blueprint's settings with a chat entry of LLM_MODELS applied (its id, path and own options)."""
+    own = dict(settings)
+    own["LLM_MODEL_ID"] = model_id
+    for option, key in CHAT_ENTRY_SETTINGS.items():
+        if spec.get(option) is not None:
+            own[key] = spec[option]
+    return own
 
 
 @dataclass
@@ -77,6 +95,7 @@ class Registry:
         self._lock = threading.Lock()  # a greenlet lock under gevent, a thread lock otherwise
         self._loading = False
         self._chat_from_models = False
+        self.chat_specs: dict[str, dict[str, Any]] = {}  # chat models beside the default one, by id
         from .engine.default_model import DEFAULT_EMBEDDING_NAME
 
         for model_id, spec in (settings.get("LLM_MODELS") or {}).items():
@@ -97,8 +116,8 @@ class Registry:
                 continue
             self.entries[model_id] = ModelEntry(model_id, kind, spec["path"], {k: v for k, v in spec.items() if k != "path"})
         self._add_packaged_embedding_model()
-        if self.chat_id in self.entries:
-            raise ValueError(f"LLM_MODELS: {self.chat_id!r} is already the chat model's id")
+        if self.chat_id in self.entries or self.chat_id in self.chat_specs:
+            raise ValueError(f"LLM_MODELS: {self.chat_id!r} is already the default chat model's id")
         chat_path = settings.get("LLM_MODEL_PATH")
         if chat_path and os.path.exists(chat_path) and model_kind(chat_path) != CHAT:
             raise ValueError(f"LLM_MODEL_PATH {chat_path} is an {model_kind(chat_path)} model, not a chat model: serve it "
@@ -116,15 +135,16 @@ class Registry:
         self.entries[DEFAULT_EMBEDDING_NAME] = ModelEntry(DEFAULT_EMBEDDING_NAME, EMBEDDING, PACKAGED)
 
     def _set_chat_model(self, model_id: str, spec: dict[str, Any]) -> None:
-        """A chat entry of LLM_MODELS is the blueprint's chat model (there is one)."""
+        """A chat entry of LLM_MODELS: the default chat model when it names LLM_MODEL_PATH's model, or when
+        LLM_MODEL_PATH is unset and it comes first; otherwise a chat model beside it."""
         settings = self.settings
-        if settings.get("LLM_MODEL_PATH") and os.path.abspath(settings["LLM_MODEL_PATH"]) != os.path.abspath(spec["path"]):
-            raise ValueError(f"LLM_MODELS[{model_id!r}] is a chat model, but LLM_MODEL_PATH names another: a blueprint "
-                             "serves one chat model")
-        if self._chat_from_models:
-            raise ValueError("LLM_MODELS names more than one chat model: a blueprint serves one chat model")
-        settings["LLM_MODEL_PATH"], settings["LLM_MODEL_ID"] = spec["path"], model_id
-        self._chat_from_models = True
+        path = settings.get("LLM_MODEL_PATH")
+        names_default = path and os.path.abspath(path) == os.path.abspath(spec["path"]) and not self._chat_from_models
+        if names_default or (not path and not self._chat_from_models):
+            settings.update(entry_settings(settings, model_id, spec))
+            self._chat_from_models = True
+            return
+        self.chat_specs[model_id] = spec
 
     # Ids and kinds ---------------------------------------------------------------
     @property
@@ -132,14 +152,15 @@ class Registry:
         return self._chat_id()
 
     def models(self) -> list[tuple[str, str]]:
-        """(id, kind) of every served model, the chat model first."""
-        return [(self.chat_id, CHAT)] + [(e.id, e.kind) for e in self.entries.values()]
+        """(id, kind) of every served model, the chat models first (the default one first of all)."""
+        chat = [self.chat_id] + [m for m in self.chat_specs if m != self.chat_id]
+        return [(m, CHAT) for m in chat] + [(e.id, e.kind) for e in self.entries.values()]
 
     def ids_of(self, kind: str) -> list[str]:
         return [model_id for model_id, k in self.models() if k == kind]
 
     def kind_of(self, model_id: str) -> str | None:
-        if model_id == self.chat_id:
+        if model_id == self.chat_id or model_id in self.chat_specs:
             return CHAT
         entry = self.entries.get(model_id)
         return entry.kind if entry else None
@@ -198,7 +219,7 @@ class Registry:
             elif entry.load_error is not None:
                 out[entry.id] = {"kind": entry.kind, "status": "failed", "error": entry.load_error}
             else:
-                out[entry.id] = {"kind": entry.kind, "status": "not loaded"}
+                out[entry.id] = {"kind": entry.kind, "status": "unloaded"}
         return out
 
     def loaded(self) -> list[tuple[str, Any]]:

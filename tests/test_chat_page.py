@@ -51,7 +51,7 @@ def _generating(server) -> int:
     """Generations the engine is running or has queued (from /readyz) plus open streams (from /metrics)."""
     ready = requests.get(server.base + "/llm/readyz", timeout=10).json()
     text = requests.get(server.base + "/llm/metrics", timeout=10).text
-    in_flight = float(re.search(r"^llm_in_flight_requests (\S+)$", text, re.M).group(1))
+    in_flight = sum(float(v) for v in re.findall(r"^llm_in_flight_requests\{[^}]*\} (\S+)$", text, re.M))
     return ready["running"] + ready["queued"] + int(in_flight)
 
 

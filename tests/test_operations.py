@@ -111,7 +111,7 @@ def test_health_readiness_and_metrics(secured_server):
 
 def _metric(server, name: str) -> float:
     text = requests.get(server.base + "/metrics", headers={"Authorization": "Bearer scrape-me"}, timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
 
 
 def test_choices_of_one_prompt_prefill_it_once(secured_server):

@@ -261,7 +261,7 @@ def two_replicas(default_model_dir, tmp_path_factory):
 
 def _written(base: str) -> tuple[float, str]:
     metrics = requests.get(base + "/metrics", timeout=10).text
-    line = [x for x in metrics.splitlines() if x.startswith('llm_prompt_cache_tokens_total{direction="written"}')]
+    line = [x for x in metrics.splitlines() if x.startswith('llm_prompt_cache_tokens_total{direction="written",')]
     return (float(line[0].split()[-1]) if line else 0.0), metrics
 
 
@@ -285,4 +285,4 @@ def test_the_next_turn_of_a_conversation_reads_the_answered_conversation(two_rep
     assert cached > first.usage.prompt_tokens  # the system prompt, the first question and its answer
     assert second.usage.prompt_tokens - cached < 40  # only the new question and the turn's opening are computed
     _, metrics = _written(two_replicas.base)
-    assert 'llm_prompt_cache_total{result="hit"}' in metrics and "llm_prompt_cache_bytes" in metrics
+    assert 'llm_prompt_cache_total{result="hit",model=' in metrics and "llm_prompt_cache_bytes" in metrics

@@ -9,7 +9,7 @@ import os
 import openai
 import pytest
 
-from llm_blueprint.runtime import API_SAMPLING_DEFAULTS, Runtime
+from llm_blueprint.chat_model import API_SAMPLING_DEFAULTS, ChatModel
 from llm_blueprint.settings import resolve
 
 QUESTION = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -50,10 +50,10 @@ class _Model:
 
 
 def test_settings_beat_the_model_and_the_api_defaults_fill_the_rest():
-    runtime = Runtime(resolve({}, {"LLM_DEFAULT_TEMPERATURE": "0.3", "LLM_DEFAULT_TOP_K": "40"}))
-    chosen = runtime._sampling_defaults(_Model({"temperature": 0.9, "top_p": 0.8}))
+    model = ChatModel(resolve({}, {"LLM_DEFAULT_TEMPERATURE": "0.3", "LLM_DEFAULT_TOP_K": "40"}))
+    chosen = model._sampling_defaults(_Model({"temperature": 0.9, "top_p": 0.8}))
     assert chosen == {"temperature": 0.3, "top_p": 0.8, "top_k": 40, "repetition_penalty": API_SAMPLING_DEFAULTS["repetition_penalty"]}
-    assert Runtime(resolve({}, {}))._sampling_defaults(_Model({})) == API_SAMPLING_DEFAULTS
+    assert ChatModel(resolve({}, {}))._sampling_defaults(_Model({})) == API_SAMPLING_DEFAULTS
 
 
 def test_the_default_model_ships_its_model_card_sampling(default_model_dir):

@@ -10,7 +10,7 @@ from flask import Flask
 
 from llm_blueprint import LLM
 from llm_blueprint.events import TextDelta
-from llm_blueprint.runtime import Runtime
+from llm_blueprint.chat_model import ChatModel
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -75,9 +75,9 @@ def app(default_model_dir):
 
 @pytest.fixture()
 def failing_client(app, monkeypatch):
-    """The app's test client, every generation failing after its first text (Runtime.generate starts them all)."""
-    generate = Runtime.generate
-    monkeypatch.setattr(Runtime, "generate", lambda self, request: FailingStream(generate(self, request)))
+    """The app's test client, every generation failing after its first text (ChatModel.generate starts them all)."""
+    generate = ChatModel.generate
+    monkeypatch.setattr(ChatModel, "generate", lambda self, request: FailingStream(generate(self, request)))
     return app.test_client()
 
 

@@ -8,8 +8,10 @@ from flask import Blueprint
 from werkzeug.routing import PathConverter
 
 from . import (
+    admin,
     admission,
     anthropic,
+    common,
     embeddings,
     openai,
     openai_responses,
@@ -33,6 +35,7 @@ def create_blueprint(settings: dict[str, Any]) -> Blueprint:
     bp = Blueprint("llm", __name__)
     bp.record_once(lambda state: state.app.url_map.converters.setdefault("llm_model_id", ModelIdConverter))
     request_log.register(bp)  # first: every later hook and view has the request id
+    bp.teardown_request(common.unpin)
     admission.register(bp)
     openai.register(bp)
     anthropic.register(bp)
@@ -40,6 +43,7 @@ def create_blueprint(settings: dict[str, Any]) -> Blueprint:
     tokenize.register(bp)
     embeddings.register(bp)
     operations.register(bp)
+    admin.register(bp)
     openapi.register(bp)
     unknown_routes.register(bp)  # last: answers /v1/ paths and methods no route above takes
     origins = settings["LLM_CORS_ORIGINS"]

@@ -58,6 +58,8 @@ def _admit() -> Response | None:
     endpoint = (request.endpoint or "").split(".")[-1]
     if request.method == "OPTIONS" or endpoint in OPEN_ENDPOINTS or endpoint in UNCHECKED_ENDPOINTS:
         return None
+    if endpoint.startswith("admin_"):  # admin keys, checked by the view (api/admin.py), never the API keys
+        return None
     try:
         if current_app.extensions["llm"].draining:
             raise EngineShutDown("the server is shutting down; retry on another replica")

@@ -45,8 +45,9 @@ from ..events import (
 from ..schemas.anthropic import CountTokensRequestSchema, MessagesRequestSchema
 from ..schemas.common import load
 from ..schemas.response_bodies import AnthropicMessage, TokenCount
-from .common import check_limits, check_model, json_body, json_response, request_sampling, runtime, set_aside_tools, start_chat
+from .common import check_limits, check_model, json_body, json_response, request_sampling, runtime, served, set_aside_tools, start_chat
 from .errors import anthropic_stream_failure, error_envelope
+from .loading import while_loading
 from .openapi import ANTHROPIC_ERRORS, documented
 from .sse import event_stream, sse
 
@@ -150,6 +151,7 @@ def _message(meta: dict[str, Any], content: list[dict[str, Any]], stop_reason: s
             "stop_sequence": stop_sequence, "usage": _usage(done)}
 
 
+@while_loading
 @error_envelope("anthropic")
 @documented("createMessage", AnthropicMessage, body=MessagesRequestSchema, errors=ANTHROPIC_ERRORS, stream=True)
 def messages():
@@ -253,7 +255,7 @@ def count_tokens():
     check_model(data["model"])
     set_aside_tools(data)
     check_limits(len(data["messages"]), tools=len(data.get("tools") or []))
-    return json_response({"input_tokens": len(render(runtime().model, _chat_request(data)).ids)})
+    return json_response({"input_tokens": len(render(served().model, _chat_request(data)).ids)})
 
 
 def register(bp: Blueprint) -> None:

@@ -12,6 +12,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ..chat.conversation import ChatRequest
 from ..chat.pipeline import ChatStream
 from ..chat.prompt import ChatPrompt, render
+from ..chat_model import ChatModel
 from ..errors import InvalidRequest, RequestTooLarge
 from ..events import EventStream, GenerationRequest
 from ..runtime import Runtime
@@ -59,9 +60,27 @@ def json_body() -> Any:
 
 def check_model(name: str | None, strict: bool = False, kind: str | None = "chat") -> str:
     """The served model id ``name`` names for a route serving ``kind`` models (None: any kind): 404 when unknown
-    (unless any name is accepted, and not when ``strict``), 400 when the model is of another kind."""
+    (unless any name is accepted, and not when ``strict``), 400 when the model is of another kind. A chat model
+    becomes this request's (:func:`served`), kept loaded until the request has started its generation."""
     rt = runtime()
-    return rt.registry.resolve(name, kind, accept_any=not strict and rt.settings["LLM_ACCEPT_ANY_MODEL"])
+    model_id = rt.registry.resolve(name, kind, accept_any=not strict and rt.settings["LLM_ACCEPT_ANY_MODEL"])
+    if kind == "chat" and "llm_chat_model" not in g:
+        model = rt.chat_model(model_id)
+        model.pins += 1  # until the request ends (unpin): never unloaded between here and its generation's start
+        g.llm_chat_model = model
+    return model_id
+
+
+def unpin(_exc: BaseException | None = None) -> None:
+    """The request is over: its chat model may be unloaded again (its generation, if any, counts on its own)."""
+    model = g.pop("llm_chat_model", None)
+    if model is not None:
+        model.pins -= 1
+
+
+def served() -> ChatModel:
+    """The chat model of this request (the one :func:`check_model` chose; the default one before that)."""
+    return g.get("llm_chat_model") or runtime().chat_model()
 
 
 def check_limits(messages: int | None = None, max_tokens: int | None = None, stop: list[str] | None = None,
@@ -91,9 +110,9 @@ def check_limits(messages: int | None = None, max_tokens: int | None = None, sto
 def request_sampling(data: dict[str, Any]) -> dict[str, Any]:
     """temperature/top_p/top_k/repetition_penalty of a validated body; a field the request leaves out (or null) gets
     the server's default: LLM_DEFAULT_*, else the model's generation_config.json, else the API's own."""
-    rt = runtime()
-    rt.model  # noqa: B018 - the defaults come with the model (loaded on first use)
-    defaults = rt.sampling_defaults
+    model = served()
+    model.model  # noqa: B018 - the defaults come with the model (loaded on first use)
+    defaults = model.sampling_defaults
     # a field the request gives wins, also when it is 0 (top_k 0: off)
     return {key: defaults[key] if data.get(key) is None else data[key]
             for key in ("temperature", "top_p", "top_k", "repetition_penalty")}
@@ -103,16 +122,15 @@ def completion_budget(requested: int | None, prompt_ids: list[int]) -> int:
     """``requested`` max tokens, or (when the client gave none) the configured default that still fits the context."""
     if requested is not None:
         return requested
-    rt = runtime()
-    return max(1, min(rt.settings["LLM_DEFAULT_MAX_TOKENS"], rt.model.context_length - len(prompt_ids)))
+    return max(1, min(runtime().settings["LLM_DEFAULT_MAX_TOKENS"], served().model.context_length - len(prompt_ids)))
 
 
 def start_generations(requests: list[GenerationRequest]) -> list[EventStream]:
     """Start every generation, or none: one refused (context too long, queue full) closes those already started."""
-    rt, streams = runtime(), []
+    model, streams = served(), []
     try:
         for request in requests:
-            streams.append(rt.generate(request))
+            streams.append(model.generate(request))
     except Exception:
         for stream in streams:
             stream.close()
@@ -131,11 +149,11 @@ def keyed_cache_mark(messages: list, data: dict[str, Any]) -> tuple[int, ...]:
 
 def start_chat(chat: ChatRequest, requested_max_tokens: int | None, **options: Any) -> tuple[ChatPrompt, ChatStream]:
     """Render ``chat``, check it, and start its generation; ``options`` are GenerationRequest fields."""
-    rt = runtime()
-    prompt = render(rt.model, chat, cache_points=rt.prompt_cache_enabled)
+    model = served()
+    prompt = render(model.model, chat, cache_points=model.prompt_cache_enabled)
     request = GenerationRequest(prompt.ids, completion_budget(requested_max_tokens, prompt.ids),
                                 cache_points=prompt.cache_points, cache_marks=prompt.cache_marks, **options)
-    stream = ChatStream(rt, chat, prompt, request, reasoning=rt.settings["LLM_REASONING"])
+    stream = ChatStream(model, chat, prompt, request, reasoning=runtime().settings["LLM_REASONING"])
     return prompt, stream
 
 

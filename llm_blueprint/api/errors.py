@@ -11,12 +11,15 @@ from flask import Response
 
 from .. import metrics
 from ..errors import (
+    AdminRoutesOff,
     ContextTooLong,
     EngineDead,
     EngineShutDown,
     GenerationFailed,
     InvalidModelOutput,
     InvalidRequest,
+    ModelBusy,
+    ModelInUse,
     ModelLoadError,
     ModelNotFound,
     Overloaded,
@@ -39,12 +42,14 @@ STATUS_TABLE: list[tuple[type[Exception] | tuple[type[Exception], ...], dict[str
     (Unauthorized, {"openai": (401, "authentication_error"), "anthropic": (401, "authentication_error")}),
     (RequestTooLarge, {"openai": (413, "invalid_request_error"), "anthropic": (413, "request_too_large")}),
     (ModelNotFound, {"openai": (404, "invalid_request_error"), "anthropic": (404, "not_found_error")}),
+    (ModelInUse, {"openai": (409, "invalid_request_error"), "anthropic": (409, "invalid_request_error")}),
+    (AdminRoutesOff, {"openai": (403, "permission_error"), "anthropic": (403, "permission_error")}),
     (InvalidRequest, {"openai": (400, "invalid_request_error"), "anthropic": (400, "invalid_request_error")}),
     (InvalidModelOutput, {"openai": (422, "invalid_model_output"), "anthropic": (422, "api_error")}),
     (Overloaded, {"openai": (429, "rate_limit_error"), "anthropic": (529, "overloaded_error")}),
     (RateLimited, {"openai": (429, "rate_limit_error"), "anthropic": (429, "rate_limit_error")}),
-    (EngineDead, {"openai": (503, "service_unavailable"), "anthropic": (503, "api_error")}),
-    ((EngineShutDown, ModelLoadError, RateLimitUnavailable), {"openai": (503, "service_unavailable"), "anthropic": (529, "overloaded_error")}),
+    ((EngineDead, ModelLoadError), {"openai": (503, "service_unavailable"), "anthropic": (503, "api_error")}),
+    ((EngineShutDown, ModelBusy, RateLimitUnavailable), {"openai": (503, "service_unavailable"), "anthropic": (529, "overloaded_error")}),
     (GenerationFailed, {"openai": (500, "server_error"), "anthropic": (500, "api_error")}),
 ]
 INTERNAL = {"openai": (500, "server_error"), "anthropic": (500, "api_error")}

@@ -54,11 +54,13 @@ from .common import (
     keyed_cache_mark,
     request_sampling,
     runtime,
+    served,
     set_aside_tools,
     start_chat,
     start_generations,
 )
 from .errors import error_envelope, openai_stream_failure
+from .loading import while_loading
 from .openapi import OPENAI_ERRORS, documented
 from .sse import KEEPALIVE, event_stream, sse
 
@@ -143,6 +145,7 @@ def _chat_message(result: ChoiceResult) -> dict[str, Any]:
     return message
 
 
+@while_loading
 @error_envelope("openai")
 @documented("createChatCompletion", ChatCompletion, body=ChatCompletionRequestSchema, errors=OPENAI_ERRORS, stream=True)
 def chat_completions():
@@ -159,8 +162,8 @@ def chat_completions():
                            top_logprobs=data.get("top_logprobs") or 0, **_generation_options(data))
     n = events.request.n
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"],
-            "system_fingerprint": runtime().system_fingerprint}
-    tokenizer = runtime().model.tokenizer
+            "system_fingerprint": served().system_fingerprint}
+    tokenizer = served().model.tokenizer
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         body = _chat_chunks(events, meta, n, tokenizer if want_logprobs else None, include_usage)
@@ -228,7 +231,7 @@ def _chat_chunks(events: Iterator[Any], meta: dict[str, Any], n: int, tokenizer:
 
 # ----------------------------------------------------------------------------- completions
 def _prompt_ids(prompt: str | list[int]) -> tuple[list[int], str]:
-    model = runtime().model
+    model = served().model
     if isinstance(prompt, str):
         return model.encode_prompt(prompt), prompt
     if any(not 0 <= t < model.tokenizer.vocab_size for t in prompt):
@@ -257,7 +260,7 @@ def _echo_logprobs(prompt_ids: list[int], top: int, tokenizer: Tokenizer) -> dic
     """An echoed prompt's tokens, scored by the model's own prompt log-probabilities."""
     if not prompt_ids:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [] if top else None, "text_offset": []}
-    return _completion_logprobs(runtime().prompt_logprobs(prompt_ids, top), 0, tokenizer, top, prompt_ids[0])
+    return _completion_logprobs(served().prompt_logprobs(prompt_ids, top), 0, tokenizer, top, prompt_ids[0])
 
 
 def _joined(prompt: dict[str, Any] | None, generated: dict[str, Any]) -> dict[str, Any]:
@@ -266,13 +269,14 @@ def _joined(prompt: dict[str, Any] | None, generated: dict[str, Any]) -> dict[st
     return {key: (prompt[key] + generated[key]) if prompt[key] is not None else None for key in generated}
 
 
+@while_loading
 @error_envelope("openai")
 @documented("createCompletion", TextCompletion, body=CompletionRequestSchema, errors=OPENAI_ERRORS, stream=True)
 def completions():
     data = load(COMPLETION_SCHEMA, json_body())
     check_model(data["model"])
     check_limits(len(data["prompt"]), data.get("max_tokens"), data.get("stop"), n=data.get("n") or 1)
-    rt = runtime()
+    model = served()
     sampling = _generation_options(data)
     want_logprobs = data.get("logprobs") is not None
     top = data.get("logprobs") or 0
@@ -281,10 +285,10 @@ def completions():
                 for ids, _ in prompts]
     streams = start_generations(requests)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": data["model"],
-            "system_fingerprint": rt.system_fingerprint}
+            "system_fingerprint": model.system_fingerprint}
     echo = bool(data.get("echo"))
     n = sampling["n"]
-    tokenizer = rt.model.tokenizer
+    tokenizer = model.model.tokenizer
     echoed = [_echo_logprobs(ids, top, tokenizer) if echo and want_logprobs else None for ids, _ in prompts]
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
@@ -344,7 +348,14 @@ def _completion_chunks(streams, prompt_texts, meta, n, echo, tokenizer: Tokenize
 
 # ----------------------------------------------------------------------------- models
 def _model_object(model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": runtime().started, "owned_by": "llm-blueprint"}
+    """OpenAI's model object, with this server's ``kind`` (chat, embedding, rerank) and ``status`` (loaded, loading,
+    unloaded: loads on its next request, failed: with ``error``)."""
+    rt = runtime()
+    if model_id in rt.chat.models:
+        state = rt.chat.models[model_id].status()
+    else:
+        state = rt.registry.status().get(model_id) or {"kind": rt.registry.kind_of(model_id), "status": "unloaded"}
+    return {"id": model_id, "object": "model", "created": rt.started, "owned_by": "llm-blueprint", **state}
 
 
 @error_envelope("openai")

@@ -33,11 +33,12 @@ from .common import (
     json_response,
     keyed_cache_mark,
     request_sampling,
-    runtime,
+    served,
     set_aside_tools,
     start_chat,
 )
 from .errors import error_envelope, openai_body
+from .loading import while_loading
 from .openai import token_logprobs
 from .openapi import OPENAI_ERRORS, documented
 from .sse import KEEPALIVE, event_stream, sse
@@ -133,6 +134,7 @@ class _ResponseFields:
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None}
 
 
+@while_loading
 @error_envelope("openai")
 @documented("createResponse", Response, body=ResponsesRequestSchema, errors=OPENAI_ERRORS, stream=True)
 def create_response():
@@ -152,7 +154,7 @@ def create_response():
     _, events = start_chat(chat, data.get("max_output_tokens"), logprobs=want_logprobs, top_logprobs=top,
                            **request_sampling(data))
     fields = _ResponseFields(data, events.request.temperature, events.request.top_p)
-    tokenizer = runtime().model.tokenizer if want_logprobs else None  # resolved here: a stream runs outside the app
+    tokenizer = served().model.tokenizer if want_logprobs else None  # resolved here: a stream runs outside the app
     if data.get("stream"):
         stream = _ResponseStream(fields, tokenizer, _namespaces(data))
         return event_stream(stream.body(events), events, stream.failed)

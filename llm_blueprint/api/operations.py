@@ -12,6 +12,13 @@ from .common import json_response, runtime
 from .openapi import documented
 
 
+class _Unloaded:
+    """The default model's engine after an unload: ready (it loads again on its next request), nothing queued."""
+
+    alive = True
+    queued = running = 0
+
+
 @documented("healthz", Status)
 def healthz():
     return json_response({"status": "ok"})
@@ -21,6 +28,8 @@ def healthz():
 def readyz():
     rt = runtime()
     engine = rt.engine_if_loaded
+    if engine is not None or rt.default.loaded_once:  # unloaded since (LLM_MAX_LOADED_MODELS): loads on its next request
+        engine = engine or _Unloaded
     if engine is None and not rt.draining and rt.load_error is None:
         rt.start_loading()  # lazy mode: readiness converges without waiting for traffic (a failed load waits for a request)
     if rt.draining:
@@ -31,15 +40,21 @@ def readyz():
         status = "engine stopped"
     else:
         body = {"status": "ready", "model": rt.model_id, "queued": engine.queued, "running": engine.running}
-        if rt.registry.entries:  # readiness is the chat model's; the others' states are shown beside it
-            body["models"] = rt.registry.status()
+        _other_models(rt, body)
         return json_response(body)
     body = {"status": status, "model": rt.model_id}
     if status == "load failed":
         body["error"] = rt.load_error
-    if rt.registry.entries:
-        body["models"] = rt.registry.status()
+    _other_models(rt, body)
     return json_response(body, status=503)
+
+
+def _other_models(rt, body: dict) -> None:
+    """Readiness is the default chat model's; the other models' states are shown beside it."""
+    states = {m.id: m.status() for m in rt.chat.models.values() if m is not rt.default}
+    states.update(rt.registry.status())
+    if states:
+        body["models"] = states
 
 
 def metrics_view():
@@ -51,7 +66,8 @@ def metrics_view():
                             headers={"WWW-Authenticate": "Bearer"})
     for model_id, engine in runtime().registry.loaded():
         metrics.drain_encoder(model_id, engine)
-    body, content_type = metrics.render(runtime().engine_if_loaded)
+    engines = [(m.id, m.engine_if_loaded) for m in runtime().chat.loaded()]
+    body, content_type = metrics.render([(model_id, engine) for model_id, engine in engines if engine is not None])
     return Response(body, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type})
 
 

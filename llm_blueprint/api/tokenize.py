@@ -15,7 +15,7 @@ from ..errors import InvalidRequest
 from ..schemas.common import load
 from ..schemas.response_bodies import DetokenizeResult, TokenizeResult
 from ..schemas.tokenize import DetokenizeRequestSchema, TokenizeRequestSchema
-from .common import check_limits, check_model, json_body, json_response, runtime
+from .common import check_limits, check_model, json_body, json_response, served
 from .errors import error_envelope
 from .openai import _chat_request as chat_completion_request  # the chat completion's own request, hence its own prompt
 from .openapi import OPENAI_ERRORS, documented
@@ -34,7 +34,7 @@ def _served_model(data: dict[str, Any]) -> None:
 def tokenize():
     data = load(TOKENIZE_SCHEMA, json_body())
     _served_model(data)
-    model = runtime().model
+    model = served().model
     if data.get("messages") is not None:
         check_limits(len(data["messages"]), tools=len(data.get("tools") or []))
         ids = render(model, chat_completion_request(data)).ids
@@ -53,7 +53,7 @@ def tokenize():
 def detokenize():
     data = load(DETOKENIZE_SCHEMA, json_body())
     _served_model(data)
-    tokenizer = runtime().model.tokenizer
+    tokenizer = served().model.tokenizer
     if any(t >= tokenizer.vocab_size for t in data["tokens"]):
         raise InvalidRequest(f"token ids must be between 0 and {tokenizer.vocab_size - 1}", param="tokens")
     return json_response({"prompt": tokenizer.decode(data["tokens"])})

@@ -26,6 +26,7 @@ from ..events import Done, Event, EventStream, GenerationRequest, Heartbeat, Tok
 from . import ct2_batch, scoring
 from .cache_plan import CachePlanner
 from .completion import Entry, Job
+from .cores import CoreBudget
 from .handoff import Channel, Empty, NativeThread, allocate_native_lock
 from .model import Model
 from .prompt_cache import PromptCache, release_freed_memory
@@ -52,8 +53,9 @@ class Engine:
     """
 
     def __init__(self, model: Model, heartbeat_interval: float = 2.0, batching: BatchingOptions | None = None,
-                 prompt_cache: PromptCache | None = None):
+                 prompt_cache: PromptCache | None = None, cores: CoreBudget | None = None):
         self.model = model
+        self.cores = cores  # shared with the other chat models' engines (cores.py); None: this engine alone
         self.heartbeat_interval = heartbeat_interval
         self.batching = batching or BatchingOptions()
         self.prompt_cache = prompt_cache
@@ -211,14 +213,20 @@ class Engine:
             if self.batching.gather_seconds > 0:
                 scheduler.gather()
             batch, state = scheduler.take_batch(self.model.generator)
-            if not batch:
-                if state is not None:
-                    self.planner.run_warm(state)
+            if not batch and state is None:
                 continue
-            if scheduler.pending:
-                scheduler.wakeup.put(True)  # what did not fit goes to the next idle worker
-            while batch:  # a batch, then the merged batch its restart asked for, if any
-                batch, state = self._run_batch(batch, state)
+            taken = self.cores.acquire(self.model.intra_threads) if self.cores is not None else 0
+            try:
+                if not batch:
+                    self.planner.run_warm(state)
+                    continue
+                if scheduler.pending:
+                    scheduler.wakeup.put(True)  # what did not fit goes to the next idle worker
+                while batch:  # a batch, then the merged batch its restart asked for, if any
+                    batch, state = self._run_batch(batch, state)
+            finally:
+                if taken:
+                    self.cores.release(taken)
             if scheduler.pending:
                 scheduler.wakeup.put(True)  # leftovers that did not fit this batch
             else:

@@ -75,6 +75,10 @@ class ModelObject(ResponseSchema):
     object = fields.String(required=True)
     created = fields.Integer(required=True)
     owned_by = fields.String(required=True)
+    kind = fields.String(metadata={"description": "this server's: chat, embedding or rerank"})
+    status = fields.String(metadata={"description": "this server's: loaded, loading, unloaded (loads on its next "
+                                                    "request) or failed"})
+    error = fields.String(metadata={"description": "why the model failed to load (status failed)"})
 
 
 class ModelList(ResponseSchema):
@@ -146,7 +150,8 @@ class Status(ResponseSchema):
     running = fields.Integer()
     error = fields.String(metadata={"description": "why the last model load failed (status 'load failed')"})
     models = fields.Dict(keys=fields.String(), values=fields.Dict(), metadata={
-        "description": "each embedding/rerank model's state: kind, status (loaded, not loaded, failed) and error"})
+        "description": "each other model's state (chat models beside the default one, embedding and rerank models): "
+                       "kind, status (loaded, loading, unloaded, failed) and error"})
 
 
 class Response(ResponseSchema):
