@@ -177,6 +177,15 @@ class Heartbeat:
     """Nothing new for a while; lets a stream write a keep-alive."""
 
 
+@dataclass(frozen=True)
+class Planned(Heartbeat):
+    """The engine scheduled the request: how much of its prompt the prompt cache reads or stores (as its Done will
+    say). A heartbeat to every consumer that does not need it; Anthropic's ``message_start`` carries it."""
+
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
 Event = TextDelta | Finish | Done | Heartbeat  # what the engine yields
 ChatEvent = Event | ReasoningDelta | ToolCall | ToolCallDelta  # what the chat pipeline yields
 

@@ -36,6 +36,8 @@ MODEL_LOAD_SECONDS = Histogram("llm_model_load_seconds", "Time to load a chat mo
                                buckets=LATENCY_BUCKETS)
 MODEL_UNLOADS = Counter("llm_model_unloads_total", "Chat model unloads, by reason (lru: room for another under "
                         "LLM_MAX_LOADED_MODELS, memory: room for another in memory, idle, admin)", ["model", "reason"])
+CORE_WAITS = Gauge("llm_core_budget_waits", "Engine batches that waited for cores another chat model's batch held "
+                   "(since the worker started; several chat models only)", multiprocess_mode="livesum")
 RESIDENT_MEMORY = Gauge("llm_resident_memory_bytes", "Resident memory of the worker process", multiprocess_mode="livesum")
 REJECTIONS = Counter("llm_rejections_total", "Requests refused before generation, by reason", ["reason"])
 RATE_LIMIT_UNCHECKED = Counter("llm_rate_limit_unchecked_total",
@@ -172,10 +174,11 @@ def resident_bytes() -> int:
         return 0
 
 
-def render(engines: list[tuple[str, Engine]]) -> tuple[bytes, str]:
+def render(engines: list[tuple[str, Engine]], core_waits: int = 0) -> tuple[bytes, str]:
     """The exposition text of every worker's metrics; ``engines``: the loaded chat models' (id, engine)."""
     for model_id, engine in engines:
         engine_reader.drain(model_id, engine)
+    CORE_WAITS.set(core_waits)
     RESIDENT_MEMORY.set(resident_bytes())
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()

@@ -29,8 +29,8 @@ log = logging.getLogger("llm_blueprint")
 CHAT, EMBEDDING, RERANK = "chat", "embedding", "rerank"
 PACKAGED = "<packaged>"  # the path of the embedding model shipped in a package (all-MiniLM-L6-v2), resolved at load
 KINDS = (CHAT, EMBEDDING, RERANK)
-ENTRY_OPTIONS = {"path", "kind", "pooling", "normalize", "dimensions", "compute_type", "threads", "replicas",
-                 "chat_template", "context_length"}
+ENCODER_OPTIONS = {"pooling", "normalize", "dimensions", "compute_type", "threads", "replicas"}
+ENTRY_OPTIONS = {"path", "kind", "chat_template", "context_length"} | ENCODER_OPTIONS
 
 
 # What an LLM_MODELS chat entry may set, and the setting each one overrides for that model.
@@ -111,6 +111,10 @@ class Registry:
             kind = spec.get("kind") or model_kind(spec["path"])
             if kind not in KINDS:
                 raise ValueError(f"LLM_MODELS[{model_id!r}]: kind {kind!r} is not one of {', '.join(KINDS)}")
+            own = {"path", "kind"} | (set(CHAT_ENTRY_SETTINGS) if kind == CHAT else ENCODER_OPTIONS)
+            if set(spec) - own:
+                raise ValueError(f"LLM_MODELS[{model_id!r}]: unknown option(s) {sorted(set(spec) - own)} for a {kind} "
+                                 f"model; known: {sorted(own)}")
             if kind == CHAT:
                 self._set_chat_model(model_id, spec)
                 continue
@@ -144,6 +148,8 @@ class Registry:
             settings.update(entry_settings(settings, model_id, spec))
             self._chat_from_models = True
             return
+        if model_id == self.chat_id:
+            raise ValueError(f"LLM_MODELS: {model_id!r} is already the default chat model's id")
         self.chat_specs[model_id] = spec
 
     # Ids and kinds ---------------------------------------------------------------

@@ -238,8 +238,9 @@ def test_models_setting_forms_and_mistakes(folders, default_model_dir, tmp_path)
     as_json = resolve({}, {"LLM_MODELS": json.dumps({"a": {"path": "/x", "kind": "embedding"}})})["LLM_MODELS"]
     assert as_json == {"a": {"path": "/x", "kind": "embedding"}}
     for models, problem in [({"a": {"path": "/x", "kind": "sound"}}, "kind"), ({"a": {"path": "/x", "colour": 1}}, "unknown"),
-                            ({"m": {"path": str(folders / "bert-embed")}}, "already the chat model"),
-                            ({"c": {"path": "/elsewhere", "kind": "chat"}}, "one chat model")]:
+                            ({"m": {"path": str(folders / "bert-embed")}}, "already the default chat model"),
+                            ({"m": {"path": "/elsewhere", "kind": "chat"}}, "already the default chat model"),
+                            ({"c": {"path": "/x", "kind": "chat", "pooling": "mean"}}, "unknown")]:
         with pytest.raises(ValueError, match=problem):
             LLM(Flask("bad"), LLM_MODEL_PATH=default_model_dir, LLM_MODEL_ID="m", LLM_MODELS=models)
     # a chat entry names the chat model instead of LLM_MODEL_PATH
@@ -247,6 +248,12 @@ def test_models_setting_forms_and_mistakes(folders, default_model_dir, tmp_path)
     LLM(app, LLM_MODELS={"chat": {"path": default_model_dir, "kind": "chat"}, "e": str(folders / "bert-embed")},
         LLM_CACHE_DIR=str(tmp_path))
     assert [m["id"] for m in app.test_client().get("/v1/models").get_json()["data"]] == ["chat", "e"]
+    # a chat entry beside LLM_MODEL_PATH is a second chat model (issue #32; tests/test_several_models.py serves them)
+    app = Flask("two-chat")
+    LLM(app, LLM_MODEL_PATH=default_model_dir, LLM_MODEL_ID="m", LLM_MODELS={"c": {"path": "/elsewhere", "kind": "chat"}},
+        LLM_DEFAULT_EMBEDDINGS=False)
+    listed = app.test_client().get("/v1/models").get_json()["data"]
+    assert [(m["id"], m["kind"], m["status"]) for m in listed] == [("m", "chat", "unloaded"), ("c", "chat", "unloaded")]
 
 
 def test_an_encoder_is_not_taken_for_the_chat_model(folders):

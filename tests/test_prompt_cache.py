@@ -228,7 +228,11 @@ def test_anthropic_cache_control_writes_then_reads_and_the_counts_add_up(served,
     total = anthropic_client.messages.count_tokens(model="smollm2", system=system, messages=messages).input_tokens
     first = anthropic_client.messages.create(model="smollm2", max_tokens=8, system=system, messages=messages)
     with anthropic_client.messages.stream(model="smollm2", max_tokens=8, system=system, messages=messages) as stream:
+        start = next(event for event in stream if event.type == "message_start").message.usage
         second = stream.get_final_message()
+    # message_start already has the cache's figures, as Anthropic's does (issue #36: it said 0 read, all input)
+    assert (start.input_tokens, start.cache_read_input_tokens, start.cache_creation_input_tokens) == \
+        (second.usage.input_tokens, second.usage.cache_read_input_tokens, second.usage.cache_creation_input_tokens)
     assert first.usage.cache_creation_input_tokens > 900 and first.usage.cache_read_input_tokens == 0
     assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
     assert second.usage.cache_creation_input_tokens == 0
@@ -285,4 +289,4 @@ def test_the_next_turn_of_a_conversation_reads_the_answered_conversation(two_rep
     assert cached > first.usage.prompt_tokens  # the system prompt, the first question and its answer
     assert second.usage.prompt_tokens - cached < 40  # only the new question and the turn's opening are computed
     _, metrics = _written(two_replicas.base)
-    assert 'llm_prompt_cache_total{result="hit",model=' in metrics and "llm_prompt_cache_bytes" in metrics
+    assert 'llm_prompt_cache_total{model="smollm2",result="hit"}' in metrics and "llm_prompt_cache_bytes" in metrics

@@ -9,8 +9,8 @@ import pytest
 from flask import Flask
 
 from llm_blueprint import LLM
-from llm_blueprint.events import TextDelta
 from llm_blueprint.chat_model import ChatModel
+from llm_blueprint.events import TextDelta
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 

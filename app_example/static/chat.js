@@ -48,9 +48,11 @@
       return;
     }
     const body = await response.json();
-    for (const model of body.data) {
+    // Chat models only (embedding and rerank models are listed too); one not loaded yet loads on its first question.
+    for (const model of body.data.filter((m) => !m.kind || m.kind === "chat")) {
       const option = document.createElement("option");
-      option.value = option.textContent = model.id;
+      option.value = model.id;
+      option.textContent = model.status === "loaded" || !model.status ? model.id : model.id + " (" + model.status + ")";
       $("model").append(option);
     }
   }

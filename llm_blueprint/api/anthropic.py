@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import uuid
@@ -37,6 +38,7 @@ from ..events import (
     Done,
     Finish,
     Heartbeat,
+    Planned,
     ReasoningDelta,
     TextDelta,
     ToolCall,
@@ -210,11 +212,20 @@ class _Blocks:
 
 
 def _message_events(events: Iterator[Any], meta: dict[str, Any], input_tokens: int, sign: Callable[[str], str] | None) -> Iterator[str]:
-    """The stream's events; thinking blocks only when ``sign`` is given (thinking asked for)."""
-    yield sse({"type": "message_start", "message": _message(meta, [], None, None, Done(input_tokens, 0))}, "message_start")
+    """The stream's events; thinking blocks only when ``sign`` is given (thinking asked for). ``message_start`` carries
+    the prompt cache's figures, as Anthropic's does, when the engine has planned the request by its first event (at
+    once, unless every replica is busy: then after one heartbeat interval, with no cache figures; ``message_delta``
+    has them in every case). Nothing else may come first: Anthropic's SDKs refuse any event before it, and Claude
+    Code gives up on a stream whose events stop for about 15 s, comments not counted."""
+    start, first = Done(input_tokens, 0), next(events, None)
+    if isinstance(first, Planned):
+        start, first = Done(input_tokens, 0, first.cached_tokens, first.cache_write_tokens), None
+    yield sse({"type": "message_start", "message": _message(meta, [], None, None, start)}, "message_start")
     blocks = _Blocks(sign)
     finish: Finish | None = None
-    for event in events:
+    for event in itertools.chain([first] if first is not None else [], events):
+        if isinstance(event, Planned):  # a later engine request of the same answer (a tool call's arguments)
+            continue
         if isinstance(event, Heartbeat):
             yield sse({"type": "ping"}, "ping")
         elif isinstance(event, ReasoningDelta):

@@ -66,8 +66,10 @@ def metrics_view():
                             headers={"WWW-Authenticate": "Bearer"})
     for model_id, engine in runtime().registry.loaded():
         metrics.drain_encoder(model_id, engine)
-    engines = [(m.id, m.engine_if_loaded) for m in runtime().chat.loaded()]
-    body, content_type = metrics.render([(model_id, engine) for model_id, engine in engines if engine is not None])
+    chat = runtime().chat
+    engines = [(m.id, m.engine_if_loaded) for m in chat.loaded()]
+    body, content_type = metrics.render([(model_id, engine) for model_id, engine in engines if engine is not None],
+                                        chat.cores.waits if chat.cores is not None else 0)
     return Response(body, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type})
 
 

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ..events import Done, Finish, GenerationRequest, TextDelta, TokenLogprob
+from ..events import Done, Finish, GenerationRequest, Planned, TextDelta, TokenLogprob
 from .constraints import TokenMatcher, vocabulary_for
 from .handoff import Channel, allocate_native_lock
 from .model import Model
@@ -204,6 +204,7 @@ class Job:
             self.planned = True
             self.cache_read = plan.length if plan.read else 0
             self.cache_written = plan.length if plan.store else 0
+            self.channel.put(Planned(self.cache_read, self.cache_written))
 
     @property
     def sampling_key(self) -> tuple:
