@@ -23,6 +23,7 @@ from .engine.cores import CoreBudget
 from .engine.generation import BatchingOptions, Engine
 from .engine.handoff import run_on_native_thread
 from .engine.layout import choose as choose_layout
+from .engine.memory import prompt_cache_default_mb
 from .engine.model import DEFAULT_COMPUTE_TYPES, SAMPLING_KEYS, keep_buffers_in_heap, resolve_device
 from .engine.prompt_cache import PromptCache, release_freed_memory, state_bytes_per_token
 from .errors import ModelLoadError
@@ -226,11 +227,14 @@ class ChatModel:
             deterministic=settings["LLM_DETERMINISTIC"],
         )
         cache = None
-        if settings["LLM_PROMPT_CACHE_MB"] > 0:
-            cache = PromptCache(state_bytes_per_token(model.path, model.device, model.compute_type),
-                                settings["LLM_PROMPT_CACHE_MB"] * 2**20, weights_bytes=model.weights_bytes)
-            log.info("prompt cache of %r: up to %d MB (%.0f KB a token held; a fresh generator is swapped in when "
-                     "full)", self.id, settings["LLM_PROMPT_CACHE_MB"], cache.bytes_per_token / 1024)
+        budget = settings["LLM_PROMPT_CACHE_MB"]
+        if budget is None:
+            budget = prompt_cache_default_mb()
+        if budget > 0:
+            cache = PromptCache(state_bytes_per_token(model.path, model.device, model.compute_type), budget * 2**20,
+                                weights_bytes=model.weights_bytes)
+            log.info("prompt cache of %r: up to %d MB (%.0f KB a token held; a fresh generator is swapped in when full)",
+                     self.id, budget, cache.bytes_per_token / 1024)
         return Engine(model, heartbeat_interval=settings["LLM_KEEPALIVE_SECONDS"], batching=batching, prompt_cache=cache,
                       cores=self.cores if device == "cpu" else None)
 

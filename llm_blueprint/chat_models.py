@@ -24,22 +24,11 @@ from typing import Any
 from .chat_model import ChatModel, served_id
 from .engine.cores import CoreBudget
 from .engine.handoff import gevent_patched
+from .engine.memory import meminfo, prompt_cache_default_mb
 from .errors import ModelBusy
 from .registry import entry_settings
 
 log = logging.getLogger("llm_blueprint")
-
-def _meminfo() -> dict[str, int]:
-    out = {}
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                name, value = line.split(":", 1)
-                out[name] = int(value.split()[0]) * 1024
-    except (OSError, ValueError):
-        pass
-    return out
-
 
 def _source_bytes(path: str | None) -> int:
     """Bytes of a model's files on disk (a .gguf, or a folder's weights); 300 MB for the embedded default."""
@@ -66,6 +55,9 @@ class ChatModels:
 
             cores = CoreBudget(settings["LLM_CORES"] or usable_cores())
         self.cores = cores
+        if settings["LLM_PROMPT_CACHE_MB"] is None:  # sized from the machine (memory.py), once for every model
+            cap = settings["LLM_MAX_LOADED_MODELS"] or (1 + len(extra))
+            settings["LLM_PROMPT_CACHE_MB"] = prompt_cache_default_mb(min(cap, 1 + len(extra)))
         self.default = ChatModel(settings, cores, self.make_room)
         self.models: dict[str, ChatModel] = {self.default.id: self.default}
         for model_id, spec in extra.items():
@@ -118,7 +110,7 @@ class ChatModels:
             time.sleep(0.1)  # a greenlet's sleep under gevent
 
     def _fits(self, model: ChatModel) -> bool:
-        info = _meminfo()
+        info = meminfo()
         if "MemAvailable" not in info:
             return True
         need = 2 * _source_bytes(model.settings["LLM_MODEL_PATH"])

@@ -127,10 +127,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_DETERMINISTIC", False, _bool,
             "greedy (temperature 0) output independent of server load: only equal prompt lengths share a batch, "
             "no batch restarts; costs aggregate throughput under mixed load"),
-    Setting("LLM_PROMPT_CACHE_MB", 2048, int,
+    Setting("LLM_PROMPT_CACHE_MB", None, _optional_int,
             "memory for model states after prompt prefixes that requests share (system prompt and tools, earlier "
-            "turns); when full, a fresh generator replaces the old one between batches (so it also covers a second "
-            "copy of the weights for a moment); 0 = off"),
+            "turns), per chat model; when full, a fresh generator replaces the old one between batches (so it also "
+            "covers a second copy of the weights for a moment); unset = a quarter of the machine's (or container's) "
+            "memory, divided by LLM_WORKERS and by the chat models a worker may hold at once; 0 = off"),
     Setting("LLM_MAX_QUEUE", 64, int, "completions waiting for a batch beyond which requests get 429/529"),
     Setting("LLM_CONTEXT_LENGTH", None, _optional_int, "override the model's context length"),
     Setting("LLM_CHAT_TEMPLATE", None, _optional_str, "override chat template: Jinja2 text or a path to a .jinja file"),
