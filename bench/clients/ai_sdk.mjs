@@ -1,4 +1,6 @@
-// Vercel AI SDK 6 against a local server: openai.responses, openai.chat, openai-compatible, anthropic providers.
+// Vercel AI SDK 6 against this server: openai.responses, openai.chat, openai-compatible and anthropic providers; a zod
+// tool (toolChoice required, two steps), streamText, generateObject. `node ai_sdk.mjs BASE_URL` next to node_modules
+// with ai@6, @ai-sdk/openai@3, @ai-sdk/anthropic@3, @ai-sdk/openai-compatible@2, zod (bench/agent_clients.py installs them).
 import { generateText, streamText, generateObject, tool, stepCountIs } from "ai";
 import { createOpenAI } from "@ai-sdk/openai";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
