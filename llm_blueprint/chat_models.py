@@ -50,7 +50,7 @@ class ChatModels:
     def __init__(self, settings: dict[str, Any], extra: dict[str, dict[str, Any]]):
         self.settings = settings
         cores = None
-        if extra and settings["LLM_DEVICE"] != "cuda":
+        if extra and settings["LLM_DEVICE"] != "cuda" and settings["LLM_SHARE_CORES"]:
             from .engine.layout import usable_cores
 
             cores = CoreBudget(settings["LLM_CORES"] or usable_cores())

@@ -99,6 +99,9 @@ SETTINGS: tuple[Setting, ...] = (
             "unload a chat model other than the default one after this long unused; 0 = never"),
     Setting("LLM_MODEL_LOAD_WAIT_SECONDS", 60.0, float,
             "how long a request for an unloaded chat model waits for a busy one to make room (then 503)"),
+    Setting("LLM_SHARE_CORES", True, _bool,
+            "the chat models of a worker take their engines' threads from one budget of LLM_CORES (never more threads "
+            "than cores); false: two busy models run at once on the same cores (docs/several-models.md)"),
     Setting("LLM_ADMIN_KEYS", None, _key_list,
             "keys accepted by the admin routes (POST /admin/models/<id>/load and /unload); none = those routes are off"),
     Setting("LLM_DEFAULT_EMBEDDINGS", True, _bool,
