@@ -208,3 +208,17 @@ def test_one_model_at_a_time_alternates_and_gives_its_memory_back(default_model_
     # Gemma's weights are ~2.5x SmolLM2's: with Gemma gone and SmolLM2 back, the worker holds less by most of the gap.
     fell = min(resident["gemma"]) - max(resident["smollm2"])
     assert fell > 0.5 * (gemma_bytes - smol_bytes), (resident, gemma_bytes, smol_bytes)
+
+
+def test_admin_routes_are_off_without_admin_keys(default_model_dir):
+    from flask import Flask
+
+    from llm_blueprint import LLM
+
+    app = Flask("no-admin")
+    LLM(app, LLM_MODEL_PATH=default_model_dir, LLM_MODEL_ID="smollm2", LLM_DEFAULT_EMBEDDINGS=False)
+    client = app.test_client()
+    for path in ("/admin/models", "/admin/models/smollm2/load", "/admin/models/smollm2/unload"):
+        answer = client.get(path) if path == "/admin/models" else client.post(path)
+        assert answer.status_code == 403 and answer.get_json()["error"]["type"] == "permission_error"
+    assert client.get("/v1/models").get_json()["data"][0]["status"] == "unloaded"  # nothing was loaded
