@@ -68,6 +68,12 @@ def _anthropic(server) -> anthropic.Anthropic:
 
 def test_a_streaming_request_for_an_unloaded_model_gets_keepalives_while_it_loads(two_models):
     assert _states(two_models.base)["gemma"] == "unloaded"
+    # Bodies that are not JSON objects, while a model is not loaded (the keep-alive path reads the body): still 400s.
+    for bad in (b"\xff\xfe garbage", b"[" * 200000 + b"]" * 200000, b'{"model": "gemma", "stream": true, "messages": ' +
+                b"[" * 5000 + b"]" * 5000 + b"}", b'{"model": ["gemma"], "stream": true}'):
+        answer = requests.post(two_models.base + "/v1/chat/completions", data=bad, timeout=60,
+                               headers={**USER, "Content-Type": "application/json"})
+        assert answer.status_code == 400, (bad[:40], answer.status_code, answer.text[:200])
     body = {"model": "gemma", "messages": QUESTION, "max_tokens": 8, "stream": True}
     with requests.post(two_models.base + "/v1/chat/completions", json=body, stream=True, timeout=120,
                        headers=USER) as response:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 
 from flask import Response, request, stream_with_context
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import LLMBlueprintError
 from .common import runtime
@@ -26,15 +27,21 @@ LOADING = ": loading the model\n\n"
 
 def _unloaded_model():
     """The chat model a streaming request names when it is neither loaded nor failed; else None (the route then
-    answers as usual, and any problem with the body is its to report)."""
-    data = request.get_json(silent=True, cache=True)
+    answers as usual, and any problem with the body is its to report). The body is only read when some chat model
+    is not loaded."""
+    rt = runtime()
+    if all(m.engine_if_loaded is not None or m.load_error is not None for m in rt.chat.models.values()):
+        return None
+    try:
+        data = json.loads(request.get_data(cache=True))
+    except (ValueError, RecursionError, RequestEntityTooLarge):  # the route's json_body() says what is wrong
+        return None
     if not isinstance(data, dict) or data.get("stream") is not True:
         return None
-    rt = runtime()
     try:
         model_id = rt.registry.resolve(data.get("model"), "chat", accept_any=rt.settings["LLM_ACCEPT_ANY_MODEL"])
         model = rt.chat_model(model_id)
-    except (LLMBlueprintError, KeyError):
+    except (LLMBlueprintError, KeyError, TypeError):
         return None
     return model if model.engine_if_loaded is None and model.load_error is None else None
 
