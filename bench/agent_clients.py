@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--cache", default=os.environ.get("LLM_TEST_CACHE") or tempfile.mkdtemp(prefix="agents-"))
     parser.add_argument("--tools-dir", default=os.path.join(tempfile.gettempdir(), "llm-blueprint-agents"))
     parser.add_argument("--keep-log", default=None, help="copy the gunicorn log here")
+    parser.add_argument("--claude-tools", default=None,
+                        help='claude only: its --tools list (for example "Bash,Read"); default: all its tools')
     args = parser.parse_args()
 
     from servers import gunicorn
@@ -118,7 +120,9 @@ def main() -> None:
                                 "claude")
             for run in range(args.runs or 5):
                 project = tempfile.mkdtemp(prefix=f"run{run}-", dir=work)
+                tools = ["--tools", args.claude_tools] if args.claude_tools is not None else []
                 for k, (prompt, more) in enumerate((("say hi", []), ("now say bye", ["--continue"]))):
+                    more = [*more, *tools]
                     started = time.monotonic()
                     ok, text = claude_turn(binary, server.base, project, prompt, more)
                     print(f"run {run + 1} turn {k + 1}: {time.monotonic() - started:.0f} s, {text}", flush=True)
