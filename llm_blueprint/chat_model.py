@@ -23,7 +23,7 @@ from .engine.cores import CoreBudget
 from .engine.generation import BatchingOptions, Engine
 from .engine.handoff import run_on_native_thread
 from .engine.layout import choose as choose_layout
-from .engine.memory import prompt_cache_default_mb
+from .engine.memory import MemoryBudget, prompt_cache_default_mb
 from .engine.model import DEFAULT_COMPUTE_TYPES, SAMPLING_KEYS, keep_buffers_in_heap, resolve_device
 from .engine.prompt_cache import PromptCache, release_freed_memory, state_bytes_per_token
 from .errors import ModelLoadError
@@ -82,9 +82,10 @@ class ChatModel:
     compute type, threads). ``make_room`` is called before a load (the pool unloads others to make room for it)."""
 
     def __init__(self, settings: dict[str, Any], cores: CoreBudget | None = None,
-                 make_room: Callable[[ChatModel], None] | None = None):
+                 make_room: Callable[[ChatModel], None] | None = None, memory: MemoryBudget | None = None):
         self.settings = settings
         self.cores = cores
+        self.memory = memory  # the worker's memory for batches (memory.py), shared with the other chat models
         self.make_room = make_room
         self._lock = threading.Lock()  # a greenlet lock under gevent, a thread lock otherwise
         self._engine: Engine | None = None
@@ -157,18 +158,23 @@ class ChatModel:
             engine.shutdown(timeout)
             engine.model.close()
             release_freed_memory()
+            if self.memory is not None:
+                self.memory.drop(self.id)
 
         run_on_native_thread(teardown, "llm-model-unloader")
         metrics.model_unloaded(self.id, reason)
         log.info("model %r unloaded (%s)", self.id, reason)
         return True
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop for good (the process ends): running generations are cancelled, the model is released."""
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Stop for good (the process ends): running generations are cancelled, the model is released. False when
+        an engine call (a warm-up, a prefill: neither can be interrupted) was still running after ``timeout``."""
         engine, self._engine = self._engine, None
-        if engine is not None:
-            engine.shutdown(timeout)
-            engine.model.close()
+        if engine is None:
+            return True
+        stopped = engine.shutdown(timeout)
+        engine.model.close()
+        return stopped
 
     def _load_off_the_hub(self) -> Engine:
         started = time.monotonic()
@@ -228,15 +234,23 @@ class ChatModel:
         )
         cache = None
         budget = settings["LLM_PROMPT_CACHE_MB"]
-        if budget is None:
-            budget = prompt_cache_default_mb()
+        if budget is None:  # a ChatModel outside ChatModels
+            budget = prompt_cache_default_mb(1, settings["LLM_MEMORY_LIMIT_MB"])
         if budget > 0:
             cache = PromptCache(state_bytes_per_token(model.path, model.device, model.compute_type), budget * 2**20,
                                 weights_bytes=model.weights_bytes)
             log.info("prompt cache of %r: up to %d MB (%.0f KB a token held; a fresh generator is swapped in when full)",
                      self.id, budget, cache.bytes_per_token / 1024)
-        return Engine(model, heartbeat_interval=settings["LLM_KEEPALIVE_SECONDS"], batching=batching, prompt_cache=cache,
-                      cores=self.cores if device == "cpu" else None)
+        memory = self.memory if device == "cpu" else None
+        if memory is not None:
+            memory.hold(self.id, model.weights_bytes + budget * 2**20)
+        engine = Engine(model, heartbeat_interval=settings["LLM_KEEPALIVE_SECONDS"], batching=batching,
+                        prompt_cache=cache, cores=self.cores if device == "cpu" else None, memory=memory)
+        if memory is not None:
+            log.info("memory of %r: %d MB for batches within LLM_MEMORY_LIMIT_MB=%d, so at most %d tokens of context "
+                     "(the model's own: %d)", self.id, memory.capacity, settings["LLM_MEMORY_LIMIT_MB"],
+                     engine.context_limit, model.context_length)
+        return engine
 
     def _sampling_defaults(self, model: Model) -> dict[str, float]:
         """What a request that gives no sampling field gets: the setting, else the model's recommendation, else the

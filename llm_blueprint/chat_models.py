@@ -24,7 +24,7 @@ from typing import Any
 from .chat_model import ChatModel, served_id
 from .engine.cores import CoreBudget
 from .engine.handoff import gevent_patched
-from .engine.memory import meminfo, prompt_cache_default_mb
+from .engine.memory import MemoryBudget, meminfo, memory_limit_default, prompt_cache_default_mb, resident_bytes
 from .errors import ModelBusy
 from .registry import entry_settings
 
@@ -55,13 +55,19 @@ class ChatModels:
 
             cores = CoreBudget(settings["LLM_CORES"] or usable_cores())
         self.cores = cores
-        if settings["LLM_PROMPT_CACHE_MB"] is None:  # sized from the machine (memory.py), once for every model
+        if settings["LLM_MEMORY_LIMIT_MB"] is None:  # sized from the machine (memory.py)
+            settings["LLM_MEMORY_LIMIT_MB"] = memory_limit_default() // 2**20
+        limit = settings["LLM_MEMORY_LIMIT_MB"]
+        # the worker's memory for batches, shared by its chat models' engines (what the process holds now is the base)
+        self.memory = MemoryBudget(limit * 2**20, resident_bytes()) if limit else None
+        if settings["LLM_PROMPT_CACHE_MB"] is None:  # sized from the worker's memory (memory.py), once for every model
             cap = settings["LLM_MAX_LOADED_MODELS"] or (1 + len(extra))
-            settings["LLM_PROMPT_CACHE_MB"] = prompt_cache_default_mb(min(cap, 1 + len(extra)))
-        self.default = ChatModel(settings, cores, self.make_room)
+            settings["LLM_PROMPT_CACHE_MB"] = prompt_cache_default_mb(min(cap, 1 + len(extra)), limit)
+        self.default = ChatModel(settings, cores, self.make_room, self.memory)
         self.models: dict[str, ChatModel] = {self.default.id: self.default}
         for model_id, spec in extra.items():
-            self.models[model_id] = ChatModel(entry_settings(settings, model_id, spec), cores, self.make_room)
+            self.models[model_id] = ChatModel(entry_settings(settings, model_id, spec), cores, self.make_room,
+                                              self.memory)
         self.room = threading.Lock()  # one decision about room at a time (a greenlet lock under gevent)
         self._sweeping = False
         self.closed = False
@@ -138,10 +144,14 @@ class ChatModels:
         else:
             threading.Thread(target=sweep, name="llm-idle-models", daemon=True).start()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Stop every engine; False when a native call was still running after ``timeout``."""
         self.closed = True
+        deadline = time.monotonic() + timeout
+        stopped = True
         for model in self.models.values():
-            model.shutdown(timeout)
+            stopped = model.shutdown(max(0.0, deadline - time.monotonic())) and stopped
+        return stopped
 
 
 __all__ = ["ChatModels", "entry_settings", "served_id"]

@@ -76,11 +76,16 @@ class WrongModelKind(InvalidRequest):
 class ContextTooLong(InvalidRequest):
     """Prompt plus requested completion do not fit in the model's context."""
 
-    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int, param: str | None = None):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int, param: str | None = None,
+                 model_context: int | None = None):
         # the prompt alone fits: the requested completion is what does not
         param = param or ("max_tokens" if prompt_tokens < context_length else "messages")
+        # model_context: the limit is the worker's memory budget (LLM_MEMORY_LIMIT_MB), below the model's own
+        limit = (f"This model's maximum context length is {context_length} tokens" if model_context is None else
+                 f"This server's memory budget holds at most {context_length} tokens of context for this model "
+                 f"(its own maximum is {model_context})")
         message = (
-            f"This model's maximum context length is {context_length} tokens. However, you "
+            f"{limit}. However, you "
             f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
             f"{max_tokens} for the completion). Please reduce the prompt or the completion length."
         )

@@ -82,7 +82,8 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
-    """Stop the engine's native threads before the interpreter exits."""
+    """Stop the engine's native threads before the interpreter exits (or end the process at once when a native call
+    still runs: Runtime.end_process_if_busy)."""
     runtime = _runtime(worker)
     if runtime is not None:
-        runtime.shutdown()
+        runtime.end_process_if_busy()

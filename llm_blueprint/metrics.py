@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import multiprocess as _multiprocess
 
 from .engine.generation import Engine
+from .engine.memory import MB, MemoryBudget, peak_resident_bytes, resident_bytes
 from .events import Done, Event, EventStream, TextDelta
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -39,6 +40,15 @@ MODEL_UNLOADS = Counter("llm_model_unloads_total", "Chat model unloads, by reaso
 CORE_WAITS = Gauge("llm_core_budget_waits", "Engine batches that waited for cores another chat model's batch held "
                    "(since the worker started; several chat models only)", multiprocess_mode="livesum")
 RESIDENT_MEMORY = Gauge("llm_resident_memory_bytes", "Resident memory of the worker process", multiprocess_mode="livesum")
+PEAK_MEMORY = Gauge("llm_peak_resident_memory_bytes", "Peak resident memory of the worker process (VmHWM)",
+                    multiprocess_mode="livemax")
+MEMORY_LIMIT = Gauge("llm_memory_limit_bytes", "LLM_MEMORY_LIMIT_MB of a worker (0: no limit)",
+                     multiprocess_mode="livemax")
+BATCH_MEMORY = Gauge("llm_batch_memory_bytes", "A worker's memory for engine batches, by state: room (what the limit "
+                     "leaves after the process, the weights and the prompt caches), held (estimated for the batches "
+                     "running now)", ["state"], multiprocess_mode="livesum")
+MEMORY_WAITS = Gauge("llm_batch_memory_waits", "Engine batches that waited for memory other batches held (since the "
+                     "worker started)", multiprocess_mode="livesum")
 REJECTIONS = Counter("llm_rejections_total", "Requests refused before generation, by reason", ["reason"])
 RATE_LIMIT_UNCHECKED = Counter("llm_rate_limit_unchecked_total",
                                "Requests whose rate limit could not be checked (its storage failed), by what was done: "
@@ -166,20 +176,20 @@ def observe(model_id: str, engine: Engine, stream: EventStream[Event]) -> EventS
     return stream.watch(on_event, on_close)
 
 
-def resident_bytes() -> int:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def render(engines: list[tuple[str, Engine]], core_waits: int = 0) -> tuple[bytes, str]:
-    """The exposition text of every worker's metrics; ``engines``: the loaded chat models' (id, engine)."""
+def render(engines: list[tuple[str, Engine]], core_waits: int = 0, memory: MemoryBudget | None = None
+           ) -> tuple[bytes, str]:
+    """The exposition text of every worker's metrics; ``engines``: the loaded chat models' (id, engine); ``memory``:
+    the worker's memory budget (None: no limit)."""
     for model_id, engine in engines:
         engine_reader.drain(model_id, engine)
     CORE_WAITS.set(core_waits)
     RESIDENT_MEMORY.set(resident_bytes())
+    PEAK_MEMORY.set(peak_resident_bytes())
+    MEMORY_LIMIT.set(memory.limit_bytes if memory is not None else 0)
+    if memory is not None:
+        BATCH_MEMORY.labels("room").set(memory.room_bytes)
+        BATCH_MEMORY.labels("held").set(memory.held * MB)
+        MEMORY_WAITS.set(memory.waits)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)

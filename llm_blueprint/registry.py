@@ -285,9 +285,12 @@ class Registry:
         else:
             NativeThread(load, "llm-encoder-preloader").start()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Stop the encoders; False when a native call was still running after ``timeout``."""
+        stopped = True
         for entry in self.entries.values():
             engine, entry.engine = entry.engine, None
             if engine is not None:
-                engine.shutdown(timeout)
+                stopped = engine.shutdown(timeout) and stopped
                 engine.model.close()
+        return stopped

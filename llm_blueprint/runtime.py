@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import sys
 import time
 from typing import Any
 
@@ -41,6 +43,7 @@ class Runtime:
             self.rate_limit = RateLimit(settings["LLM_RATE_LIMIT"], settings["LLM_RATE_LIMIT_STORAGE"],
                                         settings["LLM_RATE_LIMIT_FAIL_OPEN"])
         self._preloading = False
+        self._stopped: bool | None = None  # shutdown's outcome (None: not shut down yet)
         atexit.register(self.shutdown)
 
     def chat_model(self, model_id: str | None = None) -> ChatModel:
@@ -120,7 +123,28 @@ class Runtime:
             if engine is not None:
                 engine.cancel_all()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine threads and release the model (safe to call twice)."""
-        self.registry.shutdown(timeout)
-        self.chat.shutdown(timeout)
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Stop the engine threads and release the models (safe to call twice). False when an engine call (a
+        warm-up, a prefill: neither can be interrupted) was still running on a native thread after ``timeout``."""
+        if self._stopped is None:
+            stopped = self.registry.shutdown(timeout)
+            self._stopped = self.chat.shutdown(timeout) and stopped
+        return self._stopped
+
+    def end_process_if_busy(self) -> None:
+        """A gunicorn worker is exiting (``worker_exit``): when an engine call still runs on a native thread after
+        :meth:`shutdown`, end the process now, without the interpreter's finalization and the
+        native libraries' exit handlers, which would run under that call and crash the process (SIGSEGV: one exit in
+        two with a 9,000-token warm-up of Gemma 3 running, issue #35). Nothing is lost: the requests were drained,
+        and what the call computes is not wanted any more."""
+        if self.shutdown():
+            return
+        log.warning("an engine call was still running at exit (a warm-up or a prefill cannot be interrupted): the "
+                    "process ends now, without the native libraries' exit handlers")
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        os._exit(0)

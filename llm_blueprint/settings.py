@@ -133,8 +133,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_PROMPT_CACHE_MB", None, _optional_int,
             "memory for model states after prompt prefixes that requests share (system prompt and tools, earlier "
             "turns), per chat model; when full, a fresh generator replaces the old one between batches (so it also "
-            "covers a second copy of the weights for a moment); unset = a quarter of the machine's (or container's) "
-            "memory, divided by LLM_WORKERS and by the chat models a worker may hold at once; 0 = off"),
+            "covers a second copy of the weights for a moment); unset = a quarter of the worker's memory (LLM_MEMORY_LIMIT_MB, "
+            "else the machine's or container's memory divided by LLM_WORKERS), divided by the chat models a worker may "
+            "hold at once; 0 = off"),
+    Setting("LLM_MEMORY_LIMIT_MB", None, _optional_int,
+            "resident memory a worker may use (CPU): the engine runs batches, and admits prompts, only within what the "
+            "limit leaves after the process, the chat models' weights and their prompt caches; a prompt that alone "
+            "cannot fit gets the protocol's context-length error naming the tokens that fit; unset = nine tenths of "
+            "the machine's (or container's) memory divided by LLM_WORKERS; 0 = no limit (docs/operations.md)"),
     Setting("LLM_MAX_QUEUE", 64, int, "completions waiting for a batch beyond which requests get 429/529"),
     Setting("LLM_CONTEXT_LENGTH", None, _optional_int, "override the model's context length"),
     Setting("LLM_CHAT_TEMPLATE", None, _optional_str, "override chat template: Jinja2 text or a path to a .jinja file"),

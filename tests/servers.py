@@ -35,12 +35,17 @@ class LiveServer:
 
 
 @contextmanager
-def gunicorn(app: str, env: dict[str, str], log_path: str, ready_path: str, worker_class: str = "gevent", timeout: float = 120):
+def gunicorn(app: str, env: dict[str, str], log_path: str, ready_path: str, worker_class: str = "gevent", timeout: float = 120,
+             check_exit: bool = True):
     port = free_port()
     environ = {**os.environ, **env, "LLM_BIND": f"127.0.0.1:{port}", "LLM_WORKER_CLASS": worker_class, "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"), "--chdir", ROOT, app]
     with serving(argv, environ, port, log_path, ready_path, ROOT, timeout) as server:
         yield server
+    # after the graceful stop: a worker that crashed at any point (or on its way out) fails the test
+    if check_exit:
+        crashes = [line for line in server.log().splitlines() if "was sent SIG" in line or "terminate called" in line]
+        assert not crashes, f"a gunicorn worker crashed: {crashes}"
 
 
 @contextmanager

@@ -213,6 +213,37 @@ def test_sigterm_drains_streams_and_exits_cleanly(default_model_dir, tmp_path):
     assert "terminate called" not in server.log()
 
 
+def test_sigterm_while_a_warm_up_computes_ends_the_worker_without_a_crash(gemma3_gguf, cache_dir, tmp_path):
+    """After an answer, an idle replica holds the conversation for its next turn (a warm-up: one CTranslate2 call
+    that cannot be interrupted). A SIGTERM right then ended the worker with SIGSEGV one time in two (Gemma 3, a
+    9,000-token conversation; first seen with Claude Code): the interpreter exited, running the native libraries'
+    exit handlers, under the running call. The worker now waits for the call up to its shutdown timeout, then ends
+    at once without them."""
+    import signal
+
+    from chat_templates import GEMMA_TEMPLATE
+    from servers import gunicorn
+
+    template = tmp_path / "gemma.jinja"
+    template.write_text(GEMMA_TEMPLATE)
+    env = {"LLM_MODEL_PATH": gemma3_gguf, "LLM_CACHE_DIR": cache_dir, "LLM_MODEL_ID": "gemma", "LLM_EAGER_LOAD": "1",
+           "LLM_CHAT_TEMPLATE": str(template), "LLM_INTER_THREADS": "2", "LLM_INTRA_THREADS": "1",
+           "LLM_DEFAULT_EMBEDDINGS": "0"}
+    words = " ".join(f"item{i % 113}" for i in range(2200))  # about 6,600 tokens: a warm-up of over 10 s here
+    log = tmp_path / "warm.log"
+    with gunicorn("wsgi:app", env, str(log), "/readyz", check_exit=False) as server:
+        answer = requests.post(server.base + "/v1/chat/completions", timeout=300, json={
+            "model": "gemma", "messages": [{"role": "system", "content": words}, {"role": "user", "content": "Hi."}],
+            "max_tokens": 1, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["prompt_tokens"] > 6000
+        server.process.send_signal(signal.SIGTERM)  # the warm-up of this conversation has just started
+        assert server.process.wait(90) == 0
+    text = log.read_text()
+    assert "was sent SIG" not in text and "terminate called" not in text, text[-2000:]
+    assert "an engine call was still running at exit" in text  # the warm-up was running: the case under test
+
+
 def test_per_key_rate_limit_on_both_protocols(default_model_dir):
     app = Flask("limited")
     LLM(app, LLM_MODEL_PATH=default_model_dir, LLM_MODEL_ID="m", LLM_API_KEYS="a,b", LLM_RATE_LIMIT="3/minute")

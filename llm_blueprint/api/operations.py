@@ -69,7 +69,7 @@ def metrics_view():
     chat = runtime().chat
     engines = [(m.id, m.engine_if_loaded) for m in chat.loaded()]
     body, content_type = metrics.render([(model_id, engine) for model_id, engine in engines if engine is not None],
-                                        chat.cores.waits if chat.cores is not None else 0)
+                                        chat.cores.waits if chat.cores is not None else 0, chat.memory)
     return Response(body, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type})
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from . import ct2_batch
 from .completion import Entry, split_point
@@ -106,18 +107,28 @@ class CachePlanner:
             self.warm_queue = [w for w in self.warm_queue if w != ids][-3:] + [list(ids)]
         self.scheduler.wakeup.put(True)
 
-    def run_warm(self, state: BatchState) -> None:
-        """Hold the newest requested conversation in the cache, when no request waits and another replica is
-        free for arrivals."""
+    def run_warm(self, state: BatchState, memory: Callable[[int], int] = lambda tokens: -1,
+                 release_memory: Callable[[int], None] = lambda taken: None) -> None:
+        """Hold the newest requested conversation in the cache, when no request waits, another replica is free for
+        arrivals and the worker's memory for batches has room for it now (``memory``: MB taken for that many tokens,
+        0 when not free, -1 when there is no budget)."""
         scheduler = self.scheduler
         with scheduler.lock:
             if scheduler.pending or not self.warm_queue or scheduler.idle_workers < 1 or self.closed:
                 return
             ids = self.warm_queue.pop()
-            state.plan = self.cache.warm_plan(ids)
+            taken = memory(len(ids))
+            if not taken:
+                return  # no room now: a warm-up never delays a request
+            try:
+                state.plan = self.cache.warm_plan(ids)
+            except BaseException:
+                release_memory(taken)
+                raise
             if self.cache.swap_wanted:
                 self.start_swap()
             if not state.plan.store:
+                release_memory(taken)
                 return
             scheduler.batches_running += 1
         try:
@@ -132,6 +143,7 @@ class CachePlanner:
             with scheduler.lock:
                 scheduler.batches_running -= 1
             self.release(state)
+            release_memory(taken)
         if scheduler.pending or self.warm_queue:
             scheduler.wakeup.put(True)
 

@@ -28,6 +28,7 @@ from .cache_plan import CachePlanner
 from .completion import Entry, Job
 from .cores import CoreBudget
 from .handoff import Channel, Empty, NativeThread, allocate_native_lock
+from .memory import MB, MemoryBudget, MemoryShape
 from .model import Model
 from .prompt_cache import PromptCache, release_freed_memory
 from .scheduler import BatchingOptions, BatchState, Scheduler
@@ -53,14 +54,20 @@ class Engine:
     """
 
     def __init__(self, model: Model, heartbeat_interval: float = 2.0, batching: BatchingOptions | None = None,
-                 prompt_cache: PromptCache | None = None, cores: CoreBudget | None = None):
+                 prompt_cache: PromptCache | None = None, cores: CoreBudget | None = None,
+                 memory: MemoryBudget | None = None):
         self.model = model
         self.cores = cores  # shared with the other chat models' engines (cores.py); None: this engine alone
+        # The worker's memory for batches, shared with the other chat models' engines (memory.py); CPU only (on a GPU
+        # the batches live in the device's memory, which CTranslate2 manages)
+        self.memory = memory if model.device == "cpu" else None
+        self.memory_shape = MemoryShape.of(model.path, model.sliding_window)
         self.heartbeat_interval = heartbeat_interval
         self.batching = batching or BatchingOptions()
         self.prompt_cache = prompt_cache
         replicas = max(1, model.inter_threads)
         self.scheduler = Scheduler(self.batching, replicas)
+        self.scheduler.rows_that_fit = self._rows_that_fit
         self.planner = CachePlanner(model, prompt_cache, self.scheduler, self.batching)
         self.scheduler.plan = self.planner.plan
         self._seed_lock = allocate_native_lock()
@@ -88,6 +95,18 @@ class Engine:
             raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
         if len(request.prompt_ids) + request.max_tokens > self.model.context_length:
             raise ContextTooLong(len(request.prompt_ids), request.max_tokens, self.model.context_length)
+        if self.memory is not None:
+            longest = self.memory_shape.longest_context(self.memory.room_bytes)
+            if len(request.prompt_ids) + request.max_tokens > longest:
+                raise ContextTooLong(len(request.prompt_ids), request.max_tokens, longest,
+                                     model_context=self.model.context_length)
+
+    @property
+    def context_limit(self) -> int:
+        """The context a request may use: the model's, or less where the worker's memory budget holds less."""
+        if self.memory is None:
+            return self.model.context_length
+        return min(self.model.context_length, self.memory_shape.longest_context(self.memory.room_bytes))
 
     def _check_running(self) -> None:
         if self.failure is not None:
@@ -218,12 +237,17 @@ class Engine:
             taken = self.cores.acquire(self.model.intra_threads) if self.cores is not None else 0
             try:
                 if not batch:
-                    self.planner.run_warm(state)
+                    self.planner.run_warm(state, self._try_memory, self.release_memory)
                     continue
                 if scheduler.pending:
                     scheduler.wakeup.put(True)  # what did not fit goes to the next idle worker
                 while batch:  # a batch, then the merged batch its restart asked for, if any
-                    batch, state = self._run_batch(batch, state)
+                    held = self.memory.acquire(self._batch_mb(batch, state)) if self.memory is not None else 0
+                    try:
+                        batch, state = self._run_batch(batch, state)
+                    finally:
+                        if held:
+                            self.memory.release(held)
             finally:
                 if taken:
                     self.cores.release(taken)
@@ -231,6 +255,42 @@ class Engine:
                 scheduler.wakeup.put(True)  # leftovers that did not fit this batch
             else:
                 self._release_when_idle()
+
+    # Memory -------------------------------------------------------------------
+    def _row_bytes(self, entry: Entry, cached: int) -> int:
+        prompt = len(entry.job.request.prompt_ids) + len(entry.generated)
+        context = prompt + max(0, entry.job.request.max_tokens - entry.tokens)
+        return self.memory_shape.row_bytes(prompt - cached, context, prompt)
+
+    def _batch_bytes(self, entries: list[Entry], cached: int) -> int:
+        """What a batch may hold at its peak: CTranslate2 pads its rows to the longest one."""
+        return self.memory_shape.batch_bytes(len(entries), max(self._row_bytes(e, cached) for e in entries))
+
+    def _batch_mb(self, batch: list[Entry], state) -> int:
+        return -(-self._batch_bytes(batch, state.plan.length if state.plan.read else 0) // MB)
+
+    def _rows_that_fit(self, entries: list[Entry], plan) -> int:
+        """How many of ``entries`` (the first one first) one batch may hold within the worker's memory for batches
+        (the scheduler's cap; at least one: a row that alone does not fit was refused by validate)."""
+        if self.memory is None:
+            return len(entries)
+        room, cached = self.memory.room_bytes, plan.length if plan.read else 0
+        count = 1
+        while count < len(entries) and self._batch_bytes(entries[: count + 1], cached) <= room:
+            count += 1
+        return count
+
+    def _try_memory(self, tokens: int) -> int:
+        """Memory for a warm-up of ``tokens`` tokens if it is free now (MB taken, for release), else 0: a warm-up
+        is worth doing only when it delays nothing."""
+        if self.memory is None:
+            return -1
+        shape = self.memory_shape
+        return self.memory.try_acquire(-(-shape.batch_bytes(1, shape.row_bytes(tokens, tokens)) // MB))
+
+    def release_memory(self, taken: int) -> None:
+        if self.memory is not None and taken > 0:
+            self.memory.release(taken)
 
     def _release_when_idle(self) -> None:
         """When the last batch ends and nothing waits, give freed memory back to the system (glibc keeps the freed

@@ -1,8 +1,14 @@
-"""The memory this process may use: the machine's, or its container's limit (cgroup v2 or v1) when lower."""
+"""Memory: what this process may use (the machine's, or its container's limit when lower), what an engine batch costs,
+and the budget that bounds the batches of a worker (``LLM_MEMORY_LIMIT_MB``)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+
+from .budget import Budget
+
+MB = 2**20
 
 
 def meminfo() -> dict[str, int]:
@@ -37,11 +43,130 @@ def total_memory() -> int:
     return min(total, limit) if total and limit else (total or limit or 0)
 
 
-def prompt_cache_default_mb(chat_models: int = 1) -> int:
-    """The prompt cache's default budget, per chat model: a quarter of the memory, shared by the gunicorn workers
-    of the host (``LLM_WORKERS``) and the chat models of a worker; at least 256 MB. 2 GB where the memory is unknown."""
+def prompt_cache_default_mb(chat_models: int = 1, memory_limit_mb: int | None = None) -> int:
+    """The prompt cache's default budget, per chat model: a quarter of the worker's memory (``LLM_MEMORY_LIMIT_MB``,
+    else the machine's or container's shared by the host's gunicorn workers, ``LLM_WORKERS``), shared by the chat
+    models of a worker; at least 256 MB. 2 GB where the memory is unknown."""
+    worker = memory_limit_mb * MB if memory_limit_mb else 0
+    if not worker:
+        total = total_memory()
+        if not total:
+            return 2048
+        worker = total // max(1, int(os.environ.get("LLM_WORKERS", "1") or 1))
+    return max(256, worker // 4 // max(1, chat_models) // MB)
+
+
+# ----------------------------------------------------------------------------- what a batch costs, and the budget
+# Measured with CTranslate2 4.8.5 on CPU (bench/prefill_memory.py: peak RSS above the warmed model, one row): a
+# prefill holds LINEAR x the held state's bytes per token of context (keys and values, activations, copies; a
+# sliding-window model, which CTranslate2 prefills in chunks of the window, copies its keys and values at every
+# chunk), the attention scores of one layer at a time (SCORES x heads x queries x keys float32 values), and a
+# workspace per call.
+LINEAR = 1.1
+LINEAR_WINDOWED = 2.2
+SCORES = 1.3
+WORKSPACE = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class MemoryShape:
+    """What a batch of a model costs in memory on CPU, from its spec."""
+
+    state_bytes: int  # keys and values of every layer, per token (what a held state costs: prompt_cache.py)
+    heads: int  # query heads
+    window: int = 0  # sliding window (0: none): CTranslate2 then prefills in chunks of that many tokens
+    item: int = 4  # bytes of one attention score (float32 on CPU)
+
+    @classmethod
+    def of(cls, model_dir: str, window: int = 0) -> MemoryShape:
+        """From a CTranslate2 model's spec (CPU, float32 states)."""
+        from .prompt_cache import read_spec_summary, state_bytes_per_token
+
+        try:
+            summary = read_spec_summary(os.path.join(model_dir, "model.bin"))
+            state = state_bytes_per_token(model_dir, "cpu")
+        except (OSError, ValueError):
+            return cls(state_bytes=0, heads=0, window=window)
+        return cls(state_bytes=state, heads=int(summary["scalars"].get("decoder/num_heads", 0) or 0), window=window)
+
+    def row_bytes(self, new: int, context: int, prompt: int | None = None) -> int:
+        """One row that prefills ``new`` tokens of a ``prompt`` (after a cached prefix) and grows to ``context``."""
+        prompt = context if prompt is None else prompt
+        queries = min(new, self.window) if self.window else new
+        linear = LINEAR_WINDOWED if self.window else LINEAR
+        return int(linear * self.state_bytes * context + SCORES * self.heads * queries * prompt * self.item)
+
+    def batch_bytes(self, rows: int, row_bytes: int) -> int:
+        """A batch of ``rows`` rows of at most ``row_bytes`` each (CTranslate2 pads them to the longest)."""
+        return WORKSPACE + rows * row_bytes
+
+    def longest_context(self, room: int) -> int:
+        """The most tokens of context a batch of one row may reach within ``room`` bytes (prefilled whole)."""
+        low, high = 0, 1 << 24
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.batch_bytes(1, self.row_bytes(middle, middle)) <= room:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+
+class MemoryBudget(Budget):
+    """The worker's memory for engine batches, in MB: ``LLM_MEMORY_LIMIT_MB`` less what the process held before its
+    first model (interpreter, libraries), each loaded chat model's weights and its prompt cache's budget. Every
+    engine of the worker takes its batch's estimate (:class:`MemoryShape`) before the CTranslate2 call and gives it
+    back after, so concurrent prefills never add up past the limit; a prompt that alone cannot fit is refused before
+    it runs (``Engine.validate``)."""
+
+    def __init__(self, limit_bytes: int, base_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.base_bytes = base_bytes
+        self.fixed: dict[str, int] = {}  # per chat model: its weights and its prompt cache's budget
+        super().__init__(self._room_mb())
+
+    def _room_mb(self) -> int:
+        return max(1, (self.limit_bytes - self.base_bytes - sum(self.fixed.values())) // MB)
+
+    @property
+    def room_bytes(self) -> int:
+        return self.capacity * MB
+
+    def hold(self, name: str, nbytes: int) -> None:
+        """A chat model's lasting share (weights, prompt cache): the batches get what is left."""
+        self.fixed[name] = nbytes
+        self.resize(self._room_mb())
+
+    def drop(self, name: str) -> None:
+        self.fixed.pop(name, None)
+        self.resize(self._room_mb())
+
+
+def memory_limit_default(workers: int | None = None) -> int:
+    """``LLM_MEMORY_LIMIT_MB`` unset: nine tenths of the machine's (or container's) memory, shared by the host's
+    gunicorn workers (``LLM_WORKERS``); 0 (no limit) where the memory is unknown."""
     total = total_memory()
-    if not total:
-        return 2048
-    workers = max(1, int(os.environ.get("LLM_WORKERS", "1") or 1))
-    return max(256, total // 4 // workers // max(1, chat_models) // 2**20)
+    if workers is None:
+        workers = max(1, int(os.environ.get("LLM_WORKERS", "1") or 1))
+    return total * 9 // 10 // max(1, workers)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory (VmHWM) since it started or since :func:`reset_peak`."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import ChatTemplateError, InvalidRequest, ModelLoadError
 from .chat_template import ChatTemplate
+from .memory import resident_bytes
 from .tokenizer import Tokenizer, load_tokenizer, load_vocabulary
 
 log = logging.getLogger(__name__)
@@ -97,15 +98,6 @@ def keep_buffers_in_heap() -> int:
     return 0
 
 
-def _resident_bytes() -> int:
-    """This process's resident memory (Linux; 0 where unknown)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def has_chat_template(model_dir: str) -> bool:
     """Whether a CTranslate2 model directory ships a chat template (chat_template.jinja or tokenizer_config.json's)."""
     if os.path.isfile(os.path.join(model_dir, "chat_template.jinja")):
@@ -155,11 +147,11 @@ class Model:
         self.compute_type = options.compute_type or DEFAULT_COMPUTE_TYPES[self.device]
         self.inter_threads = options.inter_threads
         self.intra_threads = options.intra_threads
-        resident = _resident_bytes()
+        resident = resident_bytes()
         self.generator = self.new_generator()
         # What the weights take once loaded (on CPU with MKL about twice model.bin: it keeps packed int8 copies);
         # a prompt cache swap holds a second copy for a moment, so its budget reserves this.
-        self.loaded_bytes = max(0, _resident_bytes() - resident) if self.device == "cpu" else 0
+        self.loaded_bytes = max(0, resident_bytes() - resident) if self.device == "cpu" else 0
         log.info(
             "loaded model %s on %s (%s), context %d, end tokens %s",
             self.path, self.device, self.compute_type, self.context_length, self.end_tokens,

@@ -115,6 +115,8 @@ class Scheduler:
         self.replicas = replicas
         # The cached prefix a batch seeded by an entry runs after (None: being computed, wait); the cache planner's.
         self.plan: Callable[[Entry], Plan | None] = plan or (lambda entry: NO_PLAN)
+        # How many of a batch's entries (its seed first) the worker's memory lets it hold (the engine's; default all)
+        self.rows_that_fit: Callable[[list[Entry], Plan], int] = lambda entries, plan: len(entries)
         self.pending: list[Entry] = []
         self.lock = allocate_native_lock()
         self.wakeup = WorkQueue()  # one token per arrival; idle workers block on it
@@ -196,6 +198,9 @@ class Scheduler:
             batch = candidates[: self.share(len(candidates), lambda e: self.compatible(e, key, length, plan.prefix))]
             if seed not in batch:
                 batch[-1:] = [seed]
+            if len(batch) > 1:  # the seed first, then the closest lengths, as many as the memory holds
+                batch = [seed] + [e for e in batch if e is not seed]
+                batch = batch[: self.rows_that_fit(batch, plan)]
             chosen = set(map(id, batch))
             self.pending = [e for e in self.pending if id(e) not in chosen]
             self.batches_running += 1
