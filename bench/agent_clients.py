@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--keep-log", default=None, help="copy the gunicorn log here")
     parser.add_argument("--claude-tools", default=None,
                         help='claude only: its --tools list (for example "Bash,Read"); default: all its tools')
+    parser.add_argument("--claude-system-prompt", default=None,
+                        help="claude only: its --system-prompt (replaces Claude Code's own); default: its own")
     args = parser.parse_args()
 
     from servers import gunicorn
@@ -122,6 +124,8 @@ def main() -> None:
             for run in range(args.runs or 5):
                 project = tempfile.mkdtemp(prefix=f"run{run}-", dir=work)
                 tools = ["--tools", args.claude_tools] if args.claude_tools is not None else []
+                if args.claude_system_prompt is not None:
+                    tools += ["--system-prompt", args.claude_system_prompt]
                 for k, (prompt, more) in enumerate((("say hi", []), ("now say bye", ["--continue"]))):
                     more = [*more, *tools]
                     started = time.monotonic()
