@@ -303,6 +303,11 @@ class ChatModel:
         return self.engine.model
 
     @property
+    def context_limit(self) -> int:
+        """The context a request may use: the model's, or less where the worker's memory budget holds less."""
+        return self.engine.context_limit
+
+    @property
     def model_id(self) -> str:
         return self.id
 

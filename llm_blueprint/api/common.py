@@ -122,7 +122,7 @@ def completion_budget(requested: int | None, prompt_ids: list[int]) -> int:
     """``requested`` max tokens, or (when the client gave none) the configured default that still fits the context."""
     if requested is not None:
         return requested
-    return max(1, min(runtime().settings["LLM_DEFAULT_MAX_TOKENS"], served().model.context_length - len(prompt_ids)))
+    return max(1, min(runtime().settings["LLM_DEFAULT_MAX_TOKENS"], served().context_limit - len(prompt_ids)))
 
 
 def start_generations(requests: list[GenerationRequest]) -> list[EventStream]:

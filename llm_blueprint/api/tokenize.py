@@ -42,7 +42,7 @@ def tokenize():
         ids = model.encode_text(data["prompt"], "prompt")
     else:
         ids = model.encode_prompt(data["prompt"])  # as /v1/completions encodes it
-    body: dict[str, Any] = {"count": len(ids), "max_model_len": model.context_length, "tokens": ids}
+    body: dict[str, Any] = {"count": len(ids), "max_model_len": served().context_limit, "tokens": ids}
     if data.get("return_token_strs"):
         body["token_strs"] = model.tokenizer.ids_to_tokens(ids)
     return json_response(body)
