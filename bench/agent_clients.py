@@ -111,8 +111,10 @@ def main() -> None:
         template = os.path.join(work, "gemma.jinja")
         with open(template, "w") as f:
             f.write(GEMMA_TEMPLATE)
+        # Gemma 3's published sampling (its generation_config.json: top_k 64, top_p 0.95), which its GGUF file does not
+        # carry: with the APIs' defaults (top_k off, top_p 1) the 270M model rambles to max_tokens on every request
         env.update(LLM_MODEL_PATH=str(assemble(os.path.join(args.cache, "gemma-3-270m-q4_k_m.gguf"))),
-                   LLM_CHAT_TEMPLATE=template)
+                   LLM_CHAT_TEMPLATE=template, LLM_DEFAULT_TOP_K="64", LLM_DEFAULT_TOP_P="0.95")
     else:
         env.update(LLM_MODEL_ID="smollm2")
     log = os.path.join(work, "server.log")

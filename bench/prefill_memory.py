@@ -84,7 +84,7 @@ def main() -> None:
                                   capture_output=True, text=True, check=True)
             figures = json.loads(done.stdout.strip().splitlines()[-1])
             measured = figures["extra"] / 2**20
-            estimate = args.rows * shape.row_bytes(length, length) / 2**20
+            estimate = shape.batch_bytes(args.rows, shape.row_bytes(length, length)) / 2**20
             print(f"{length:>7} {args.rows:>4} {measured:>12.0f} {estimate:>12.0f} {estimate / measured:>18.2f} "
                   f"{time.monotonic() - started:>7.1f}", flush=True)
 
