@@ -85,6 +85,23 @@ def test_a_layout_measured_on_a_busy_machine_is_cached_and_remeasured_only_on_de
     assert len(json.loads((tmp_path / "layouts.json").read_text())) == 1  # replaced, not added
 
 
+def test_the_memory_of_the_measurement_is_handed_back(default_model_dir):
+    """The candidates' generators are freed after measuring, and their buffers go back to the system instead of
+    staying in the heap (the worker raises glibc's mmap threshold first, as here). Measured before the fix: 154 MB
+    more resident after measuring SmolLM2; after it: under 20 MB."""
+    script = (
+        "import sys\n"
+        "from llm_blueprint.engine import layout\n"
+        "from llm_blueprint.engine.memory import resident_bytes\n"
+        "from llm_blueprint.engine.model import keep_buffers_in_heap\n"
+        "keep_buffers_in_heap()\n"
+        "before = resident_bytes()\n"
+        "layout._measure(sys.argv[1], 'cpu', 'int8', [(2, 1), (1, 2)])\n"
+        "print((resident_bytes() - before) // 2**20)\n")
+    done = subprocess.run([sys.executable, "-c", script, default_model_dir], capture_output=True, text=True, check=True)
+    assert int(done.stdout.split()[-1]) < 80, done.stdout
+
+
 def test_usable_cores_are_shared_between_workers(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setenv("LLM_WORKERS", "2")

@@ -164,6 +164,11 @@ def _measure(path: str, device: str, compute_type: str, candidates: list[tuple[i
                 break
             batch, rate = size, larger
         del generator
+    # The candidates' buffers stay in the heap (the raised mmap threshold keeps freed memory there): hand them back.
+    # Measured on SmolLM2-135M: 178 MB resident after measuring, 43 MB after this.
+    from .prompt_cache import release_freed_memory
+
+    release_freed_memory()
     elapsed = time.monotonic() - started
     others = _busy_cpu_seconds() - machine - (_own_cpu_seconds() - own)
     share = others / (elapsed * len(_cores())) if machine >= 0 and elapsed > 0 else 0.0
