@@ -28,8 +28,8 @@ def healthz():
 def readyz():
     rt = runtime()
     engine = rt.engine_if_loaded
-    if engine is not None or rt.default.loaded_once:  # unloaded since (LLM_MAX_LOADED_MODELS): loads on its next request
-        engine = engine or _Unloaded
+    if engine is None and rt.default.loaded_once and rt.load_error is None:
+        engine = _Unloaded  # unloaded since (LLM_MAX_LOADED_MODELS): loads on its next request (unless that failed)
     if engine is None and not rt.draining and rt.load_error is None:
         rt.start_loading()  # lazy mode: readiness converges without waiting for traffic (a failed load waits for a request)
     if rt.draining:

@@ -63,7 +63,7 @@ def prompt_cache_default_mb(chat_models: int = 1, memory_limit_mb: int | None = 
 # chunk), the attention scores of one layer at a time (SCORES x heads x queries x keys float32 values), and a
 # workspace per call.
 LINEAR = 1.1
-LINEAR_WINDOWED = 2.2
+LINEAR_WINDOWED = 2.4
 SCORES = 1.3
 WORKSPACE = 128 * 2**20
 
