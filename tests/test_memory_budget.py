@@ -71,7 +71,7 @@ def test_the_estimate_grows_with_the_context_and_a_sliding_window_bounds_the_sco
     longest = full.longest_context(room)
     assert full.batch_bytes(1, full.row_bytes(longest, longest)) <= room
     assert full.batch_bytes(1, full.row_bytes(longest + 1, longest + 1)) > room
-    assert windowed.longest_context(room) > longest
+    assert windowed.longest_context(8000 * MB) > full.longest_context(8000 * MB)  # where the scores dominate
 
 
 # ----------------------------------------------------------------------------- a real engine

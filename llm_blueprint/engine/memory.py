@@ -57,14 +57,15 @@ def prompt_cache_default_mb(chat_models: int = 1, memory_limit_mb: int | None = 
 
 
 # ----------------------------------------------------------------------------- what a batch costs, and the budget
-# Measured with CTranslate2 4.8.5 on CPU (bench/prefill_memory.py: peak RSS above the warmed model, one row): a
+# Measured with CTranslate2 4.8.5 on CPU (bench/prefill_memory.py: peak RSS above the warmed model, 1 and 4 rows): a
 # prefill holds LINEAR x the held state's bytes per token of context (keys and values, activations, copies; a
 # sliding-window model, which CTranslate2 prefills in chunks of the window, copies its keys and values at every
-# chunk), the attention scores of one layer at a time (SCORES x heads x queries x keys float32 values), and a
-# workspace per call.
-LINEAR = 1.1
+# chunk), the attention scores of one layer at a time (SCORES x heads x queries x keys float32 values), buffers of
+# each row whatever its length, and a workspace per call. The estimate is above every measured peak (1.1 to 1.8 x).
+LINEAR = 1.25
 LINEAR_WINDOWED = 2.4
 SCORES = 1.3
+PER_ROW = 40 * 2**20
 WORKSPACE = 128 * 2**20
 
 
@@ -94,7 +95,7 @@ class MemoryShape:
         prompt = context if prompt is None else prompt
         queries = min(new, self.window) if self.window else new
         linear = LINEAR_WINDOWED if self.window else LINEAR
-        return int(linear * self.state_bytes * context + SCORES * self.heads * queries * prompt * self.item)
+        return int(PER_ROW + linear * self.state_bytes * context + SCORES * self.heads * queries * prompt * self.item)
 
     def batch_bytes(self, rows: int, row_bytes: int) -> int:
         """A batch of ``rows`` rows of at most ``row_bytes`` each (CTranslate2 pads them to the longest)."""
