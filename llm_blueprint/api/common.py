@@ -58,12 +58,19 @@ def json_body() -> Any:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 
+def resolve_model(name: str | None, kind: str | None = "chat", strict: bool = False) -> str:
+    """The served model id ``name`` names for a route serving ``kind`` models (None: any kind); raises as
+    :func:`check_model` says."""
+    rt = runtime()
+    return rt.registry.resolve(name, kind, accept_any=not strict and rt.settings["LLM_ACCEPT_ANY_MODEL"])
+
+
 def check_model(name: str | None, strict: bool = False, kind: str | None = "chat") -> str:
     """The served model id ``name`` names for a route serving ``kind`` models (None: any kind): 404 when unknown
     (unless any name is accepted, and not when ``strict``), 400 when the model is of another kind. A chat model
     becomes this request's (:func:`served`), kept loaded until the request has started its generation."""
     rt = runtime()
-    model_id = rt.registry.resolve(name, kind, accept_any=not strict and rt.settings["LLM_ACCEPT_ANY_MODEL"])
+    model_id = resolve_model(name, kind, strict)
     if kind == "chat" and "llm_chat_model" not in g:
         model = rt.chat_model(model_id)
         model.pins += 1  # until the request ends (unpin): never unloaded between here and its generation's start

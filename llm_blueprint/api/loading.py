@@ -18,7 +18,7 @@ from flask import Response, request, stream_with_context
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import LLMBlueprintError
-from .common import runtime
+from .common import resolve_model, runtime
 from .errors import protocol_of
 from .sse import KEEPALIVE, SSE_HEADERS, sse
 
@@ -39,8 +39,7 @@ def _unloaded_model():
     if not isinstance(data, dict) or data.get("stream") is not True:
         return None
     try:
-        model_id = rt.registry.resolve(data.get("model"), "chat", accept_any=rt.settings["LLM_ACCEPT_ANY_MODEL"])
-        model = rt.chat_model(model_id)
+        model = rt.chat_model(resolve_model(data.get("model")))
     except (LLMBlueprintError, KeyError, TypeError):
         return None
     return model if model.engine_if_loaded is None and model.load_error is None else None
