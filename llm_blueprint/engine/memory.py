@@ -61,12 +61,17 @@ def prompt_cache_default_mb(chat_models: int = 1, memory_limit_mb: int | None = 
 # prefill holds LINEAR x the held state's bytes per token of context (keys and values, activations, copies; a
 # sliding-window model, which CTranslate2 prefills in chunks of the window, copies its keys and values at every
 # chunk), the attention scores of one layer at a time (SCORES x heads x queries x keys float32 values), buffers of
-# each row whatever its length, and a workspace per call. The estimate is above every measured peak (1.1 to 1.8 x).
+# each row whatever its length, and a workspace per call. The estimate is above every measured peak, on both int8
+# paths (1.06 to 1.9 x; bench/RESULTS.md).
 LINEAR = 1.25
 LINEAR_WINDOWED = 2.4
 SCORES = 1.3
-PER_ROW = 40 * 2**20
+PER_ROW = 48 * 2**20
 WORKSPACE = 128 * 2**20
+# With MKL (Intel CPUs, or CT2_USE_MKL=1) every call of 128 tokens or more also holds about two float32 copies of the
+# (int8) embedding table for a moment: Gemma 3 270M (262,144 x 640) peaked 1,279 MB above its warmed state at any
+# prompt length from 128 tokens, and went back after the call.
+MKL_EMBEDDING_COPIES = 2.2
 
 
 @dataclass(frozen=True)
@@ -77,10 +82,12 @@ class MemoryShape:
     heads: int  # query heads
     window: int = 0  # sliding window (0: none): CTranslate2 then prefills in chunks of that many tokens
     item: int = 4  # bytes of one attention score (float32 on CPU)
+    call_bytes: int = WORKSPACE  # held by every call whatever its rows
 
     @classmethod
     def of(cls, model_dir: str, window: int = 0) -> MemoryShape:
         """From a CTranslate2 model's spec (CPU, float32 states)."""
+        from .cpu_backend import int8_gemm_backend
         from .prompt_cache import read_spec_summary, state_bytes_per_token
 
         try:
@@ -88,7 +95,12 @@ class MemoryShape:
             state = state_bytes_per_token(model_dir, "cpu")
         except (OSError, ValueError):
             return cls(state_bytes=0, heads=0, window=window)
-        return cls(state_bytes=state, heads=int(summary["scalars"].get("decoder/num_heads", 0) or 0), window=window)
+        call = WORKSPACE
+        if int8_gemm_backend() == "MKL":
+            vocabulary, hidden = (tuple(summary["embeddings"]) + (0, 0))[:2]
+            call += int(MKL_EMBEDDING_COPIES * vocabulary * hidden * 4)
+        return cls(state_bytes=state, heads=int(summary["scalars"].get("decoder/num_heads", 0) or 0), window=window,
+                   call_bytes=call)
 
     def row_bytes(self, new: int, context: int, prompt: int | None = None) -> int:
         """One row that prefills ``new`` tokens of a ``prompt`` (after a cached prefix) and grows to ``context``."""
@@ -99,7 +111,7 @@ class MemoryShape:
 
     def batch_bytes(self, rows: int, row_bytes: int) -> int:
         """A batch of ``rows`` rows of at most ``row_bytes`` each (CTranslate2 pads them to the longest)."""
-        return WORKSPACE + rows * row_bytes
+        return self.call_bytes + rows * row_bytes
 
     def longest_context(self, room: int) -> int:
         """The most tokens of context a batch of one row may reach within ``room`` bytes (prefilled whole)."""

@@ -81,7 +81,8 @@ def read_spec_summary(model_bin: str) -> dict[str, object]:
             shapes[name] = tuple(shape)
     layers = sum(1 for name in shapes if name.startswith("decoder/layer_") and name.endswith("/self_attention/linear_1/weight"))
     width = shapes.get("decoder/layer_0/self_attention/linear_1/weight", (0, 0))[-1]  # heads x head size
-    return {"layers": layers, "attention_width": width, "scalars": scalars}
+    return {"layers": layers, "attention_width": width, "scalars": scalars,
+            "embeddings": shapes.get("decoder/embeddings/weight", (0, 0))}  # vocabulary x hidden size
 
 
 def _scalar(raw: bytes, dtype: int) -> float:
