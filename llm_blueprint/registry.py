@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ModelLoadError, ModelNotFound, WrongModelKind
+from .errors import EngineShutDown, ModelLoadError, ModelNotFound, WrongModelKind
 
 log = logging.getLogger("llm_blueprint")
 
@@ -94,6 +94,7 @@ class Registry:
         self.entries: dict[str, ModelEntry] = {}
         self._lock = threading.Lock()  # a greenlet lock under gevent, a thread lock otherwise
         self._loading = False
+        self.closed = False  # shut down (the process ends): a load that ends after that is not kept
         self._chat_from_models = False
         self.chat_specs: dict[str, dict[str, Any]] = {}  # chat models beside the default one, by id
         from .engine.default_model import DEFAULT_EMBEDDING_NAME
@@ -208,12 +209,17 @@ class Registry:
                     # A failed load is final until the process restarts: logged once, and every request for the
                     # model gets the same 503 at once instead of converting again (the model is broken, not busy).
                     try:
-                        entry.engine = run_on_native_thread(lambda: self._load(entry), "llm-encoder-loader")
+                        engine = run_on_native_thread(lambda: self._load(entry), "llm-encoder-loader")
                     except Exception as exc:
                         entry.load_error = str(exc)
                         log.error("loading the %s model %r failed (requests for it get 503 until a restart): %s",
                                   entry.kind, model_id, exc)
                         raise ModelLoadError(f"the {entry.kind} model {model_id!r} could not be loaded: {exc}") from exc
+                    if self.closed:  # the worker shut down while it loaded: its threads must not outlive that
+                        engine.shutdown()
+                        engine.model.close()
+                        raise EngineShutDown("the server is shutting down")
+                    entry.engine = engine
         return entry.engine
 
     def status(self) -> dict[str, dict[str, str]]:
@@ -287,6 +293,7 @@ class Registry:
 
     def shutdown(self, timeout: float = 10.0) -> bool:
         """Stop the encoders; False when a native call was still running after ``timeout``."""
+        self.closed = True
         stopped = True
         for entry in self.entries.values():
             engine, entry.engine = entry.engine, None

@@ -18,7 +18,7 @@ from .chat_model import API_SAMPLING_DEFAULTS, ChatModel, layout_for, served_id,
 from .chat_models import ChatModels
 from .engine import Model
 from .engine.generation import Engine
-from .engine.handoff import NativeThread, gevent_patched, native_sleep
+from .engine.handoff import NativeThread, gevent_patched, native_sleep, native_threads_running
 from .events import Event, EventStream, GenerationRequest
 from .rate_limit import RateLimit
 from .registry import Registry
@@ -114,7 +114,7 @@ class Runtime:
         log.info("draining: new requests refused, running generations get %.0fs to finish", deadline)
         # Called from a signal handler (under gevent: inside the event loop), so
         # nothing here may block or switch greenlets: a native thread keeps time.
-        NativeThread(lambda: self._end_generations(deadline), "llm-drain-timer").start()
+        NativeThread(lambda: self._end_generations(deadline), "llm-drain-timer", native=False).start()
 
     def _end_generations(self, deadline: float) -> None:
         native_sleep(deadline)
@@ -132,15 +132,18 @@ class Runtime:
         return self._stopped
 
     def end_process_if_busy(self) -> None:
-        """A gunicorn worker is exiting (``worker_exit``): when an engine call still runs on a native thread after
-        :meth:`shutdown`, end the process now, without the interpreter's finalization and the
-        native libraries' exit handlers, which would run under that call and crash the process (SIGSEGV: one exit in
-        two with a 9,000-token warm-up of Gemma 3 running, issue #35). Nothing is lost: the requests were drained,
-        and what the call computes is not wanted any more."""
-        if self.shutdown():
+        """A gunicorn worker is exiting (``worker_exit``): when a native call still runs after :meth:`shutdown` (an
+        engine's warm-up or prefill, a model's load or conversion in the background), end the process now, without
+        the interpreter's finalization and the native libraries' exit handlers, which would run under that call and
+        crash the process (SIGSEGV one exit in two with a 9,000-token warm-up of Gemma 3 running, issue #35;
+        "terminate called without an active exception" with the embedding model still loading). Nothing is lost: the
+        requests were drained, and what the call computes is not wanted any more."""
+        stopped = self.shutdown()
+        running = native_threads_running(timeout=5.0 if stopped else 0.0)
+        if stopped and not running:
             return
-        log.warning("an engine call was still running at exit (a warm-up or a prefill cannot be interrupted): the "
-                    "process ends now, without the native libraries' exit handlers")
+        log.warning("native work was still running at exit (%s): a CTranslate2 call cannot be interrupted, so the "
+                    "process ends now, without the native libraries' exit handlers", ", ".join(running) or "an engine")
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -28,7 +28,7 @@ from .cache_plan import CachePlanner
 from .completion import Entry, Job
 from .cores import CoreBudget
 from .handoff import Channel, Empty, NativeThread, allocate_native_lock
-from .memory import MB, MemoryBudget, MemoryShape
+from .memory import EngineMemory, MemoryBudget
 from .model import Model
 from .prompt_cache import PromptCache, release_freed_memory
 from .scheduler import BatchingOptions, BatchState, Scheduler
@@ -58,16 +58,14 @@ class Engine:
                  memory: MemoryBudget | None = None):
         self.model = model
         self.cores = cores  # shared with the other chat models' engines (cores.py); None: this engine alone
-        # The worker's memory for batches, shared with the other chat models' engines (memory.py); CPU only (on a GPU
-        # the batches live in the device's memory, which CTranslate2 manages)
-        self.memory = memory if model.device == "cpu" else None
-        self.memory_shape = MemoryShape.of(model.path, model.sliding_window)
+        # The worker's memory for batches, shared with the other chat models' engines (memory.py)
+        self.memory = EngineMemory(model, memory)
         self.heartbeat_interval = heartbeat_interval
         self.batching = batching or BatchingOptions()
         self.prompt_cache = prompt_cache
         replicas = max(1, model.inter_threads)
         self.scheduler = Scheduler(self.batching, replicas)
-        self.scheduler.rows_that_fit = self._rows_that_fit
+        self.scheduler.rows_that_fit = self.memory.rows_that_fit
         self.planner = CachePlanner(model, prompt_cache, self.scheduler, self.batching)
         self.scheduler.plan = self.planner.plan
         self._seed_lock = allocate_native_lock()
@@ -95,18 +93,12 @@ class Engine:
             raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
         if len(request.prompt_ids) + request.max_tokens > self.model.context_length:
             raise ContextTooLong(len(request.prompt_ids), request.max_tokens, self.model.context_length)
-        if self.memory is not None:
-            longest = self.memory_shape.longest_context(self.memory.room_bytes)
-            if len(request.prompt_ids) + request.max_tokens > longest:
-                raise ContextTooLong(len(request.prompt_ids), request.max_tokens, longest,
-                                     model_context=self.model.context_length)
+        self.memory.check(len(request.prompt_ids), request.max_tokens)
 
     @property
     def context_limit(self) -> int:
         """The context a request may use: the model's, or less where the worker's memory budget holds less."""
-        if self.memory is None:
-            return self.model.context_length
-        return min(self.model.context_length, self.memory_shape.longest_context(self.memory.room_bytes))
+        return self.memory.context_limit
 
     def _check_running(self) -> None:
         if self.failure is not None:
@@ -237,17 +229,16 @@ class Engine:
             taken = self.cores.acquire(self.model.intra_threads) if self.cores is not None else 0
             try:
                 if not batch:
-                    self.planner.run_warm(state, self._try_memory, self.release_memory)
+                    self.planner.run_warm(state, self.memory.try_take, self.memory.release)
                     continue
                 if scheduler.pending:
                     scheduler.wakeup.put(True)  # what did not fit goes to the next idle worker
                 while batch:  # a batch, then the merged batch its restart asked for, if any
-                    held = self.memory.acquire(self._batch_mb(batch, state)) if self.memory is not None else 0
+                    held = self.memory.take(batch, state.plan)
                     try:
                         batch, state = self._run_batch(batch, state)
                     finally:
-                        if held:
-                            self.memory.release(held)
+                        self.memory.release(held)
             finally:
                 if taken:
                     self.cores.release(taken)
@@ -255,42 +246,6 @@ class Engine:
                 scheduler.wakeup.put(True)  # leftovers that did not fit this batch
             else:
                 self._release_when_idle()
-
-    # Memory -------------------------------------------------------------------
-    def _row_bytes(self, entry: Entry, cached: int) -> int:
-        prompt = len(entry.job.request.prompt_ids) + len(entry.generated)
-        context = prompt + max(0, entry.job.request.max_tokens - entry.tokens)
-        return self.memory_shape.row_bytes(prompt - cached, context, prompt)
-
-    def _batch_bytes(self, entries: list[Entry], cached: int) -> int:
-        """What a batch may hold at its peak: CTranslate2 pads its rows to the longest one."""
-        return self.memory_shape.batch_bytes(len(entries), max(self._row_bytes(e, cached) for e in entries))
-
-    def _batch_mb(self, batch: list[Entry], state) -> int:
-        return -(-self._batch_bytes(batch, state.plan.length if state.plan.read else 0) // MB)
-
-    def _rows_that_fit(self, entries: list[Entry], plan) -> int:
-        """How many of ``entries`` (the first one first) one batch may hold within the worker's memory for batches
-        (the scheduler's cap; at least one: a row that alone does not fit was refused by validate)."""
-        if self.memory is None:
-            return len(entries)
-        room, cached = self.memory.room_bytes, plan.length if plan.read else 0
-        count = 1
-        while count < len(entries) and self._batch_bytes(entries[: count + 1], cached) <= room:
-            count += 1
-        return count
-
-    def _try_memory(self, tokens: int) -> int:
-        """Memory for a warm-up of ``tokens`` tokens if it is free now (MB taken, for release), else 0: a warm-up
-        is worth doing only when it delays nothing."""
-        if self.memory is None:
-            return -1
-        shape = self.memory_shape
-        return self.memory.try_acquire(-(-shape.batch_bytes(1, shape.row_bytes(tokens, tokens)) // MB))
-
-    def release_memory(self, taken: int) -> None:
-        if self.memory is not None and taken > 0:
-            self.memory.release(taken)
 
     def _release_when_idle(self) -> None:
         """When the last batch ends and nothing waits, give freed memory back to the system (glibc keeps the freed
@@ -332,12 +287,7 @@ class Engine:
             self.planner.release(state)
         self.scheduler.note_steps(state)
         if log.isEnabledFor(logging.DEBUG) and state.started:
-            now = time.monotonic()
-            log.debug("batch of %d (%d prompt tokens after %d cached, %d of them a shared head): prefill %.3f s, "
-                      "%d steps in %.3f s%s", len(batch), state.prefill_tokens, state.plan.length, state.head,
-                      (state.first_step_at or now) - state.started, state.steps, now - (state.first_step_at or now),
-                      ", restarted" + (f" with {len(state.joiners)} joining" if state.joiners else "")
-                      if state.restart else "")
+            _log_batch(len(batch), state)
         return merged, following
 
     def _run(self, batch: list[Entry], state: BatchState) -> None:
@@ -345,16 +295,9 @@ class Engine:
         seeded = first.seed is not None and not first.greedy
         rows = [e.job.request.prompt_ids + e.generated for e in batch]
         static, keep = state.plan.length, state.plan.keep
-        if not static and len(rows) > 1 and self.batching.shared_head_tokens:
-            # CTranslate2 computes a static prompt once (batch of one) and copies its state to every entry. The
-            # head leaves two tokens of the shortest row (a single one would make CTranslate2 echo the longer rows'
-            # rests), and stays within a sliding window (longer ones are only safe decoded one token at a time).
-            head = min(len(os.path.commonprefix(rows)), min(map(len, rows)) - 2)
-            if self.model.sliding_window:
-                head = min(head, self.model.sliding_window)
-            if head >= self.batching.shared_head_tokens:
-                static, keep, state.head = head, False, head
-                self.shared_head_tokens_saved += head * (len(rows) - 1)
+        if not static and (head := _shared_head(rows, self.model.sliding_window, self.batching.shared_head_tokens)):
+            static, keep, state.head = head, False, head
+            self.shared_head_tokens_saved += head * (len(rows) - 1)
         call = ct2_batch.BatchCall(
             rows=rows,
             max_new=[e.job.request.max_tokens - e.tokens for e in batch],
@@ -392,3 +335,24 @@ class Engine:
                                  on_violation)
         else:
             ct2_batch.run(state.generator, self.model.vocabulary, call, on_token, on_violation)
+
+
+def _shared_head(rows: list[list[int]], window: int, minimum: int) -> int:
+    """The head a batch's rows share, prefilled once for them all (0: none, or shorter than ``minimum``; 0 turns it
+    off). CTranslate2 computes a static prompt once (batch of one) and copies its state to every entry. The head
+    leaves two tokens of the shortest row (a single one would make CTranslate2 echo the longer rows' rests), and stays
+    within a sliding window (longer ones are only safe decoded one token at a time)."""
+    if len(rows) < 2 or not minimum:
+        return 0
+    head = min(len(os.path.commonprefix(rows)), min(map(len, rows)) - 2)
+    if window:
+        head = min(head, window)
+    return head if head >= minimum else 0
+
+
+def _log_batch(rows: int, state: BatchState) -> None:
+    now = time.monotonic()
+    log.debug("batch of %d (%d prompt tokens after %d cached, %d of them a shared head): prefill %.3f s, "
+              "%d steps in %.3f s%s", rows, state.prefill_tokens, state.plan.length, state.head,
+              (state.first_step_at or now) - state.started, state.steps, now - (state.first_step_at or now),
+              ", restarted" + (f" with {len(state.joiners)} joining" if state.joiners else "") if state.restart else "")

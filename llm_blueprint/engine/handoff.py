@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import _queue
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,11 +50,16 @@ def allocate_native_lock():
     return _original("_thread", "allocate_lock")()
 
 
-class NativeThread:
-    """A real OS thread, whatever monkey patching is in force. ``join`` blocks the OS thread."""
+_running: set[NativeThread] = set()  # started and not ended (see native_threads_running)
 
-    def __init__(self, target: Callable[[], Any], name: str):
+
+class NativeThread:
+    """A real OS thread, whatever monkey patching is in force. ``join`` blocks the OS thread. ``native`` False: a
+    thread that never enters a native library (a timer), left out of :func:`native_threads_running`."""
+
+    def __init__(self, target: Callable[[], Any], name: str, native: bool = True):
         self.name = name
+        self.native = native
         self._target = target
         self._done = allocate_native_lock()
         self._done.acquire()
@@ -61,6 +67,8 @@ class NativeThread:
 
     def start(self) -> None:
         self.alive = True
+        if self.native:
+            _running.add(self)
         _original("_thread", "start_new_thread")(self._run, ())
 
     def _run(self) -> None:
@@ -68,6 +76,7 @@ class NativeThread:
             self._target()
         finally:
             self.alive = False
+            _running.discard(self)
             self._done.release()
 
     def join(self, timeout: float = -1) -> bool:
@@ -75,6 +84,16 @@ class NativeThread:
             self._done.release()
             return True
         return False
+
+
+def native_threads_running(timeout: float = 0.0) -> list[str]:
+    """The names of the native threads still running after waiting up to ``timeout`` seconds for them to end: an
+    engine call, a model load or conversion (CTranslate2 calls cannot be interrupted). The process must not run its
+    exit handlers under them (Runtime.end_process_if_busy)."""
+    deadline = time.monotonic() + timeout
+    for thread in list(_running):
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return sorted(thread.name for thread in list(_running))
 
 
 def run_on_native_thread(work: Callable[[], Any], name: str) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..errors import ContextTooLong
 from .budget import Budget
 
 MB = 2**20
@@ -153,6 +154,68 @@ class MemoryBudget(Budget):
     def drop(self, name: str) -> None:
         self.fixed.pop(name, None)
         self.resize(self._room_mb())
+
+
+class EngineMemory:
+    """One engine's share of the worker's :class:`MemoryBudget`: the context its requests may use, the rows a batch
+    may hold, and the memory each batch takes before its CTranslate2 call. CPU only (on a GPU the batches live in
+    the device's memory, which CTranslate2 manages): without a budget, nothing is bounded."""
+
+    def __init__(self, model, budget: MemoryBudget | None):
+        self.budget = budget if model.device == "cpu" else None
+        self.shape = MemoryShape.of(model.path, model.sliding_window)
+        self.model_context = model.context_length
+
+    @property
+    def context_limit(self) -> int:
+        """The model's context, or less where the budget holds less."""
+        if self.budget is None:
+            return self.model_context
+        return min(self.model_context, self.shape.longest_context(self.budget.room_bytes))
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """ContextTooLong, naming what the memory holds, for a request that could not fit even alone."""
+        limit = self.context_limit
+        if limit < self.model_context and prompt_tokens + max_tokens > limit:
+            raise ContextTooLong(prompt_tokens, max_tokens, limit, model_context=self.model_context)
+
+    def _row_bytes(self, entry, cached: int) -> int:
+        prompt = len(entry.job.request.prompt_ids) + len(entry.generated)
+        context = prompt + max(0, entry.job.request.max_tokens - entry.tokens)
+        return self.shape.row_bytes(prompt - cached, context, prompt)
+
+    def batch_bytes(self, entries: list, plan) -> int:
+        """What a batch of entries (after the plan's cached prefix) may hold at its peak: CTranslate2 pads its rows
+        to the longest one."""
+        cached = plan.length if plan.read else 0
+        return self.shape.batch_bytes(len(entries), max(self._row_bytes(e, cached) for e in entries))
+
+    def rows_that_fit(self, entries: list, plan) -> int:
+        """How many of ``entries`` (the first one first) one batch may hold (the scheduler's cap; at least one: a
+        row that alone does not fit was refused by :meth:`check`)."""
+        if self.budget is None:
+            return len(entries)
+        count = 1
+        while count < len(entries) and self.batch_bytes(entries[: count + 1], plan) <= self.budget.room_bytes:
+            count += 1
+        return count
+
+    def take(self, entries: list, plan) -> int:
+        """Wait for a batch's memory (MB taken, for :meth:`release`)."""
+        if self.budget is None:
+            return 0
+        return self.budget.acquire(-(-self.batch_bytes(entries, plan) // MB))
+
+    def try_take(self, tokens: int) -> int:
+        """Memory for a warm-up of ``tokens`` tokens if it is free now (MB taken, for release), else 0: a warm-up is
+        worth doing only when it delays nothing. -1 without a budget."""
+        if self.budget is None:
+            return -1
+        return self.budget.try_acquire(-(-self.shape.batch_bytes(1, self.shape.row_bytes(tokens, tokens)) // MB))
+
+    def release(self, taken: int) -> None:
+        if self.budget is not None and taken > 0:
+            self.budget.release(taken)
 
 
 def memory_limit_default(workers: int | None = None) -> int:
