@@ -13,15 +13,20 @@ import pytest
 import requests
 from servers import gunicorn
 
-LIMIT_MB = 1000
+from llm_blueprint.engine.memory import MB, WORKSPACE, MemoryShape
 
 
 @pytest.fixture(scope="module")
 def limited(default_model_dir, tmp_path_factory):
+    """The server and its limit: 1,000 MB, plus twice what every call holds beyond the workspace on this int8 path
+    (the MKL path's embedding copies; MKL's own buffers make its worker larger too), so that both paths leave room
+    for prompts of over 500 tokens and under the model's 8,192."""
+    limit_mb = 1000 + 2 * (MemoryShape.of(default_model_dir).call_bytes - WORKSPACE) // MB
     env = {"LLM_MODEL_PATH": default_model_dir, "LLM_MODEL_ID": "smollm2", "LLM_EAGER_LOAD": "1",
-           "LLM_MEMORY_LIMIT_MB": str(LIMIT_MB), "LLM_INTER_THREADS": "2", "LLM_INTRA_THREADS": "1",
+           "LLM_MEMORY_LIMIT_MB": str(limit_mb), "LLM_INTER_THREADS": "2", "LLM_INTRA_THREADS": "1",
            "LLM_DEFAULT_EMBEDDINGS": "0"}
     with gunicorn("wsgi:app", env, str(tmp_path_factory.mktemp("memory") / "server.log"), "/readyz") as server:
+        server.limit_mb = limit_mb
         yield server
 
 
@@ -51,8 +56,8 @@ def test_prompts_are_admitted_up_to_what_the_memory_holds_and_the_peak_stays_wit
         "max_model_len"]
     assert 500 < limit < 8192  # the memory, not the model's 8,192 tokens, bounds the context here
     figures = _metrics(limited)
-    assert figures["llm_memory_limit_bytes"] == LIMIT_MB * 2**20
-    assert 0 < figures['llm_batch_memory_bytes{state="room"}'] < LIMIT_MB * 2**20
+    assert figures["llm_memory_limit_bytes"] == limited.limit_mb * 2**20
+    assert 0 < figures['llm_batch_memory_bytes{state="room"}'] < limited.limit_mb * 2**20
 
     oa = openai.OpenAI(base_url=limited.base + "/v1", api_key="unused", max_retries=0)
     an = anthropic.Anthropic(base_url=limited.base, api_key="unused", max_retries=0)
@@ -93,4 +98,4 @@ def test_prompts_are_admitted_up_to_what_the_memory_holds_and_the_peak_stays_wit
     assert len(answers) == 2 and all(a[0] == "message_start" and a[-1] == "message_stop" for a in answers)
     figures = _metrics(limited)
     assert figures["llm_batch_memory_waits"] > waits_before  # the second batch waited for the first's memory
-    assert figures["llm_peak_resident_memory_bytes"] <= LIMIT_MB * 2**20
+    assert figures["llm_peak_resident_memory_bytes"] <= limited.limit_mb * 2**20

@@ -53,7 +53,7 @@ def prompt_cache_default_mb(chat_models: int = 1, memory_limit_mb: int | None = 
         total = total_memory()
         if not total:
             return 2048
-        worker = total // max(1, int(os.environ.get("LLM_WORKERS", "1") or 1))
+        worker = total // _workers()
     return max(256, worker // 4 // max(1, chat_models) // MB)
 
 
@@ -89,11 +89,11 @@ class MemoryShape:
     def of(cls, model_dir: str, window: int = 0) -> MemoryShape:
         """From a CTranslate2 model's spec (CPU, float32 states)."""
         from .cpu_backend import int8_gemm_backend
-        from .prompt_cache import read_spec_summary, state_bytes_per_token
+        from .prompt_cache import read_spec_summary, state_bytes_of
 
         try:
             summary = read_spec_summary(os.path.join(model_dir, "model.bin"))
-            state = state_bytes_per_token(model_dir, "cpu")
+            state = state_bytes_of(summary, "cpu")
         except (OSError, ValueError):
             return cls(state_bytes=0, heads=0, window=window)
         call = WORKSPACE
@@ -222,9 +222,12 @@ def memory_limit_default(workers: int | None = None) -> int:
     """``LLM_MEMORY_LIMIT_MB`` unset: nine tenths of the machine's (or container's) memory, shared by the host's
     gunicorn workers (``LLM_WORKERS``); 0 (no limit) where the memory is unknown."""
     total = total_memory()
-    if workers is None:
-        workers = max(1, int(os.environ.get("LLM_WORKERS", "1") or 1))
-    return total * 9 // 10 // max(1, workers)
+    return total * 9 // 10 // max(1, workers or _workers())
+
+
+def _workers() -> int:
+    """The host's gunicorn workers (``LLM_WORKERS``), which share its memory."""
+    return max(1, int(os.environ.get("LLM_WORKERS", "1") or 1))
 
 
 def resident_bytes() -> int:
@@ -237,7 +240,7 @@ def resident_bytes() -> int:
 
 
 def peak_resident_bytes() -> int:
-    """This process's peak resident memory (VmHWM) since it started or since :func:`reset_peak`."""
+    """This process's peak resident memory (VmHWM) since it started (0 where /proc is missing)."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:

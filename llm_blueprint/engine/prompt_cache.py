@@ -104,7 +104,11 @@ def state_bytes_per_token(model_dir: str, device: str, compute_type: str = "int8
     """Bytes a held state costs per prompt token: keys and values of every layer. CTranslate2 keeps grouped-query
     keys and values replicated to every query head (``replicate_heads``), and a single one for multi-query
     attention (``num_heads_kv`` 1)."""
-    summary = read_spec_summary(os.path.join(model_dir, "model.bin"))
+    return state_bytes_of(read_spec_summary(os.path.join(model_dir, "model.bin")), device, compute_type)
+
+
+def state_bytes_of(summary: dict[str, object], device: str, compute_type: str = "int8") -> int:
+    """:func:`state_bytes_per_token` from a spec already read (:func:`read_spec_summary`)."""
     width = int(summary["attention_width"])
     scalars = summary["scalars"]
     heads = int(scalars.get("decoder/num_heads", 0) or 0)
