@@ -49,3 +49,37 @@ def test_the_users_own_threshold_stands():
     result = probe(MALLOC_MMAP_THRESHOLD_="131072")
     assert result["threshold"] == 0
     assert result["region"] == "anonymous mapping"
+
+
+BURST = """
+import sys
+from llm_blueprint.engine import Model, ModelOptions
+from llm_blueprint.engine.generation import BatchingOptions, Engine
+from llm_blueprint.engine.memory import resident_bytes
+from llm_blueprint.engine.model import keep_buffers_in_heap
+from llm_blueprint.engine.prompt_cache import release_freed_memory
+from llm_blueprint.events import GenerationRequest, collect
+
+keep_buffers_in_heap()
+model = Model(sys.argv[1], ModelOptions(device="cpu", inter_threads=2, intra_threads=1))
+engine = Engine(model, batching=BatchingOptions(max_batch_size=8, gather_seconds=0.05))
+release_freed_memory()
+loaded = resident_bytes()
+prompt = model.encode_chat([{"role": "user", "content": "Tell me about a cat."}])
+streams = [engine.generate(GenerationRequest(prompt, 32, min_tokens=32, temperature=0)) for _ in range(16)]
+for stream in streams:
+    collect(stream, 1)
+assert sorted(engine.batch_sizes) == [8, 8], engine.batch_sizes  # both replicas ran
+release_freed_memory()
+print((resident_bytes() - loaded) // 2**20)
+engine.shutdown()
+"""
+
+
+def test_every_replica_is_ready_when_the_model_is(default_model_dir):
+    """What a replica's threads set up on their first call stays for good (about 30 MB a replica on SmolLM2,
+    oneDNN): the model warms every replica as it loads, so a first burst over both replicas leaves the worker where
+    it was after loading (bench/peer.py's idle-after-load figure). Before: 60 MB more after the burst."""
+    done = subprocess.run([sys.executable, "-c", BURST, default_model_dir], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) < 15, done.stdout
