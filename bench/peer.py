@@ -24,7 +24,19 @@ together). Every completion is greedy and exactly ``--tokens`` long
 (``min_tokens`` here, ``ignore_eos`` there). Per server and c: aggregate
 tokens/s, TTFT p50/p95, server CPU seconds per generated token (utime+stime
 of the server's process tree) and peak RSS (the tree's VmHWM summed), then the
-ratios issue #15 asks for.
+ratios issues #15 and #34 ask for.
+
+Memory (issue #34), per server: the tree's RSS once loaded and warmed up, its
+peak over the run, and its RSS when idle again (5 s after the last request);
+beside them, the bare engine's own peak for the same batch (a fresh process
+that loads the model with ``ctranslate2.Generator`` in the server's layout and
+runs the 16 chat prompts, ``--tokens`` each, split over the replicas as the
+server does, twice).
+
+Which int8 path runs (MKL or oneDNN, ``llm_blueprint.engine.cpu_backend``) is
+printed first; ``--int8-paths both`` runs the whole bench once per path
+(``CT2_USE_MKL=1`` and ``0``: on an Intel CPU both are native; on AMD the MKL
+run is MKL on a CPU it was not tuned for).
 """
 
 from __future__ import annotations
@@ -150,6 +162,57 @@ def peak_rss_mb(pid: int) -> float:
     return total
 
 
+BARE = """
+import json, sys
+import ctranslate2
+from concurrent.futures import ThreadPoolExecutor
+
+model_dir, inter, intra, tokens, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+prompts = json.load(open(path))
+generator = ctranslate2.Generator(model_dir, device="cpu", compute_type="int8", inter_threads=inter, intra_threads=intra)
+per = -(-len(prompts) // inter)
+calls = [prompts[i:i + per] for i in range(0, len(prompts), per)]
+def run(call):
+    generator.generate_batch(call, max_length=tokens, min_length=tokens, include_prompt_in_result=False)
+for _ in range(2):
+    with ThreadPoolExecutor(len(calls)) as pool:
+        list(pool.map(run, calls))
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) // 1024)
+"""
+
+
+def bare_peak_mb(model_dir: str, layout: tuple[int, int], tokens: int, log_dir: str) -> float:
+    """The bare engine's peak RSS (MB) running the servers' 16 chat prompts in ``layout``, in a fresh process."""
+    import json
+
+    path = os.path.join(log_dir, "bare-prompts.json")
+    with open(path, "w") as f:
+        json.dump(chat_prompts(model_dir)[:16], f)
+    done = subprocess.run([sys.executable, "-c", BARE, model_dir, str(layout[0]), str(layout[1]), str(tokens), path],
+                          capture_output=True, text=True, check=True, timeout=1800)
+    return float(done.stdout.split()[-1])
+
+
+def server_layout(log_path: str) -> tuple[int, int]:
+    """(replicas, threads) the server's log says it runs."""
+    import re
+
+    with open(log_path) as f:
+        found = re.findall(r"engine layout of '[^']*': (\d+) replica\(s\) x (\d+) thread", f.read())
+    return (int(found[-1][0]), int(found[-1][1])) if found else (1, os.cpu_count() or 1)
+
+
+def rss_mb(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
 # ----------------------------------------------------------------------------- 3. llama-server
 def start_llama_server(gguf_path: str, log_dir: str, name: str, slots: int,
                        slot_context: int = SLOT_CONTEXT) -> tuple[subprocess.Popen, str]:
@@ -181,9 +244,14 @@ def bench_model(model: str, concurrency: list[int], tokens: int, rounds: int, pe
     with open(os.path.join(log_dir, f"server-{model}.log")) as f:
         chosen = [line.strip() for line in f if "layout" in line]
     print(f"  ours: {chosen[-1] if chosen else '(no layout line in the log)'}", flush=True)
+    loaded = {"ours": rss_mb(servers["ours"][0].pid)}
+    # (the server idles meanwhile: a separate process, its memory apart)
+    bare = bare_peak_mb(ours_dir, server_layout(os.path.join(log_dir, f"server-{model}.log")), tokens, log_dir)
+    print(f"  bare engine peak RSS: {bare:.0f} MB", flush=True)
     try:
         for label, path in peer_files.items():
             servers[f"llama.cpp {label}"] = start_llama_server(path, log_dir, f"{model}-{label}", 16) + ({"ignore_eos": True},)
+            loaded[f"llama.cpp {label}"] = rss_mb(servers[f"llama.cpp {label}"][0].pid)
         figures: dict[tuple[str, str, int], list[dict]] = {}
         for r in range(rounds):
             names = list(servers) if r % 2 == 0 else list(reversed(servers))
@@ -197,11 +265,14 @@ def bench_model(model: str, concurrency: list[int], tokens: int, rounds: int, pe
                               f"ttft p50 {result['ttft_p50']:6.2f}s p95 {result['ttft_p95']:6.2f}s  "
                               f"cpu {result['cpu_per_token_ms']:5.1f} ms/token  (load avg {os.getloadavg()[0]:.1f})", flush=True)
         rss = {name: peak_rss_mb(process.pid) for name, (process, _, _) in servers.items()}
+        time.sleep(5)
+        idle = {name: rss_mb(process.pid) for name, (process, _, _) in servers.items()}
     finally:
         for process, _, _ in servers.values():
             stop(process)
     mean = {key: {k: sum(f[k] for f in runs) / len(runs) for k in runs[0]} for key, runs in figures.items()}
-    return {"raw": raw, "fixed": fixed, "figures": mean, "rss": rss, "servers": list(servers)}
+    return {"raw": raw, "fixed": fixed, "figures": mean, "rss": rss, "servers": list(servers), "bare": bare,
+            "loaded": loaded, "idle": idle}
 
 
 def report(model: str, result: dict, concurrency: list[int]) -> None:
@@ -239,6 +310,14 @@ def report(model: str, result: dict, concurrency: list[int]) -> None:
                               / figures[(peer, mode, 16)]["ttft_p95"], "<= 1" if model == "smollm2" else ""))
         lines.append((f"single stream {peer} / ours", tps(peer, "closed", 1) / tps("ours", "closed", 1),
                       "(expected 2.5-4)"))
+    print(f"\nmemory, MB: {'server':18s} {'loaded':>7} {'peak':>7} {'idle':>7}   (bare engine, same batch: peak "
+          f"{result['bare']:.0f})")
+    for name in result["servers"]:
+        print(f"            {name:18s} {result['loaded'][name]:>7.0f} {rss[name]:>7.0f} {result['idle'][name]:>7.0f}")
+    lines.append(("peak RSS ours / bare engine", rss["ours"] / result["bare"], "<= 1.3"))
+    for peer in peers:
+        lines.append((f"peak RSS ours / {peer}", rss["ours"] / rss[peer], "<= 1" if peer.endswith("Q8_0") else ""))
+    lines.append(("idle RSS ours / after load", result["idle"]["ours"] / result["loaded"]["ours"], "<= 1.1"))
     print("\nratios [targets]")
     for label, value, target in lines:
         print(f"  {label:48s} {value:6.2f}  {('[' + target + ']') if target else ''}")
@@ -253,7 +332,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2, quick 1)")
     parser.add_argument("--per-client", type=int, default=2, help="closed-loop requests per client")
     parser.add_argument("--quick", action="store_true", help="32 tokens, one round, one closed-loop request per client")
+    parser.add_argument("--int8-paths", default="this", choices=("this", "both"),
+                        help="this: the path CTranslate2 picks here (or CT2_USE_MKL); both: once with MKL, once oneDNN")
     args = parser.parse_args()
+    if args.int8_paths == "both":
+        argv = [a for a in sys.argv[1:] if not a.startswith("--int8-paths") and a != "both"]
+        for flag in ("1", "0"):
+            subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env={**os.environ, "CT2_USE_MKL": flag},
+                           check=True)
+        return
+    from llm_blueprint.engine.cpu_backend import int8_gemm_backend
     concurrency = [int(c) for c in args.concurrency.split(",")]
     tokens = args.tokens or (32 if args.quick else 128)
     tokens_1b = args.tokens_1b or (32 if args.quick else 64)
@@ -262,7 +350,8 @@ def main() -> None:
     log_dir = tempfile.mkdtemp(prefix="bench-peer-")
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
-    print(f"{cpu}, {os.cpu_count()} cores; llama.cpp {binaries()['llama-server']}; logs in {log_dir}", flush=True)
+    path = f"int8 on {int8_gemm_backend()} (CT2_USE_MKL={os.environ.get('CT2_USE_MKL', 'unset')})"
+    print(f"{cpu}, {os.cpu_count()} cores, {path}; llama.cpp {binaries()['llama-server']}; logs in {log_dir}", flush=True)
     started = time.monotonic()
     results = {}
     for model in args.models.split(","):
