@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -163,3 +164,19 @@ def test_a_broken_embedding_model_fails_once_and_says_so(default_model_dir, tmp_
     while runtime.loading and time.monotonic() < deadline:
         time.sleep(0.1)
     runtime.shutdown()
+
+
+def test_a_reinstalled_embedding_package_reuses_the_cache(tmp_path, monkeypatch):
+    """The unzipped default embedding model is named by the archive's content, so a reinstall of the package (the
+    same file with a new modification time) finds it in the cache instead of leaving another copy (and its
+    conversions) beside the old one. Before: a new folder per install."""
+    from llm_blueprint.engine import default_model
+
+    archive = default_model.default_embedding_zip()
+    copy = tmp_path / os.path.basename(archive)
+    shutil.copy(archive, copy)
+    monkeypatch.setattr(default_model, "default_embedding_zip", lambda: str(copy))
+    first = prepare_default_embedding(str(tmp_path / "cache"))
+    os.utime(copy, (1_000_000_000, 1_000_000_000))  # what a reinstall does
+    assert prepare_default_embedding(str(tmp_path / "cache")) == first
+    assert len([name for name in os.listdir(tmp_path / "cache") if not name.endswith(".lock")]) == 1
