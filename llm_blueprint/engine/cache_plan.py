@@ -132,10 +132,12 @@ class CachePlanner:
                 return
             scheduler.batches_running += 1
         try:
+            started = time.monotonic()
             ct2_batch.hold(state.generator, self.model.vocabulary, ids)
             state.prefilled = True
             with scheduler.lock:
                 self.cache.ready(state.plan)
+            log.debug("warm-up: held a conversation of %d tokens in %.3f s", len(ids), time.monotonic() - started)
         except Exception:
             log.exception("prompt cache warm-up failed")
         finally:
