@@ -151,15 +151,24 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mb(pid: int) -> float:
+def tree_status_mb(pid: int, field: str) -> float:
+    """A /proc status field (``VmRSS``, ``VmHWM``) summed over the process tree, in MB."""
     total = 0.0
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+                total += next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
         except (OSError, StopIteration):
             pass
     return total
+
+
+def peak_rss_mb(pid: int) -> float:
+    return tree_status_mb(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float:
+    return tree_status_mb(pid, "VmRSS")
 
 
 BARE = """
@@ -201,16 +210,6 @@ def server_layout(log_path: str) -> tuple[int, int]:
         found = re.findall(r"engine layout of '[^']*': (\d+) replica\(s\) x (\d+) thread", f.read())
     return (int(found[-1][0]), int(found[-1][1])) if found else (1, os.cpu_count() or 1)
 
-
-def rss_mb(pid: int) -> float:
-    total = 0.0
-    for p in tree(pid):
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-        except (OSError, StopIteration):
-            pass
-    return total
 
 
 # ----------------------------------------------------------------------------- 3. llama-server
