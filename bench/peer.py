@@ -17,8 +17,9 @@ Per model:
    tokenizer) its Q8_0 and Q4_K_M quantizations of the F16 file that our int8
    model is converted from.
 
-Both servers get the same chat prompts from the same streaming clients, in
-alternating order each round, closed-loop (each of c clients sends its next
+Both servers get the same chat prompts from the same streaming clients, each
+opened by a request number (no server sees a whole prompt twice; the system
+prompt is shared as before), in alternating order each round, closed-loop (each of c clients sends its next
 request when the last ends) and burst (c clients, one request each, started
 together). Every completion is greedy and exactly ``--tokens`` long
 (``min_tokens`` here, ``ignore_eos`` there). Per server and c: aggregate
@@ -230,7 +231,9 @@ def start_llama_server(gguf_path: str, log_dir: str, name: str, slots: int,
 # ----------------------------------------------------------------------------- the run
 def measure(process: subprocess.Popen, base: str, extra: dict, c: int, tokens: int, per_client: int) -> dict:
     before = cpu_seconds(process.pid)
-    result = drive(base, "bench", c, tokens, per_client, extra, keep_alive=False)  # llama-server closes streams' connections
+    # llama-server closes streams' connections; fresh prompts: its slots would otherwise prefill one token of a prompt
+    # repeated from an earlier round (its log: "selected slot by LCP similarity, f_sim_best = 1.000")
+    result = drive(base, "bench", c, tokens, per_client, extra, keep_alive=False, fresh=True)
     generated = result["requests"] * tokens  # every completion is exactly ``tokens`` long
     return {**result, "cpu_per_token_ms": 1000 * (cpu_seconds(process.pid) - before) / generated}
 

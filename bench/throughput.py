@@ -21,6 +21,7 @@ ratios, and the server worker's resident memory before/after
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -103,10 +104,15 @@ def stream_chat(session, base: str, body: dict) -> tuple[float, str, int, int]:
     return (first if first is not None else float("nan")), "".join(text), count, len(text)
 
 
+REQUESTS = itertools.count(1)
+
+
 def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client: int,
-          extra_body: dict | None = None, keep_alive: bool = True) -> dict[str, float]:
+          extra_body: dict | None = None, keep_alive: bool = True, fresh: bool = False) -> dict[str, float]:
     """c clients, each streaming ``per_client`` chat completions back to back (``extra_body``: server-specific fields;
-    ``keep_alive=False``: a new connection per request, for servers that close a streamed response's connection)."""
+    ``keep_alive=False``: a new connection per request, for servers that close a streamed response's connection;
+    ``fresh``: a request number opens each user message, so that no server answers a prompt it has seen whole before:
+    llama-server's slots otherwise keep each repeated prompt and prefill one token of it)."""
     ttfts: list[float] = []
     generated = [0]
     lock = threading.Lock()
@@ -126,7 +132,10 @@ def drive(base: str, model_name: str, concurrency: int, tokens: int, per_client:
             if not keep_alive:
                 session.close()
                 session = requests.Session()
-            body = {"model": model_name, "messages": all_prompts[(k * per_client + r) % len(all_prompts)], "stream": True,
+            messages = all_prompts[(k * per_client + r) % len(all_prompts)]
+            if fresh:
+                messages = [*messages[:-1], {**messages[-1], "content": f"[{next(REQUESTS)}] {messages[-1]['content']}"}]
+            body = {"model": model_name, "messages": messages, "stream": True,
                     "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream_options": {"include_usage": True}, **(extra_body or {})}
             first, _, count, chunks = stream_chat(session, base, body)
             with lock:
