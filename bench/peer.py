@@ -19,9 +19,9 @@ Per model:
 
 Both servers get the same chat prompts from the same streaming clients, each
 opened by a request number (no server sees a whole prompt twice; the system
-prompt is shared as before), in alternating order each round, closed-loop (each of c clients sends its next
-request when the last ends) and burst (c clients, one request each, started
-together). Every completion is greedy and exactly ``--tokens`` long
+prompt is shared as before), in alternating order each round, closed-loop
+(each of c clients sends its next request when the last ends) and burst (c
+clients, one request each, started together). Every completion is greedy and exactly ``--tokens`` long
 (``min_tokens`` here, ``ignore_eos`` there). Per server and c: aggregate
 tokens/s, TTFT p50/p95, server CPU seconds per generated token (utime+stime
 of the server's process tree) and peak RSS (the tree's VmHWM summed), then the
@@ -210,7 +210,6 @@ def server_layout(log_path: str) -> tuple[int, int]:
     with open(log_path) as f:
         found = re.findall(r"engine layout of '[^']*': (\d+) replica\(s\) x (\d+) thread", f.read())
     return (int(found[-1][0]), int(found[-1][1])) if found else (1, os.cpu_count() or 1)
-
 
 
 # ----------------------------------------------------------------------------- 3. llama-server
